@@ -1,0 +1,6 @@
+"""itm-engine: Stable Diffusion as a fast, faithful zero-shot image-text matcher (DiffusionITM)."""
+from itm_engine.noise import NoiseBank
+from itm_engine.scoring import DiffusionITM
+
+__all__ = ["DiffusionITM", "NoiseBank"]
+__version__ = "0.1.0"

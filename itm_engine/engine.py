@@ -1,0 +1,130 @@
+"""Planner and batched executor: (latent, text, sample) work items -> per-item denoising errors.
+
+A work item is one UNet evaluation: cached latent `z0 = latents[l]`, text embedding
+`c = embeddings[m]`, noise draw `(t_s, eps_s)` of the bank. Items of any mix of images, texts
+and timesteps share one UNet call; the executor fills batches of `batch_size` items, builds
+x_t and reduces each item's squared error with the fused ops of `itm_engine.kernels`.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from itm_engine import kernels
+from itm_engine.models import SDComponents
+from itm_engine.noise import NoiseBank
+from itm_engine.stats import RunStats
+
+
+@dataclass(frozen=True)
+class WorkPlan:
+    """Flat work items, all LongTensor [B]: `latent_idx`, `text_idx`, `sample_idx`."""
+
+    latent_idx: torch.Tensor
+    text_idx: torch.Tensor
+    sample_idx: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.latent_idx.shape[0]
+
+
+def plan_pairs(pairs: torch.Tensor, samples: int) -> WorkPlan:
+    """Every (latent, text) pair of `pairs` (Long [P, 2]) under every sample: P * S items.
+
+    Item `p * S + s` is pair p under sample s, so errors reshape to [P, S].
+    """
+    n_pairs = pairs.shape[0]
+    return WorkPlan(
+        latent_idx=pairs[:, 0].repeat_interleave(samples),
+        text_idx=pairs[:, 1].repeat_interleave(samples),
+        sample_idx=torch.arange(samples).repeat(n_pairs),
+    )
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+class Executor:
+    """Runs work plans through the UNet in batches and returns float32 errors.
+
+    On CUDA out-of-memory it halves the batch size (down to 1) and retries instead of crashing;
+    the smaller size is kept for later calls.
+    """
+
+    def __init__(self, components: SDComponents, batch_size: int = 64, progress: bool | None = None) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.components = components
+        self.batch_size = batch_size
+        self.progress = progress
+        self.target = "v" if components.prediction_type == "v_prediction" else "epsilon"
+
+    @torch.inference_mode()
+    def run(
+        self,
+        latents: torch.Tensor,
+        embeddings: torch.Tensor,
+        bank: NoiseBank,
+        plan: WorkPlan,
+        stats: RunStats,
+        batch_size: int | None = None,
+    ) -> torch.Tensor:
+        """Errors of every item of `plan`, float32 [len(plan)] on the model's device.
+
+        Args:
+            latents: z0 [U, C, h, w]; embeddings: [V, L, D]; bank: S draws; plan: the items.
+        """
+        unet = self.components.unet
+        device, dtype = unet.device, unet.dtype
+        size = batch_size or self.batch_size
+        alphas_cumprod = self.components.scheduler.alphas_cumprod.to(device)
+        latents = latents.to(device)
+        embeddings = embeddings.to(device=device, dtype=dtype)
+        noise = bank.noise.to(device)
+        bank_timesteps = bank.timesteps.to(device)
+        latent_idx = plan.latent_idx.to(device)
+        text_idx = plan.text_idx.to(device)
+        sample_idx = plan.sample_idx.to(device)
+
+        errors = torch.empty(len(plan), dtype=torch.float32, device=device)
+        bar = tqdm(total=len(plan), desc="UNet items", unit="item", disable=self._bar_disabled(len(plan), size))
+        start = 0
+        while start < len(plan):
+            stop = min(start + size, len(plan))
+            items = slice(start, stop)
+            li, ti, si = latent_idx[items], text_idx[items], sample_idx[items]
+            timesteps = bank_timesteps[si]
+            try:
+                with stats.timer("reduction", device):
+                    x_t = kernels.noisy_latents(latents, noise, li, si, timesteps, alphas_cumprod).to(dtype)
+                with stats.timer("unet", device):
+                    pred = unet(x_t, timesteps, encoder_hidden_states=embeddings[ti]).sample
+            except RuntimeError as err:
+                if not _is_out_of_memory(err) or size == 1:
+                    raise
+                size = max(1, size // 2)
+                self.batch_size = min(self.batch_size, size)
+                torch.cuda.empty_cache()
+                warnings.warn(f"out of memory: UNet batch size reduced to {size}", stacklevel=2)
+                continue
+            with stats.timer("reduction", device):
+                errors[items] = kernels.item_error(
+                    pred, noise, si, latents, li, self.target, timesteps, alphas_cumprod
+                )
+            stats.unet_items += stop - start
+            stats.unet_calls += 1
+            bar.update(stop - start)
+            start = stop
+        bar.close()
+        stats.batch_size = size
+        return errors
+
+    def _bar_disabled(self, n_items: int, batch_size: int) -> bool | None:
+        if self.progress is not None:
+            return not self.progress
+        # Automatic: only for runs of several batches, and only on a terminal (tqdm's None).
+        return True if n_items <= 4 * batch_size else None

@@ -1,0 +1,68 @@
+"""Plain PyTorch fused-op references: the oracle every faster backend is tested against.
+
+Shapes: N cached latents, S noise draws, B work items, T train timesteps.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _coefficients(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sqrt(abar_t) and sqrt(1 - abar_t), float32 [B, 1, 1, 1]."""
+    abar = alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
+    return abar.sqrt().view(-1, 1, 1, 1), (1 - abar).sqrt().view(-1, 1, 1, 1)
+
+
+def noisy_latents(
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    img_idx: torch.Tensor,
+    sample_idx: torch.Tensor,
+    timesteps: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x_t[b] = sqrt(abar[t_b]) * latents[img_idx[b]] + sqrt(1 - abar[t_b]) * noise[sample_idx[b]].
+
+    Args:
+        latents: [N, C, H, W]; noise: [S, C, H, W]; img_idx, sample_idx, timesteps: Long [B];
+        alphas_cumprod: [T]; out: optional [B, C, H, W] buffer to write into (its dtype wins).
+    Returns:
+        x_t [B, C, H, W], computed in float32, in `out`'s dtype (else the latents' dtype).
+    """
+    a, s = _coefficients(timesteps, alphas_cumprod)
+    x_t = a * latents[img_idx].float() + s * noise[sample_idx].float()
+    if out is None:
+        return x_t.to(latents.dtype)
+    return out.copy_(x_t)
+
+
+def item_error(
+    pred: torch.Tensor,
+    noise: torch.Tensor,
+    sample_idx: torch.Tensor,
+    latents: torch.Tensor | None = None,
+    img_idx: torch.Tensor | None = None,
+    target: str = "epsilon",
+    timesteps: torch.Tensor | None = None,
+    alphas_cumprod: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean squared error of each item's prediction against its target, float32 [B].
+
+    Args:
+        pred: UNet output [B, C, H, W] (fp32/fp16/bf16).
+        noise: [S, C, H, W]; sample_idx: Long [B].
+        target: "epsilon" (target = eps) or "v" (target = sqrt(abar) eps - sqrt(1 - abar) z0, which
+            needs latents [N, C, H, W], img_idx [B], timesteps [B] and alphas_cumprod [T]).
+    """
+    eps = noise[sample_idx].float()
+    if target == "epsilon":
+        goal = eps
+    elif target == "v":
+        if latents is None or img_idx is None or timesteps is None or alphas_cumprod is None:
+            raise ValueError("target='v' needs latents, img_idx, timesteps and alphas_cumprod")
+        a, s = _coefficients(timesteps, alphas_cumprod)
+        goal = a * eps - s * latents[img_idx].float()
+    else:
+        raise ValueError(f"target must be 'epsilon' or 'v', got {target!r}")
+    return (pred.float() - goal).square().flatten(1).mean(dim=1)

@@ -1,0 +1,100 @@
+"""The noise bank: S shared draws (t_s, eps_s) of the forward diffusion process.
+
+DiffusionITM compares candidates on the *same* draws (a paired comparison), so one bank is made
+per query (or per call) and shared by every candidate. Draws come from a CPU generator, so a seed
+gives the same bank on every device and every machine.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+
+Schedule = Literal["uniform", "stratified"]
+
+
+@dataclass(frozen=True)
+class NoiseBank:
+    """S draws of (timestep, noise).
+
+    Attributes:
+        timesteps: LongTensor [S], values in [0, T).
+        noise: float32 Tensor [S, C, h, w], standard normal, on the CPU.
+    """
+
+    timesteps: torch.Tensor
+    noise: torch.Tensor
+
+    def __post_init__(self) -> None:
+        t, eps = self.timesteps, self.noise
+        if t.dim() != 1 or t.dtype != torch.long:
+            raise ValueError(f"NoiseBank timesteps must be a LongTensor [S], got {t.dtype} {tuple(t.shape)}")
+        if eps.dim() != 4 or eps.shape[0] != t.shape[0]:
+            raise ValueError(
+                f"NoiseBank noise must be [S, C, h, w] with S = len(timesteps) = {t.shape[0]}, "
+                f"got {tuple(eps.shape)}"
+            )
+        if t.shape[0] == 0:
+            raise ValueError("NoiseBank needs at least one sample (S >= 1)")
+        if (t < 0).any():
+            raise ValueError("NoiseBank timesteps must be >= 0")
+
+    @classmethod
+    def sample(
+        cls,
+        samples: int,
+        latent_shape: Sequence[int],
+        seed: int = 0,
+        schedule: Schedule = "uniform",
+        num_train_timesteps: int = 1000,
+    ) -> "NoiseBank":
+        """Draw a bank reproducibly from `seed` on a CPU generator.
+
+        Args:
+            samples: S, the number of (t, eps) draws (>= 1).
+            latent_shape: (C, h, w) of the model's latents.
+            schedule: "uniform" draws t uniformly from [0, T) (the paper); "stratified" takes S
+                evenly spaced timesteps, the midpoints of S equal strata of [0, T) (as in
+                Diffusion Classifier).
+            num_train_timesteps: T of the noise scheduler.
+        """
+        if not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"samples must be a positive integer, got {samples!r}")
+        if len(latent_shape) != 3:
+            raise ValueError(f"latent_shape must be (C, h, w), got {tuple(latent_shape)}")
+        gen = torch.Generator(device="cpu").manual_seed(int(seed))
+        if schedule == "uniform":
+            timesteps = torch.randint(0, num_train_timesteps, (samples,), generator=gen)
+        elif schedule == "stratified":
+            timesteps = (torch.arange(samples) * 2 + 1) * num_train_timesteps // (2 * samples)
+        else:
+            raise ValueError(f"schedule must be 'uniform' or 'stratified', got {schedule!r}")
+        noise = torch.randn((samples, *latent_shape), generator=gen, dtype=torch.float32)
+        return cls(timesteps.long(), noise)
+
+    @classmethod
+    def from_tensors(cls, timesteps: torch.Tensor, noise: torch.Tensor) -> "NoiseBank":
+        """Wrap given draws: timesteps LongTensor [S], noise Tensor [S, C, h, w]."""
+        return cls(torch.as_tensor(timesteps).long().cpu(), noise.detach().float().cpu())
+
+    def __len__(self) -> int:
+        return self.timesteps.shape[0]
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of one noise draw."""
+        return tuple(self.noise.shape[1:])  # type: ignore[return-value]
+
+    def check_fits(self, latent_shape: Sequence[int], num_train_timesteps: int) -> None:
+        """Raise ValueError unless this bank's draws fit a model with these latents and T."""
+        if tuple(latent_shape) != self.latent_shape:
+            raise ValueError(
+                f"NoiseBank latent shape {self.latent_shape} does not fit the model's latents "
+                f"{tuple(latent_shape)}"
+            )
+        if int(self.timesteps.max()) >= num_train_timesteps:
+            raise ValueError(
+                f"NoiseBank has timestep {int(self.timesteps.max())} but the scheduler has only "
+                f"{num_train_timesteps} train timesteps"
+            )

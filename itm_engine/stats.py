@@ -1,0 +1,57 @@
+"""Run statistics: what a scoring call did and where its time went (`scorer.last_stats`)."""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+
+@dataclass
+class RunStats:
+    """Counters and per-stage seconds of one scoring call.
+
+    Stages: "preprocess" (image decoding/resizing), "vae", "text_encoder", "unet",
+    "reduction" (noisy latents + per-item error), "total".
+    """
+
+    unet_items: int = 0
+    unet_calls: int = 0
+    images_encoded: int = 0
+    texts_encoded: int = 0
+    batch_size: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def timer(self, stage: str, device: torch.device | None = None) -> Iterator[None]:
+        """Add the wall time of the block to `seconds[stage]` (synchronising CUDA around it)."""
+        sync = device is not None and device.type == "cuda"
+        if sync:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if sync:
+                torch.cuda.synchronize(device)
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+    @property
+    def items_per_second(self) -> float:
+        """UNet work items per second of UNet + reduction time."""
+        busy = self.seconds.get("unet", 0.0) + self.seconds.get("reduction", 0.0)
+        return self.unet_items / busy if busy > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        """A JSON-ready copy, with items_per_second."""
+        return {
+            "unet_items": self.unet_items,
+            "unet_calls": self.unet_calls,
+            "images_encoded": self.images_encoded,
+            "texts_encoded": self.texts_encoded,
+            "batch_size": self.batch_size,
+            "seconds": dict(self.seconds),
+            "items_per_second": self.items_per_second,
+        }

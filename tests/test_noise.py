@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from itm_engine.noise import NoiseBank
+
+SHAPE = (4, 8, 8)
+
+
+def test_same_seed_same_bank_and_different_seed_different_bank():
+    a = NoiseBank.sample(5, SHAPE, seed=3)
+    b = NoiseBank.sample(5, SHAPE, seed=3)
+    c = NoiseBank.sample(5, SHAPE, seed=4)
+    assert torch.equal(a.timesteps, b.timesteps) and torch.equal(a.noise, b.noise)
+    assert not torch.equal(a.noise, c.noise)
+    assert a.noise.shape == (5, *SHAPE) and a.noise.dtype == torch.float32
+    assert a.latent_shape == SHAPE and len(a) == 5
+
+
+def test_sampling_does_not_touch_the_global_rng():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    NoiseBank.sample(4, SHAPE, seed=9)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_uniform_timesteps_cover_the_range():
+    bank = NoiseBank.sample(2000, (1, 1, 1), seed=0, num_train_timesteps=1000)
+    assert bank.timesteps.min() >= 0 and bank.timesteps.max() < 1000
+    assert bank.timesteps.min() < 50 and bank.timesteps.max() > 950  # spread over [0, T)
+
+
+def test_stratified_timesteps_are_the_strata_midpoints():
+    bank = NoiseBank.sample(4, SHAPE, seed=0, schedule="stratified", num_train_timesteps=1000)
+    assert bank.timesteps.tolist() == [125, 375, 625, 875]
+    # The schedule is fixed; the noise still follows the seed.
+    other = NoiseBank.sample(4, SHAPE, seed=1, schedule="stratified")
+    assert torch.equal(bank.timesteps, other.timesteps) and not torch.equal(bank.noise, other.noise)
+
+
+def test_from_tensors_round_trip_and_validation():
+    t = torch.tensor([1, 500, 999])
+    eps = torch.randn(3, *SHAPE)
+    bank = NoiseBank.from_tensors(t, eps)
+    assert torch.equal(bank.timesteps, t) and torch.equal(bank.noise, eps)
+    with pytest.raises(ValueError, match="S = len"):
+        NoiseBank.from_tensors(t, torch.randn(2, *SHAPE))
+    with pytest.raises(ValueError, match=r"\[S, C, h, w\]"):
+        NoiseBank.from_tensors(t, torch.randn(3, 8, 8))
+    with pytest.raises(ValueError, match=">= 0"):
+        NoiseBank.from_tensors(torch.tensor([-1, 2, 3]), eps)
+
+
+@pytest.mark.parametrize("samples", [0, -2, 1.5])
+def test_bad_sample_counts(samples):
+    with pytest.raises(ValueError, match="samples"):
+        NoiseBank.sample(samples, SHAPE)
+
+
+def test_bad_schedule():
+    with pytest.raises(ValueError, match="schedule"):
+        NoiseBank.sample(2, SHAPE, schedule="cosine")
+
+
+def test_check_fits():
+    bank = NoiseBank.sample(2, SHAPE)
+    bank.check_fits(SHAPE, 1000)
+    with pytest.raises(ValueError, match="does not fit"):
+        bank.check_fits((4, 16, 16), 1000)
+    with pytest.raises(ValueError, match="train timesteps"):
+        NoiseBank.from_tensors(torch.tensor([10, 20]), bank.noise).check_fits(SHAPE, 15)

@@ -1,0 +1,224 @@
+"""The engine against the naive reference loop, and the scorer's contract (tiny model, CPU, fp32)."""
+import pytest
+import torch
+
+from itm_engine import DiffusionITM, NoiseBank
+from itm_engine.models import build_random_components, load_components, save_random_model
+from itm_engine.naive import naive_scores
+
+from helpers import count_unet_items, make_images, max_rel_diff
+
+TEXTS = ["a red circle", "a blue square on the left", "", "two green triangles"]
+
+
+@pytest.fixture(scope="module")
+def scorers():
+    """One tiny scorer per prediction type (built once for the module)."""
+    return {
+        pred: DiffusionITM(build_random_components("tiny", seed=0, prediction_type=pred), batch_size=64)
+        for pred in ("epsilon", "v_prediction")
+    }
+
+
+def error_scale(scorer, images, bank) -> torch.Tensor:
+    """The size of the denoising errors (max |I2T score|), the scale fp32 rounding is relative to.
+
+    A T2I score is a difference of two errors of size ~1 that can be ~1e-3 apart on a random
+    model, so its fp32 rounding (~1e-7 of the errors) is measured against the errors' scale.
+    """
+    return scorer(images, TEXTS, mode="i2t", noise=bank).abs().max()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return make_images(3)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("schedule", ["uniform", "stratified"])
+@pytest.mark.parametrize("mode", ["i2t", "t2i"])
+def test_engine_matches_naive_reference(scorers, images, prediction, schedule, mode):
+    """Relative difference <= 1e-5 of the error scale (see `error_scale`); the float64 test
+    below compares the scores themselves."""
+    scorer = scorers[prediction]
+    bank = scorer.noise_bank(samples=3, seed=1, schedule=schedule)
+    engine = scorer(images, TEXTS, mode=mode, noise=bank)
+    naive = naive_scores(scorer.components, images, TEXTS, bank, mode=mode)
+    assert engine.shape == (len(images), len(TEXTS))
+    assert max_rel_diff(engine, naive, scale=error_scale(scorer, images, bank)) <= 1e-5
+    assert not torch.equal(engine[:, 0], engine[:, 1])  # the texts matter
+
+
+@pytest.mark.parametrize("mode", ["i2t", "t2i"])
+def test_engine_matches_naive_reference_in_float64(images, mode):
+    scorer = DiffusionITM(load_components("tiny", dtype=torch.float64))
+    bank = scorer.noise_bank(samples=2, seed=7)
+    engine = scorer(images, TEXTS, mode=mode, noise=bank)
+    naive = naive_scores(scorer.components, images, TEXTS, bank, mode=mode)
+    assert max_rel_diff(engine, naive) <= 1e-9
+
+
+def test_v_prediction_target_changes_the_scores(scorers, images):
+    bank = scorers["epsilon"].noise_bank(samples=2, seed=0)
+    eps = scorers["epsilon"](images, TEXTS, noise=bank)
+    v = scorers["v_prediction"](images, TEXTS, noise=bank)
+    assert max_rel_diff(eps, v) > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["i2t", "t2i"])
+def test_scores_do_not_depend_on_batch_size(scorers, images, mode):
+    scorer = scorers["epsilon"]
+    bank = scorer.noise_bank(samples=3)
+    results = [scorer(images, TEXTS, mode=mode, noise=bank, batch_size=b) for b in (1, 7, 64)]
+    assert scorer.last_stats.unet_calls == 1  # 64 covers everything in one call
+    for other in results[1:]:
+        assert max_rel_diff(other, results[0], scale=error_scale(scorer, images, bank)) <= 1e-5
+
+
+def test_a_permutation_of_inputs_permutes_the_scores(scorers, images):
+    scorer = scorers["epsilon"]
+    base = scorer(images, TEXTS, mode="t2i", samples=3, seed=5)
+    img_perm, txt_perm = [2, 0, 1], [3, 1, 0, 2]
+    permuted = scorer([images[i] for i in img_perm], [TEXTS[j] for j in txt_perm], mode="t2i", samples=3, seed=5)
+    scale = error_scale(scorer, images, scorer.noise_bank(3, seed=5))
+    assert max_rel_diff(permuted, base[img_perm][:, txt_perm], scale=scale) <= 1e-5
+
+
+def test_seed_reproducibility(scorers, images):
+    scorer = scorers["epsilon"]
+    first = scorer(images, TEXTS, samples=2, seed=11)
+    scorer.clear_cache()
+    second = scorer(images, TEXTS, samples=2, seed=11)
+    other = scorer(images, TEXTS, samples=2, seed=12)
+    assert torch.equal(first, second)
+    assert not torch.allclose(first, other)
+
+
+def test_unet_item_counts_engine_vs_naive(scorers, images):
+    scorer = scorers["epsilon"]
+    n_img, n_txt, samples = len(images), len(TEXTS) - 1, 2
+    texts = [t for t in TEXTS if t]  # distinct, non-empty captions
+    bank = scorer.noise_bank(samples)
+    with count_unet_items(scorer.components.unet) as counted:
+        scorer(images, texts, mode="t2i", noise=bank)
+    assert counted.items == n_img * n_txt * samples + n_img * samples
+    assert scorer.last_stats.unet_items == counted.items
+    with count_unet_items(scorer.components.unet) as counted:
+        scorer(images, texts, mode="i2t", noise=bank)
+    assert counted.items == n_img * n_txt * samples
+    with count_unet_items(scorer.components.unet) as counted:
+        naive_scores(scorer.components, images, texts, bank, mode="t2i")
+    assert counted.items == 2 * n_img * n_txt * samples
+    assert counted.calls == counted.items  # batch 1
+
+
+def test_duplicate_inputs_are_evaluated_once(scorers, images):
+    scorer = scorers["epsilon"]
+    bank = scorer.noise_bank(2)
+    copy = images[0].copy()  # a different object with equal pixels
+    with count_unet_items(scorer.components.unet) as counted:
+        scores = scorer([images[0], copy, images[1]], ["a dog", "a dog", "a cat"], noise=bank)
+    assert counted.items == 2 * 2 * len(bank)
+    assert torch.equal(scores[0], scores[1]) and torch.equal(scores[:, 0], scores[:, 1])
+
+
+@pytest.mark.parametrize("mode", ["i2t", "t2i"])
+def test_per_query_candidates_match_the_full_matrix(scorers, images, mode):
+    scorer = scorers["epsilon"]
+    bank = scorer.noise_bank(3, seed=2)
+    full = scorer(images, TEXTS, mode=mode, noise=bank)  # [n_img, n_txt]
+    if mode == "i2t":  # each image with its own 2 candidate captions
+        picks = [[0, 1], [3, 2], [1, 3]]
+        got = scorer.score_candidates(images, [[TEXTS[j] for j in row] for row in picks], mode="i2t", noise=bank)
+        expected = torch.stack([full[q, row] for q, row in enumerate(picks)])
+    else:  # each caption with its own 2 candidate images
+        picks = [[0, 2], [1, 0], [2, 1], [0, 1]]
+        got = scorer.score_candidates(TEXTS, [[images[i] for i in row] for row in picks], mode="t2i", noise=bank)
+        expected = torch.stack([full[row, q] for q, row in enumerate(picks)])
+    assert got.shape == expected.shape
+    assert max_rel_diff(got, expected, scale=error_scale(scorer, images, bank)) <= 1e-5
+
+
+def test_per_query_runs_only_the_listed_pairs(scorers, images):
+    scorer = scorers["epsilon"]
+    bank = scorer.noise_bank(2)
+    with count_unet_items(scorer.components.unet) as counted:
+        scorer.score_candidates(images, [["x", "y"], ["z", "w"], ["x", "q"]], mode="i2t", noise=bank)
+    assert counted.items == 3 * 2 * len(bank)
+
+
+def test_saved_and_reloaded_model_scores_identically(tmp_path, images):
+    in_memory = DiffusionITM(build_random_components("tiny", seed=4))
+    folder = save_random_model("tiny", tmp_path / "tiny", seed=4)
+    reloaded = DiffusionITM.from_pretrained(folder)
+    bank = in_memory.noise_bank(2, seed=3)
+    for mode in ("i2t", "t2i"):
+        assert torch.equal(in_memory(images, TEXTS, mode=mode, noise=bank), reloaded(images, TEXTS, mode=mode, noise=bank))
+
+
+def test_sampled_latents_are_reproducible_and_differ_from_the_mean(images):
+    components = load_components("tiny")
+    mean = DiffusionITM(components)
+    sampled = DiffusionITM(components, latent="sample")
+    bank = mean.noise_bank(2)
+    a = sampled(images, TEXTS, noise=bank)
+    sampled.clear_cache()
+    assert torch.equal(a, sampled(images, TEXTS, noise=bank))
+    assert not torch.allclose(a, mean(images, TEXTS, noise=bank))
+
+
+def test_last_stats_report_the_work(scorers, images):
+    scorer = scorers["epsilon"]
+    scorer.clear_cache()
+    scorer(images, TEXTS, mode="t2i", samples=2, batch_size=5)
+    stats = scorer.last_stats
+    assert stats.images_encoded == len(images)
+    assert stats.texts_encoded == len(TEXTS)  # "" is among TEXTS: the null prompt is shared with it
+    assert stats.unet_items == len(images) * len(TEXTS) * 2
+    assert stats.unet_calls == -(-stats.unet_items // 5)
+    assert all(stats.seconds[k] > 0 for k in ("vae", "text_encoder", "unet", "reduction", "total"))
+    assert stats.items_per_second > 0
+    # Cached on the second call: nothing is re-encoded.
+    scorer(images, TEXTS, mode="t2i", samples=2)
+    assert scorer.last_stats.images_encoded == 0 and scorer.last_stats.texts_encoded == 0
+
+
+class _OutOfMemoryAbove(torch.nn.Module):
+    """Wraps a UNet and raises a CUDA-style OOM for batches larger than `limit`."""
+
+    def __init__(self, unet, limit):
+        super().__init__()
+        self.unet, self.limit, self.sizes = unet, limit, []
+
+    def forward(self, x, t, encoder_hidden_states):
+        self.sizes.append(x.shape[0])
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.unet(x, t, encoder_hidden_states=encoder_hidden_states)
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    @property
+    def device(self):
+        return self.unet.device
+
+    @property
+    def dtype(self):
+        return self.unet.dtype
+
+
+def test_out_of_memory_halves_the_batch_instead_of_crashing(images):
+    components = build_random_components("tiny", seed=0)
+    scorer = DiffusionITM(components, batch_size=16)
+    bank = scorer.noise_bank(3)
+    expected = scorer(images, TEXTS, noise=bank)
+    wrapped = _OutOfMemoryAbove(components.unet, limit=5)
+    components.unet = wrapped
+    with pytest.warns(UserWarning, match="batch size reduced") as record:
+        got = scorer(images, TEXTS, noise=bank)
+    assert [str(w.message)[-1] for w in record] == ["8", "4"]
+    assert max_rel_diff(got, expected) <= 1e-5
+    assert wrapped.sizes[:3] == [16, 8, 4] and max(wrapped.sizes[3:]) == 4
+    assert scorer.executor.batch_size == 4
