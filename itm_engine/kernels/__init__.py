@@ -1,7 +1,125 @@
-"""Fused ops of the engine's hot path: noisy-latent construction and per-item error reduction.
+"""Fused ops of the engine's hot path, each with several backends and one dispatch function.
 
-Each op has a plain PyTorch reference (`reference.py`); faster backends plug in here.
+Ops (same signatures in every backend; see `reference.py` for the exact contracts):
+
+- `noisy_latents`: gather each item's latent and noise draw, x_t = sqrt(abar) z0 + sqrt(1-abar) eps;
+- `item_error`: per-item mean squared error against eps or v, float32, no [B, C, H, W] temporary;
+- `topk_similarity`: streaming top-k of query-gallery dot products (the CLIP prefilter's step).
+
+Backends:
+
+- `reference`: plain PyTorch, the oracle, runs everywhere;
+- `triton`: Triton kernels for CUDA tensors (CPU tensors only under `TRITON_INTERPRET=1`, for tests);
+- `ext`: the csrc/ C++ extension (`itm_engine._C`, ops in `torch.ops.itm_engine`): OpenMP CPU
+  code, and CUDA code when it was built with a CUDA toolkit.
+
+`backend=None` reads `ITM_KERNELS` (`reference|triton|ext|auto`, default `auto`). `auto` picks,
+per device, the fastest backend available: on CUDA `triton`, else `ext`, else `reference`; on the
+CPU `ext`, else `reference`. A forced backend that cannot serve the tensors is an error, never a
+silent fallback. `last_backend[op]` records what each op last ran on.
 """
-from itm_engine.kernels.reference import item_error, noisy_latents
+from __future__ import annotations
 
-__all__ = ["item_error", "noisy_latents"]
+import os
+from types import ModuleType
+
+import torch
+
+from itm_engine.kernels import reference
+
+BACKENDS = ("reference", "triton", "ext")
+OPS = ("noisy_latents", "item_error", "topk_similarity")
+last_backend: dict[str, str] = {}
+
+
+def _triton() -> ModuleType | None:
+    try:
+        from itm_engine.kernels import triton_ops
+    except ImportError:
+        return None
+    return triton_ops
+
+
+def _extension() -> ModuleType | None:
+    from itm_engine.kernels import extension
+
+    return extension if extension.load() else None
+
+
+def available(backend: str, device: torch.device) -> bool:
+    """Whether `backend` can run the ops on tensors of `device`."""
+    if backend == "reference":
+        return True
+    if backend == "triton":
+        module = _triton()
+        return module is not None and module.supports(device)
+    if backend == "ext":
+        module = _extension()
+        return module is not None and module.supports(device)
+    raise ValueError(f"unknown kernel backend {backend!r}; choose from {BACKENDS} or 'auto'")
+
+
+def resolve_backend(device: torch.device | str, requested: str | None = None) -> str:
+    """The backend to use for tensors on `device` (`requested` or `ITM_KERNELS`, default auto)."""
+    device = torch.device(device)
+    requested = requested or os.environ.get("ITM_KERNELS", "auto")
+    if requested == "auto":
+        preference = ("triton", "ext", "reference") if device.type == "cuda" else ("ext", "reference")
+        return next(b for b in preference if available(b, device))
+    if not available(requested, device):
+        raise RuntimeError(
+            f"kernel backend {requested!r} was asked for (ITM_KERNELS or kernels=...) but cannot run on "
+            f"{device.type} tensors here; available: {[b for b in BACKENDS if available(b, device)]}"
+        )
+    return requested
+
+
+def _implementation(op: str, device: torch.device, backend: str | None):
+    name = resolve_backend(device, backend)
+    module = {"reference": reference, "triton": _triton, "ext": _extension}[name]
+    module = module if isinstance(module, ModuleType) else module()
+    last_backend[op] = name
+    return getattr(module, op)
+
+
+def noisy_latents(
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    img_idx: torch.Tensor,
+    sample_idx: torch.Tensor,
+    timesteps: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    out: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """x_t [B, C, H, W]; see `reference.noisy_latents`."""
+    fn = _implementation("noisy_latents", latents.device, backend)
+    return fn(latents, noise, img_idx, sample_idx, timesteps, alphas_cumprod, out=out)
+
+
+def item_error(
+    pred: torch.Tensor,
+    noise: torch.Tensor,
+    sample_idx: torch.Tensor,
+    latents: torch.Tensor | None = None,
+    img_idx: torch.Tensor | None = None,
+    target: str = "epsilon",
+    timesteps: torch.Tensor | None = None,
+    alphas_cumprod: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Per-item MSE, float32 [B]; see `reference.item_error`."""
+    fn = _implementation("item_error", pred.device, backend)
+    return fn(pred, noise, sample_idx, latents, img_idx, target, timesteps, alphas_cumprod)
+
+
+def topk_similarity(
+    queries: torch.Tensor, gallery: torch.Tensor, k: int, backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values float32 [Q, k], indices int64 [Q, k]); see `reference.topk_similarity`."""
+    reference.check_topk_args(queries, gallery, k)
+    fn = _implementation("topk_similarity", queries.device, backend)
+    return fn(queries, gallery, k)
+
+
+__all__ = ["BACKENDS", "OPS", "available", "item_error", "last_backend", "noisy_latents", "resolve_backend", "topk_similarity"]

@@ -66,3 +66,44 @@ def item_error(
     else:
         raise ValueError(f"target must be 'epsilon' or 'v', got {target!r}")
     return (pred.float() - goal).square().flatten(1).mean(dim=1)
+
+
+def topk_similarity(
+    queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk_size: int = 65536
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k gallery rows with the largest dot product with each query, streamed over the gallery.
+
+    Similarities are float32-accumulated dot products of the inputs as given (normalise them
+    first for cosine similarity). The gallery is visited in chunks of `chunk_size` rows with a
+    running top-k, so `[Q, G]` is never materialised. Ties: the lower gallery index wins.
+
+    Args:
+        queries: [Q, D]; gallery: [G, D] (fp32/fp16/bf16); k: 1 <= k <= G.
+    Returns:
+        (values float32 [Q, k], indices int64 [Q, k]), best first.
+    """
+    check_topk_args(queries, gallery, k)
+    q = queries.float()
+    best_values = q.new_empty((q.shape[0], 0))
+    best_indices = torch.empty((q.shape[0], 0), dtype=torch.long, device=q.device)
+    for start in range(0, gallery.shape[0], chunk_size):
+        chunk = gallery[start : start + chunk_size].float()
+        values = torch.cat([best_values, q @ chunk.T], dim=1)
+        indices = torch.cat(
+            [best_indices, torch.arange(start, start + chunk.shape[0], device=q.device).expand(q.shape[0], -1)], dim=1
+        )
+        # Stable sort: among equal values the earlier column (the lower gallery index) stays first.
+        order = values.sort(dim=1, descending=True, stable=True).indices[:, :k]
+        best_values, best_indices = values.gather(1, order), indices.gather(1, order)
+    return best_values, best_indices
+
+
+def check_topk_args(queries: torch.Tensor, gallery: torch.Tensor, k: int) -> None:
+    """Raise ValueError for shapes or k that `topk_similarity` cannot serve."""
+    if queries.dim() != 2 or gallery.dim() != 2 or queries.shape[1] != gallery.shape[1]:
+        raise ValueError(
+            f"topk_similarity needs queries [Q, D] and gallery [G, D], got {tuple(queries.shape)} "
+            f"and {tuple(gallery.shape)}"
+        )
+    if not 1 <= k <= gallery.shape[0]:
+        raise ValueError(f"k must be between 1 and the gallery size {gallery.shape[0]}, got k={k}")
