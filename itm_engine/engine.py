@@ -55,12 +55,20 @@ class Executor:
     the smaller size is kept for later calls.
     """
 
-    def __init__(self, components: SDComponents, batch_size: int = 64, progress: bool | None = None) -> None:
+    def __init__(
+        self,
+        components: SDComponents,
+        batch_size: int = 64,
+        progress: bool | None = None,
+        kernels: str | None = None,
+    ) -> None:
+        """`kernels`: fused-op backend ("reference", "triton", "ext", "auto"; None reads ITM_KERNELS)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.components = components
         self.batch_size = batch_size
         self.progress = progress
+        self.kernels = kernels
         self.target = "v" if components.prediction_type == "v_prediction" else "epsilon"
 
     @torch.inference_mode()
@@ -90,7 +98,10 @@ class Executor:
         text_idx = plan.text_idx.to(device)
         sample_idx = plan.sample_idx.to(device)
 
+        backend = kernels.resolve_backend(device, self.kernels)
+        stats.kernels = {op: backend for op in ("noisy_latents", "item_error")}
         errors = torch.empty(len(plan), dtype=torch.float32, device=device)
+        x_t_buffer = torch.empty((size, *latents.shape[1:]), dtype=dtype, device=device)
         bar = tqdm(total=len(plan), desc="UNet items", unit="item", disable=self._bar_disabled(len(plan), size))
         start = 0
         while start < len(plan):
@@ -100,7 +111,9 @@ class Executor:
             timesteps = bank_timesteps[si]
             try:
                 with stats.timer("reduction", device):
-                    x_t = kernels.noisy_latents(latents, noise, li, si, timesteps, alphas_cumprod).to(dtype)
+                    x_t = kernels.noisy_latents(
+                        latents, noise, li, si, timesteps, alphas_cumprod, out=x_t_buffer[: stop - start], backend=backend
+                    )
                 with stats.timer("unet", device):
                     pred = unet(x_t, timesteps, encoder_hidden_states=embeddings[ti]).sample
             except RuntimeError as err:
@@ -108,12 +121,13 @@ class Executor:
                     raise
                 size = max(1, size // 2)
                 self.batch_size = min(self.batch_size, size)
+                x_t_buffer = x_t_buffer[:size]
                 torch.cuda.empty_cache()
                 warnings.warn(f"out of memory: UNet batch size reduced to {size}", stacklevel=2)
                 continue
             with stats.timer("reduction", device):
                 errors[items] = kernels.item_error(
-                    pred, noise, si, latents, li, self.target, timesteps, alphas_cumprod
+                    pred, noise, si, latents, li, self.target, timesteps, alphas_cumprod, backend=backend
                 )
             stats.unet_items += stop - start
             stats.unet_calls += 1

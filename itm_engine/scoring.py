@@ -41,6 +41,7 @@ class DiffusionITM:
         latent: LatentMode = "mean",
         resize_mode: ResizeMode = "crop",
         progress: bool | None = None,
+        kernels: str | None = None,
     ) -> None:
         """
         Args:
@@ -50,11 +51,13 @@ class DiffusionITM:
                 seeded by the image content).
             resize_mode: image resize policy, see `itm_engine.cache`.
             progress: show a progress bar (None: only for long runs on a terminal).
+            kernels: fused-op backend, "reference" | "triton" | "ext" | "auto" (None: the
+                ITM_KERNELS environment variable, default "auto"); see `itm_engine.kernels`.
         """
         self.components = components
         self.latent_cache = LatentCache(components, latent=latent, resize_mode=resize_mode)
         self.text_cache = TextCache(components)
-        self.executor = Executor(components, batch_size=batch_size, progress=progress)
+        self.executor = Executor(components, batch_size=batch_size, progress=progress, kernels=kernels)
         self.last_stats = RunStats()
 
     @classmethod

@@ -22,6 +22,7 @@ class RunStats:
     images_encoded: int = 0
     texts_encoded: int = 0
     batch_size: int = 0
+    kernels: dict[str, str] = field(default_factory=dict)  # fused op -> backend that ran it
     seconds: dict[str, float] = field(default_factory=dict)
 
     @contextmanager
@@ -52,6 +53,7 @@ class RunStats:
             "images_encoded": self.images_encoded,
             "texts_encoded": self.texts_encoded,
             "batch_size": self.batch_size,
+            "kernels": dict(self.kernels),
             "seconds": dict(self.seconds),
             "items_per_second": self.items_per_second,
         }
