@@ -109,7 +109,7 @@ class DiffusionITM:
         check_list(images, "images")
         check_list(texts, "texts")
         pairs = torch.cartesian_prod(torch.arange(len(images)), torch.arange(len(texts)))
-        scores = self._score_pairs(images, texts, pairs, mode, samples, seed, noise, batch_size, schedule)
+        scores = self.score_pairs(images, texts, pairs, mode, samples, seed, noise, batch_size, schedule)
         return scores.view(len(images), len(texts))
 
     def score_candidates(
@@ -147,22 +147,33 @@ class DiffusionITM:
             images, texts, pairs = flat, queries, torch.stack([flat_idx, query_idx], dim=1)
         else:
             raise ValueError(f"mode must be 'i2t' or 't2i', got {mode!r}")
-        scores = self._score_pairs(images, texts, pairs, mode, samples, seed, noise, batch_size, schedule)
+        scores = self.score_pairs(images, texts, pairs, mode, samples, seed, noise, batch_size, schedule)
         return scores.view(len(queries), k)
 
-    def _score_pairs(
+    def score_pairs(
         self,
         images: Sequence[ImageInput],
         texts: Sequence[str],
-        pairs: torch.Tensor,
-        mode: Mode,
-        samples: int,
-        seed: int,
-        noise: NoiseBank | None,
-        batch_size: int | None,
-        schedule: Schedule,
+        pairs: torch.Tensor | Sequence[tuple[int, int]],
+        mode: Mode = "i2t",
+        samples: int = 10,
+        seed: int = 0,
+        noise: NoiseBank | None = None,
+        batch_size: int | None = None,
+        schedule: Schedule = "uniform",
     ) -> torch.Tensor:
-        """Scores [P] of (images[pairs[p, 0]], texts[pairs[p, 1]]) under one shared bank."""
+        """Scores float32 [P] of (images[i], texts[j]) for each (i, j) of `pairs` ([P, 2]), all
+        under one shared noise bank; the general form behind `__call__` and `score_candidates`."""
+        check_list(images, "images")
+        check_list(texts, "texts")
+        pairs = torch.as_tensor(pairs, dtype=torch.long).reshape(-1, 2)
+        if len(pairs) == 0:
+            raise ValueError("pairs is empty")
+        for axis, (what, count) in enumerate((("image", len(images)), ("text", len(texts)))):
+            bad = (pairs[:, axis] < 0) | (pairs[:, axis] >= count)
+            if bad.any():
+                row = int(bad.nonzero()[0])
+                raise ValueError(f"pairs[{row}] names {what} {int(pairs[row, axis])}, but there are {count}")
         if mode not in ("i2t", "t2i"):
             raise ValueError(f"mode must be 'i2t' or 't2i', got {mode!r}")
         if batch_size is not None and batch_size < 1:

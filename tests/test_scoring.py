@@ -4,7 +4,7 @@ import torch
 
 from itm_engine import DiffusionITM, NoiseBank
 from itm_engine.models import build_random_components, load_components, save_random_model
-from itm_engine.naive import naive_scores
+from itm_engine.naive import batched_pair_scores, naive_scores
 
 from helpers import count_unet_items, make_images, max_rel_diff
 
@@ -222,3 +222,24 @@ def test_out_of_memory_halves_the_batch_instead_of_crashing(images):
     assert max_rel_diff(got, expected) <= 1e-5
     assert wrapped.sizes[:3] == [16, 8, 4] and max(wrapped.sizes[3:]) == 4
     assert scorer.executor.batch_size == 4
+
+
+@pytest.mark.parametrize("mode", ["i2t", "t2i"])
+def test_batched_baseline_matches_engine_and_runs_one_call_per_pair(scorers, images, mode):
+    scorer = scorers["v_prediction"]
+    bank = scorer.noise_bank(3, seed=4)
+    pairs = [(0, 1), (2, 3), (1, 0), (0, 3)]
+    engine = scorer.score_pairs(images, TEXTS, pairs, mode=mode, noise=bank)
+    with count_unet_items(scorer.components.unet) as counted:
+        batched = batched_pair_scores(scorer.components, images, TEXTS, pairs, bank, mode=mode)
+    per_pair = 2 if mode == "t2i" else 1
+    assert counted.calls == per_pair * len(pairs) and counted.items == per_pair * len(pairs) * len(bank)
+    assert max_rel_diff(batched, engine, scale=error_scale(scorer, images, bank)) <= 1e-5
+
+
+def test_score_pairs_checks_its_indices(scorers, images):
+    scorer = scorers["epsilon"]
+    with pytest.raises(ValueError, match=r"pairs\[1\] names text 9, but there are 4"):
+        scorer.score_pairs(images, TEXTS, [(0, 0), (1, 9)], samples=1)
+    with pytest.raises(ValueError, match="pairs is empty"):
+        scorer.score_pairs(images, TEXTS, [], samples=1)
