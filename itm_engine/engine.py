@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from itm_engine import kernels
+from itm_engine import fastpath, kernels
 from itm_engine.models import SDComponents
 from itm_engine.noise import NoiseBank
 from itm_engine.stats import RunStats
@@ -51,25 +51,47 @@ def _is_out_of_memory(err: BaseException) -> bool:
 class Executor:
     """Runs work plans through the UNet in batches and returns float32 errors.
 
-    On CUDA out-of-memory it halves the batch size (down to 1) and retries instead of crashing;
-    the smaller size is kept for later calls.
+    On CUDA out-of-memory it halves the batch size (down to 1) and retries the same items, so no
+    item is lost or scored twice; the smaller size is kept for later calls. With fixed shapes
+    (implied by `compile`) every batch is padded to the batch size by repeating its last item,
+    and the padded rows' results are dropped.
     """
 
     def __init__(
         self,
         components: SDComponents,
-        batch_size: int = 64,
+        batch_size: int | str = 64,
         progress: bool | None = None,
         kernels: str | None = None,
+        compile: bool = False,
+        cuda_graphs: bool = False,
+        fixed_shapes: bool | None = None,
     ) -> None:
-        """`kernels`: fused-op backend ("reference", "triton", "ext", "auto"; None reads ITM_KERNELS)."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        """
+        Args:
+            batch_size: UNet items per call, or "auto" (the largest that fits, see
+                `fastpath.auto_batch_size`; measured on first use).
+            kernels: fused-op backend ("reference", "triton", "ext", "auto"; None reads ITM_KERNELS).
+            compile: `torch.compile` the UNet (fixed batch shapes, compiled once per size).
+            cuda_graphs: compile in "reduce-overhead" mode: CUDA graph replay (implies compile).
+            fixed_shapes: pad every batch to the batch size (default: when compiling).
+        """
+        if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
         self.components = components
         self.batch_size = batch_size
         self.progress = progress
         self.kernels = kernels
         self.target = "v" if components.prediction_type == "v_prediction" else "epsilon"
+        compile = compile or cuda_graphs
+        self.fixed_shapes = compile if fixed_shapes is None else fixed_shapes
+        self.compiled_unet = fastpath.compile_unet(components.unet, cuda_graphs) if compile else None
+
+    def resolved_batch_size(self, context_shape: tuple[int, int]) -> int:
+        """The batch size in use, measuring it first when it is "auto"."""
+        if self.batch_size == "auto":
+            self.batch_size = fastpath.auto_batch_size(self.components.unet, self.components.latent_shape, context_shape)
+        return self.batch_size
 
     @torch.inference_mode()
     def run(
@@ -87,8 +109,9 @@ class Executor:
             latents: z0 [U, C, h, w]; embeddings: [V, L, D]; bank: S draws; plan: the items.
         """
         unet = self.components.unet
+        forward = unet if self.compiled_unet is None else self.compiled_unet
         device, dtype = unet.device, unet.dtype
-        size = batch_size or self.batch_size
+        size = batch_size or self.resolved_batch_size(tuple(embeddings.shape[1:]))
         alphas_cumprod = self.components.scheduler.alphas_cumprod.to(device)
         latents = latents.to(device)
         embeddings = embeddings.to(device=device, dtype=dtype)
@@ -106,30 +129,35 @@ class Executor:
         start = 0
         while start < len(plan):
             stop = min(start + size, len(plan))
-            items = slice(start, stop)
+            items = torch.arange(start, stop, device=device)
+            if self.fixed_shapes and stop - start < size:  # pad with the last item, results dropped
+                items = torch.cat([items, items[-1:].expand(size - (stop - start))])
             li, ti, si = latent_idx[items], text_idx[items], sample_idx[items]
             timesteps = bank_timesteps[si]
             try:
                 with stats.timer("reduction", device):
                     x_t = kernels.noisy_latents(
-                        latents, noise, li, si, timesteps, alphas_cumprod, out=x_t_buffer[: stop - start], backend=backend
+                        latents, noise, li, si, timesteps, alphas_cumprod, out=x_t_buffer[: len(items)], backend=backend
                     )
                 with stats.timer("unet", device):
-                    pred = unet(x_t, timesteps, encoder_hidden_states=embeddings[ti]).sample
+                    pred = forward(x_t, timesteps, encoder_hidden_states=embeddings[ti]).sample
             except RuntimeError as err:
                 if not _is_out_of_memory(err) or size == 1:
                     raise
                 size = max(1, size // 2)
-                self.batch_size = min(self.batch_size, size)
+                self.batch_size = size if self.batch_size == "auto" else min(self.batch_size, size)
                 x_t_buffer = x_t_buffer[:size]
-                torch.cuda.empty_cache()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
                 warnings.warn(f"out of memory: UNet batch size reduced to {size}", stacklevel=2)
                 continue
             with stats.timer("reduction", device):
-                errors[items] = kernels.item_error(
+                item_errors = kernels.item_error(
                     pred, noise, si, latents, li, self.target, timesteps, alphas_cumprod, backend=backend
                 )
+                errors[start:stop] = item_errors[: stop - start]
             stats.unet_items += stop - start
+            stats.padded_items += len(items) - (stop - start)
             stats.unet_calls += 1
             bar.update(stop - start)
             start = stop

@@ -13,8 +13,10 @@ from typing import Literal, Sequence
 
 import torch
 
+from itm_engine import fastpath
 from itm_engine.cache import ImageInput, LatentCache, LatentMode, ResizeMode, TextCache, check_list
 from itm_engine.engine import Executor, plan_pairs
+from itm_engine.fastpath import Attention
 from itm_engine.models import SDComponents, load_components
 from itm_engine.noise import NoiseBank, Schedule
 from itm_engine.stats import RunStats
@@ -37,27 +39,43 @@ class DiffusionITM:
         self,
         components: SDComponents,
         *,
-        batch_size: int = 64,
+        batch_size: int | str = 64,
         latent: LatentMode = "mean",
         resize_mode: ResizeMode = "crop",
         progress: bool | None = None,
         kernels: str | None = None,
+        attention: Attention = "sdpa",
+        channels_last: bool = False,
+        compile: bool = False,
+        cuda_graphs: bool = False,
     ) -> None:
         """
         Args:
             components: the loaded Stable Diffusion parts (see `itm_engine.models`).
-            batch_size: UNet work items per call (any mix of images, texts and timesteps).
+            batch_size: UNet work items per call (any mix of images, texts and timesteps), or
+                "auto": the largest that fits on the GPU (64 on the CPU).
             latent: "mean" (deterministic posterior mean, the default) or "sample" (a draw
                 seeded by the image content).
             resize_mode: image resize policy, see `itm_engine.cache`.
             progress: show a progress bar (None: only for long runs on a terminal).
             kernels: fused-op backend, "reference" | "triton" | "ext" | "auto" (None: the
                 ITM_KERNELS environment variable, default "auto"); see `itm_engine.kernels`.
+            attention: "sdpa" (PyTorch flash / memory-efficient attention), "xformers" or "math".
+            channels_last: store the UNet's conv weights NHWC (faster convs on tensor cores).
+            compile: `torch.compile` the UNet with fixed batch shapes (the last batch is padded).
+            cuda_graphs: replay the compiled UNet as CUDA graphs ("reduce-overhead"; implies compile).
+
+        attention and channels_last change `components.unet` in place.
         """
+        fastpath.set_attention(components.unet, attention)
+        if channels_last:
+            fastpath.use_channels_last(components.unet)
         self.components = components
         self.latent_cache = LatentCache(components, latent=latent, resize_mode=resize_mode)
         self.text_cache = TextCache(components)
-        self.executor = Executor(components, batch_size=batch_size, progress=progress, kernels=kernels)
+        self.executor = Executor(
+            components, batch_size=batch_size, progress=progress, kernels=kernels, compile=compile, cuda_graphs=cuda_graphs
+        )
         self.last_stats = RunStats()
 
     @classmethod

@@ -18,6 +18,7 @@ class RunStats:
     """
 
     unet_items: int = 0
+    padded_items: int = 0  # extra rows run to keep batch shapes fixed (compile), results dropped
     unet_calls: int = 0
     images_encoded: int = 0
     texts_encoded: int = 0
@@ -49,6 +50,7 @@ class RunStats:
         """A JSON-ready copy, with items_per_second."""
         return {
             "unet_items": self.unet_items,
+            "padded_items": self.padded_items,
             "unet_calls": self.unet_calls,
             "images_encoded": self.images_encoded,
             "texts_encoded": self.texts_encoded,
