@@ -1,0 +1,453 @@
+"""`itm-bench`: the engine against the naive research loop and a batched baseline, side by side.
+
+All three methods run in one process on the same workload and the same noise bank, with their
+repeats interleaved (naive, batched, engine, naive, ...) so machine drift hits all of them; the
+report gives medians. The run also checks that the three agree on the scores (exit code 1 when
+they do not).
+
+    itm-bench                                   # tiny model, CPU, I2T and T2I pairs (< 90 s)
+    itm-bench --model sd21-arch --device cuda --dtype bfloat16 --protocol i2t-topk --json r.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import PIL.Image
+import PIL.ImageDraw
+import psutil
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from itm_engine.models import SDComponents, load_components
+from itm_engine.naive import batched_pair_scores, naive_pair_scores
+from itm_engine.noise import NoiseBank
+from itm_engine.scoring import DiffusionITM
+
+METHODS = ("naive", "batched", "engine")
+PAPER_FLICKR_ITEMS = 1000 * 10 * 10  # 1000 images x top-10 captions x 10 samples
+PAPER_FLICKR_MINUTES = 68  # one A6000, the paper's report
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}  # of the error scale
+
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white", "brown", "pink"]
+RGB = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
+       "purple": (130, 50, 160), "orange": (245, 140, 30), "black": (20, 20, 20), "white": (250, 250, 250),
+       "brown": (120, 75, 40), "pink": (240, 150, 190)}
+SHAPES = ["circle", "square", "triangle", "ball", "box", "kite"]
+SUBJECTS = ["a dog", "two children", "an old man", "a woman in a hat", "a cyclist", "a brown horse", "three birds"]
+ACTIONS = ["walks past", "sits next to", "looks at", "jumps over", "plays with", "stands behind"]
+PLACES = ["in a park", "on a busy street", "at the beach", "in the snow", "inside a kitchen", "near a lake"]
+
+
+def make_images(n: int, size: int, seed: int) -> list[PIL.Image.Image]:
+    """n distinct images: coloured shapes on a coloured background, size x size RGB."""
+    rng = random.Random(seed)
+    images = []
+    for _ in range(n):
+        image = PIL.Image.new("RGB", (size, size), RGB[rng.choice(COLOURS)])
+        draw = PIL.ImageDraw.Draw(image)
+        for _ in range(rng.randint(1, 3)):
+            x0, y0 = rng.randrange(size // 2), rng.randrange(size // 2)
+            box = (x0, y0, x0 + rng.randint(size // 8, size // 2), y0 + rng.randint(size // 8, size // 2))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=RGB[rng.choice(COLOURS)])
+        images.append(image)
+    return images
+
+
+def make_captions(n: int, seed: int) -> list[str]:
+    """n distinct, varied sentences."""
+    rng = random.Random(seed)
+    captions: dict[str, None] = {}
+    while len(captions) < n:
+        caption = (f"{rng.choice(SUBJECTS)} {rng.choice(ACTIONS)} a {rng.choice(COLOURS)} "
+                   f"{rng.choice(SHAPES)} {rng.choice(PLACES)}")
+        captions[caption] = None
+    return list(captions)
+
+
+@dataclass
+class Workload:
+    """Images, texts, the (image, text) pairs to score and the shared noise bank."""
+
+    name: str
+    mode: str
+    images: list
+    texts: list[str]
+    pairs: list[tuple[int, int]]
+    bank: NoiseBank
+
+    @property
+    def pair_draws(self) -> int:
+        """Task work units: scored pairs x noise draws (what the paper's item counts count)."""
+        return len(self.pairs) * len(self.bank)
+
+
+def build_workloads(args: argparse.Namespace, components: SDComponents) -> list[Workload]:
+    """The workloads of `--protocol` (one per mode for "pairs")."""
+    bank = NoiseBank.sample(args.samples, components.latent_shape, seed=args.seed,
+                            num_train_timesteps=components.scheduler.config.num_train_timesteps)
+    size = components.image_size
+    if args.protocol == "pairs":
+        images, texts = make_images(args.images, size, args.seed), make_captions(args.texts, args.seed)
+        pairs = [(i, j) for i in range(len(images)) for j in range(len(texts))]
+        return [Workload(f"pairs-{mode}", mode, images, texts, pairs, bank) for mode in args.mode.split(",")]
+    rng = random.Random(args.seed)
+    if args.protocol == "i2t-topk":  # each image with its own k candidate captions
+        images, texts = make_images(args.images, size, args.seed), make_captions(args.images * args.topk, args.seed)
+        pairs = [(i, i * args.topk + c) for i in range(len(images)) for c in range(args.topk)]
+        return [Workload("i2t-topk", "i2t", images, texts, pairs, bank)]
+    # t2i-topk: each caption with k candidate images drawn from a shared pool (null-normalised)
+    images, texts = make_images(args.images, size, args.seed), make_captions(args.texts, args.seed)
+    pairs = [(i, j) for j in range(len(texts)) for i in rng.sample(range(len(images)), args.topk)]
+    return [Workload("t2i-topk", "t2i", images, texts, pairs, bank)]
+
+
+@dataclass
+class Run:
+    """One timed run of one method on one workload."""
+
+    wall_s: float
+    unet_items: int
+    unet_calls: int
+    stage_s: dict[str, float]
+    peak_memory_mb: float
+    scores: torch.Tensor = field(repr=False)
+
+
+class StageClock:
+    """Times the VAE encoder, text encoder and UNet of `components` through forward hooks."""
+
+    STAGES = {"vae": "vae.encoder", "text_encoder": "text_encoder", "unet": "unet"}
+
+    def __init__(self, components: SDComponents) -> None:
+        self.components = components
+        self.device = components.device
+        self.seconds: dict[str, float] = {}
+        self.items = self.calls = 0
+
+    @contextmanager
+    def attached(self) -> Iterator["StageClock"]:
+        handles, started = [], {}
+        for stage, path in self.STAGES.items():
+            module = self.components
+            for attr in path.split("."):
+                module = getattr(module, attr)
+
+            def pre(mod, args, kwargs, stage=stage):
+                self._sync()
+                started[stage] = time.perf_counter()
+                if stage == "unet":
+                    self.items += (args[0] if args else kwargs["sample"]).shape[0]
+                    self.calls += 1
+
+            def post(mod, args, kwargs, output, stage=stage):
+                self._sync()
+                self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - started[stage]
+
+            handles += [module.register_forward_pre_hook(pre, with_kwargs=True),
+                        module.register_forward_hook(post, with_kwargs=True)]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+class PeakMemory:
+    """Peak CUDA memory allocated, or peak process RSS sampled every 5 ms on the CPU (MB)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak = device, 0.0
+
+    @contextmanager
+    def measuring(self) -> Iterator["PeakMemory"]:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            yield self
+            self.peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+            return
+        process, stop = psutil.Process(), threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                self.peak = max(self.peak, process.memory_info().rss / 2**20)
+                stop.wait(0.005)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join()
+
+
+def method_runner(name: str, scorer: DiffusionITM) -> Callable[[Workload], torch.Tensor]:
+    """A callable scoring a workload's pairs [P] with method `name`, starting from cold caches."""
+    components = scorer.components
+    if name == "naive":
+        return lambda w: naive_pair_scores(components, w.images, w.texts, w.pairs, w.bank, w.mode)
+    if name == "batched":
+        return lambda w: batched_pair_scores(components, w.images, w.texts, w.pairs, w.bank, w.mode)
+
+    def engine(w: Workload) -> torch.Tensor:
+        scorer.clear_cache()  # the engine pays its encodings in every run, like the others
+        return scorer.score_pairs(w.images, w.texts, w.pairs, w.mode, noise=w.bank)
+
+    return engine
+
+
+def timed_run(name: str, runner: Callable, workload: Workload, scorer: DiffusionITM) -> Run:
+    clock, memory = StageClock(scorer.components), PeakMemory(scorer.components.device)
+    with clock.attached(), memory.measuring():
+        start = time.perf_counter()
+        scores = runner(workload)
+        clock._sync()
+        wall = time.perf_counter() - start
+    stages = dict(clock.seconds)
+    if name == "engine":
+        stages["kernels"] = scorer.last_stats.seconds.get("reduction", 0.0)
+    stages["host_overhead"] = max(0.0, wall - sum(stages.values()))
+    return Run(wall, clock.items, clock.calls, stages, memory.peak, scores.cpu())
+
+
+def unet_flops_per_item(components: SDComponents) -> int:
+    """FLOPs of one UNet item (batch 1, 77-token context), counted by torch's FlopCounterMode."""
+    unet = components.unet
+    context = (components.tokenizer.model_max_length, unet.config.cross_attention_dim)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        unet(torch.randn(1, *components.latent_shape, device=unet.device, dtype=unet.dtype),
+             torch.tensor([500], device=unet.device),
+             encoder_hidden_states=torch.randn(1, *context, device=unet.device, dtype=unet.dtype))
+    return counter.get_total_flops()
+
+
+def measured_peak_tflops(device: torch.device, n: int = 8192, repeats: int = 10) -> float:
+    """bf16 matmul TFLOP/s of an n x n x n product: the ceiling the UNet's rate is compared to."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    a @ b
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def agreement(results: dict[str, list[Run]], scale: float) -> dict[str, float]:
+    """Max |scores - naive scores| / error scale, per method (first repeat)."""
+    base = results["naive"][0].scores if "naive" in results else next(iter(results.values()))[0].scores
+    return {m: float((runs[0].scores - base).abs().max() / scale) for m, runs in results.items()}
+
+
+def summarise(workload: Workload, results: dict[str, list[Run]], flops: int, peak_tflops: float | None) -> dict:
+    """Median figures per method, speed-ups and the Flickr30K projection."""
+    summary: dict = {"workload": workload.name, "mode": workload.mode, "images": len(workload.images),
+                     "texts": len(workload.texts), "pairs": len(workload.pairs), "samples": len(workload.bank),
+                     "pair_draws": workload.pair_draws, "methods": {}}
+    for method, runs in results.items():
+        wall = statistics.median(r.wall_s for r in runs)
+        unet_s = statistics.median(r.stage_s.get("unet", 0.0) for r in runs)
+        row = {
+            "wall_s": wall, "walls_s": [r.wall_s for r in runs],
+            "unet_items": runs[0].unet_items, "unet_calls": runs[0].unet_calls,
+            "unet_items_per_s": runs[0].unet_items / wall,
+            "pair_draws_per_s": workload.pair_draws / wall,
+            "stage_s": {k: statistics.median(r.stage_s.get(k, 0.0) for r in runs) for k in runs[0].stage_s},
+            "peak_memory_mb": max(r.peak_memory_mb for r in runs),
+            "unet_tflops": runs[0].unet_items * flops / unet_s / 1e12 if unet_s else 0.0,
+            "projected_flickr30k_s": PAPER_FLICKR_ITEMS * wall / workload.pair_draws,
+        }
+        if peak_tflops:
+            row["fraction_of_peak"] = row["unet_tflops"] / peak_tflops
+        summary["methods"][method] = row
+    engine = summary["methods"].get("engine")
+    if engine:
+        summary["engine_speedup"] = {m: r["wall_s"] / engine["wall_s"] for m, r in summary["methods"].items()}
+    return summary
+
+
+def print_summary(summary: dict, agree: dict[str, float], tolerance: float) -> None:
+    print(f"\n== {summary['workload']}: {summary['images']} images, {summary['texts']} texts, "
+          f"{summary['pairs']} pairs x {summary['samples']} samples = {summary['pair_draws']} pair-draws ==")
+    header = (f"{'method':<9}{'wall s':>9}{'UNet items':>11}{'items/s':>10}{'pair-draws/s':>13}{'VAE s':>8}"
+              f"{'text s':>8}{'UNet s':>8}{'kern s':>8}{'host s':>8}{'peak MB':>9}{'TFLOP/s':>9}"
+              f"{'speed-up':>9}{'vs naive':>10}")
+    print(header)
+    for method, row in summary["methods"].items():
+        st = row["stage_s"]
+        print(f"{method:<9}{row['wall_s']:>9.3f}{row['unet_items']:>11}{row['unet_items_per_s']:>10.1f}"
+              f"{row['pair_draws_per_s']:>13.1f}{st.get('vae', 0):>8.3f}{st.get('text_encoder', 0):>8.3f}"
+              f"{st.get('unet', 0):>8.3f}{st.get('kernels', 0):>8.3f}{st.get('host_overhead', 0):>8.3f}"
+              f"{row['peak_memory_mb']:>9.0f}{row['unet_tflops']:>9.3f}"
+              f"{summary.get('engine_speedup', {}).get(method, float('nan')):>8.1f}x{agree[method]:>10.1e}")
+    print(f"scores agree within {tolerance:.0e} of the error scale: "
+          f"{'yes' if max(agree.values()) <= tolerance else 'NO'}")
+    projection = ", ".join(f"{m} {r['projected_flickr30k_s'] / 60:.1f} min" for m, r in summary["methods"].items())
+    print(f"projected Flickr30K I2T run ({PAPER_FLICKR_ITEMS:,} pair-draws): {projection} "
+          f"(the paper: {PAPER_FLICKR_MINUTES} min on one A6000)")
+
+
+def batch_sweep(scorer: DiffusionITM, workload: Workload, sizes: list[int]) -> dict[int, float]:
+    """Engine UNet items/s (UNet + kernels time) against batch size."""
+    rates = {}
+    for size in sizes:
+        scorer.score_pairs(workload.images, workload.texts, workload.pairs, workload.mode, noise=workload.bank, batch_size=size)
+        rates[size] = scorer.last_stats.items_per_second
+    return rates
+
+
+def plot(path: str, summaries: list[dict], sweep: dict[int, float]) -> None:
+    """Throughput per method per workload, and engine throughput against batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / max(1, len(summaries))
+    for k, summary in enumerate(summaries):
+        methods = list(summary["methods"])
+        left.bar([i + k * width for i in range(len(methods))],
+                 [summary["methods"][m]["pair_draws_per_s"] for m in methods], width, label=summary["workload"])
+        left.set_xticks([i + width * (len(summaries) - 1) / 2 for i in range(len(methods))], methods)
+    left.set_ylabel("pair-draws / s (end to end)")
+    left.set_title("throughput per method")
+    left.legend()
+    if sweep:
+        right.plot(list(sweep), list(sweep.values()), marker="o")
+        right.set_xscale("log", base=2)
+    right.set_xlabel("UNet batch size")
+    right.set_ylabel("engine UNet items / s")
+    right.set_title("engine throughput vs batch size")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def environment(device: torch.device) -> dict:
+    import diffusers
+    import transformers
+
+    info = {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="itm-bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny", help="diffusers folder, cached hub id, or tiny|sd15-arch|sd21-arch")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--protocol", default="pairs", choices=["pairs", "i2t-topk", "t2i-topk"])
+    parser.add_argument("--mode", default="i2t,t2i", help="for --protocol pairs: i2t, t2i or both")
+    parser.add_argument("--images", type=int, default=6)
+    parser.add_argument("--texts", type=int, default=6)
+    parser.add_argument("--topk", type=int, default=10, help="candidates per query for the top-k protocols")
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--batch-size", default="64", help="engine UNet batch, or 'auto'")
+    parser.add_argument("--batch-sweep", default="", help="engine batch sizes for the plot, e.g. 8,16,32,64")
+    parser.add_argument("--kernels", default=None, help="fused-op backend: reference|triton|ext|auto")
+    parser.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers", "math"])
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--cuda-graphs", action="store_true")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="ceiling for the FLOP rate (CUDA default: measured bf16 matmul)")
+    parser.add_argument("--json", default=None, help="write every figure to this JSON file")
+    parser.add_argument("--plot", default=None, help="write a PNG plot here")
+    args = parser.parse_args(argv)
+    unknown = set(args.methods.split(",")) - set(METHODS)
+    if unknown:
+        parser.error(f"unknown method(s) {sorted(unknown)}; choose from {METHODS}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+    scorer = DiffusionITM(
+        load_components(args.model, device=device, dtype=dtype), batch_size=batch_size, kernels=args.kernels,
+        attention=args.attention, channels_last=args.channels_last, compile=args.compile, cuda_graphs=args.cuda_graphs,
+    )
+    components = scorer.components
+    methods = args.methods.split(",")
+    flops = unet_flops_per_item(components)
+    peak = args.peak_tflops or (measured_peak_tflops(device) if device.type == "cuda" else None)
+    print(f"itm-bench: {components.source} on {device} ({args.dtype}), latents {components.latent_shape}, "
+          f"{flops / 1e9:.2f} GFLOPs per UNet item" + (f", ceiling {peak:.0f} TFLOP/s" if peak else ""))
+
+    tolerance = TOLERANCE[dtype]
+    summaries, agreements, failed = [], [], False
+    for workload in build_workloads(args, components):
+        runners = {m: method_runner(m, scorer) for m in methods}
+        warm = Workload(workload.name, workload.mode, workload.images[:1], workload.texts[:2],
+                        [(0, 0), (0, 1)], workload.bank)
+        for runner in runners.values():  # warm-up (and compilation) stays out of the timings
+            runner(warm)
+        results: dict[str, list[Run]] = {m: [] for m in methods}
+        for _ in range(args.repeats):  # interleaved: A B C A B C ...
+            for method, runner in runners.items():
+                results[method].append(timed_run(method, runner, workload, scorer))
+        # The size of the denoising errors themselves (|I2T score|): T2I scores are small
+        # differences of such errors, so their rounding is measured against it.
+        scale = float(scorer.score_pairs(workload.images, workload.texts, workload.pairs, "i2t", noise=workload.bank).abs().max())
+        agree = agreement(results, scale)
+        summary = summarise(workload, results, flops, peak)
+        summary["agreement"] = agree
+        print_summary(summary, agree, tolerance)
+        failed |= max(agree.values()) > tolerance
+        summaries.append(summary)
+        agreements.append(agree)
+
+    sweep = batch_sweep(scorer, workload, [int(b) for b in args.batch_sweep.split(",") if b]) if args.batch_sweep else {}
+    if sweep:
+        print("engine UNet items/s by batch size: " + ", ".join(f"{b}: {r:.1f}" for b, r in sweep.items()))
+    report = {
+        "command": "itm-bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "environment": environment(device), "model": components.source, "dtype": args.dtype,
+        "options": {k: v for k, v in vars(args).items() if k not in ("json", "plot")},
+        "unet_gflops_per_item": flops / 1e9, "peak_tflops": peak, "tolerance": tolerance,
+        "workloads": summaries, "batch_sweep_items_per_s": sweep, "agree": not failed,
+        "total_s": time.perf_counter() - started,
+    }
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(report, handle, indent=2)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(args.plot, summaries, sweep)
+        print(f"wrote {args.plot}")
+    print(f"total {report['total_s']:.1f} s")
+    if failed:
+        print("FAIL: the methods' scores disagree", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

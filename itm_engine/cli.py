@@ -1,0 +1,30 @@
+"""Console entry points: `itm-bench` (and, as they land, `itm-eval` and `itm-train`).
+
+Also runnable as `python -m itm_engine.cli bench ...`, which is how `accelerate launch -m
+itm_engine.cli ...` starts the distributed commands.
+"""
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {"bench": "itm_engine.bench"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: python -m itm_engine.cli {{{','.join(COMMANDS)}}} [options]", file=sys.stderr)
+        return 2
+    import importlib
+
+    return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+
+
+def bench() -> int:
+    from itm_engine import bench as module
+
+    return module.main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""itm-bench end to end on a very small workload (tiny model, CPU)."""
+import json
+
+import pytest
+import torch
+
+from itm_engine import bench, cli
+
+SMALL = ["--images", "2", "--texts", "2", "--samples", "2", "--repeats", "2", "--topk", "2"]
+
+
+@pytest.mark.parametrize("protocol", ["pairs", "i2t-topk", "t2i-topk"])
+def test_bench_reports_every_method_and_agrees(tmp_path, capsys, protocol):
+    out = tmp_path / "bench.json"
+    args = SMALL + ["--protocol", protocol, "--json", str(out)]
+    if protocol == "pairs":
+        args += ["--plot", str(tmp_path / "bench.png"), "--batch-sweep", "1,4"]
+    assert cli.main(["bench", *args]) == 0
+    report = json.loads(out.read_text())
+    assert report["agree"] and report["model"] == "builtin:tiny" and report["unet_gflops_per_item"] > 0
+    assert {"torch", "diffusers", "device", "python"} <= set(report["environment"])
+    assert report["command"].startswith("itm-bench") and report["date"]
+    workloads = report["workloads"]
+    assert [w["mode"] for w in workloads] == (["i2t", "t2i"] if protocol == "pairs" else [protocol[:3]])
+    for w in workloads:
+        methods = w["methods"]
+        assert set(methods) == {"naive", "batched", "engine"}
+        assert all(len(m["walls_s"]) == 2 for m in methods.values())
+        per_pair = 2 if w["mode"] == "t2i" else 1
+        assert methods["naive"]["unet_items"] == per_pair * w["pair_draws"]
+        assert methods["batched"]["unet_calls"] == per_pair * w["pairs"]
+        assert methods["engine"]["unet_items"] <= methods["naive"]["unet_items"]
+        assert methods["engine"]["projected_flickr30k_s"] > 0
+    if protocol == "pairs":
+        assert (tmp_path / "bench.png").stat().st_size > 1000
+        assert set(report["batch_sweep_items_per_s"]) == {"1", "4"}
+    assert "projected Flickr30K" in capsys.readouterr().out
+
+
+def test_bench_fails_when_scores_disagree(monkeypatch, capsys):
+    real = bench.batched_pair_scores
+    monkeypatch.setattr(bench, "batched_pair_scores", lambda *a, **k: real(*a, **k) + 0.01)
+    assert bench.main(SMALL + ["--repeats", "1", "--mode", "i2t"]) == 1
+    assert "disagree" in capsys.readouterr().err
+
+
+def test_bench_rejects_unknown_methods():
+    with pytest.raises(SystemExit):
+        bench.main(["--methods", "naive,magic"])
+
+
+def test_workload_captions_are_distinct_and_images_differ():
+    captions = bench.make_captions(50, seed=1)
+    assert len(set(captions)) == 50
+    images = bench.make_images(4, 32, seed=1)
+    assert len({img.tobytes() for img in images}) == 4
+    assert bench.make_captions(5, seed=2) == bench.make_captions(5, seed=2)
