@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-kernels clean
 
 install: $(STAMP)
 
@@ -27,3 +27,11 @@ test: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info itm_engine/_C*.so
+
+# Benchmarks (not part of `make test`): the fused ops per backend, and itm-bench's default run.
+bench-kernels: install
+	$(PY) -m pytest benchmarks/test_kernels.py --benchmark-enable --benchmark-json=benchmarks/results/kernels-$$( $(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')").json
+	$(PY) benchmarks/summarize.py benchmarks/results/kernels-$$( $(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')").json
+
+bench: install
+	$(PY) -m itm_engine.bench --json benchmarks/results/itm-bench-cpu-tiny.json --plot benchmarks/results/itm-bench-cpu-tiny.png --batch-sweep 1,4,16,64

@@ -45,7 +45,7 @@ def compile_unet(unet: torch.nn.Module, cuda_graphs: bool = False) -> torch.nn.M
     `cuda_graphs=True` uses mode "reduce-overhead": inductor captures the compiled UNet in CUDA
     graphs and replays them, removing per-kernel launch overhead.
     """
-    return torch.compile(unet, mode="reduce-overhead" if cuda_graphs else "default", dynamic=False, fullgraph=True)
+    return torch.compile(unet, mode="reduce-overhead" if cuda_graphs else "default", dynamic=False)
 
 
 def auto_batch_size(
