@@ -1,0 +1,175 @@
+"""The task protocol shared by every GDBench loader: examples, image references, bad-data policy.
+
+A task turns a dataset in its usual on-disk layout into `Example`s. Each example lists images and
+texts; the evaluator scores every image against every text of the example, in each score mode
+the task asks for (`Task.modes`), and hands the task one `[n_images, n_texts]` matrix per example
+and mode. The task then computes its metrics from those matrices (`Task.metrics`).
+
+    i2t task (one image, k captions):  images = (img,),            texts = (c_1, ..., c_k)
+    t2i task (one caption, k images):  images = (i_1, ..., i_k),   texts = (caption,)
+    Winoground (2 x 2, both modes):    images = (img_0, img_1),    texts = (caption_0, caption_1)
+"""
+from __future__ import annotations
+
+import abc
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence, Union
+
+import PIL.Image
+import torch
+
+
+class DataError(ValueError):
+    """Bad or missing data; the message names the file and the row."""
+
+
+@dataclass(frozen=True)
+class Crop:
+    """A region of an image file: `box` = (left, top, right, bottom) in pixels."""
+
+    path: str
+    box: tuple[int, int, int, int]
+
+    def load(self) -> PIL.Image.Image:
+        with PIL.Image.open(self.path) as image:
+            return image.convert("RGB").crop(self.box)
+
+
+ImageRef = Union[str, Crop]  # an image file path (absolute, inside the data root), or a crop of one
+
+
+def load_image_ref(ref: ImageRef) -> str | PIL.Image.Image:
+    """What the scorers accept: the path itself, or the cropped PIL image."""
+    return ref.load() if isinstance(ref, Crop) else ref
+
+
+@dataclass(frozen=True)
+class Example:
+    """One unit of evaluation.
+
+    Attributes:
+        id: unique and stable within the task (results are stored and resumed by it).
+        images: image references, n_images >= 1.
+        texts: captions, n_texts >= 1.
+        label: what the task's metric needs (e.g. the index of the correct candidate).
+        meta: extra fields for grouped metrics (e.g. {"tag": ...}); JSON-serialisable.
+    """
+
+    id: str
+    images: tuple[ImageRef, ...]
+    texts: tuple[str, ...]
+    label: Any = None
+    meta: dict = field(default_factory=dict)
+
+
+class Task(abc.ABC):
+    """A GDBench task over a local dataset folder.
+
+    Subclasses set `name`, `modes` and `description`, implement `load_examples` and `metrics`,
+    and document their on-disk layout in the class docstring. Use `self.path(relative, where)` to
+    resolve every file the dataset names (it refuses paths outside the data root and handles
+    missing files) and raise `DataError` naming the file and row for malformed rows.
+    """
+
+    name: str = ""
+    modes: tuple[str, ...] = ("i2t",)  # the score matrices `metrics` needs: "i2t" and/or "t2i"
+    description: str = ""
+
+    def __init__(self, root: str | os.PathLike, skip_missing: bool = False, **options: Any) -> None:
+        self.root = Path(root).expanduser().resolve()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.name}: data root {str(self.root)!r} is not a folder")
+        self.skip_missing = skip_missing
+        self.options = options
+        self.skipped: list[str] = []  # "file (row)" of every example skipped for missing data
+        self._examples: list[Example] | None = None
+
+    @property
+    def examples(self) -> list[Example]:
+        """All examples, loaded once; ids are checked to be unique."""
+        if self._examples is None:
+            examples = list(self.load_examples())
+            seen: set[str] = set()
+            for example in examples:
+                if example.id in seen:
+                    raise DataError(f"{self.name}: duplicate example id {example.id!r}")
+                seen.add(example.id)
+            self._examples = examples
+        return self._examples
+
+    @abc.abstractmethod
+    def load_examples(self) -> Iterable[Example]:
+        """Read the dataset and yield its examples (skipping, with `self.skip(...)`, those whose
+        files are missing when `skip_missing` is set)."""
+
+    @abc.abstractmethod
+    def metrics(self, examples: Sequence[Example], scores: dict[str, Sequence[torch.Tensor]]) -> dict[str, float]:
+        """Metrics from `scores[mode][k]`, the [n_images, n_texts] matrix of `examples[k]`
+        (higher = better match). Keys are metric names ("accuracy", "R@1", "text/overall", ...)."""
+
+    # -- helpers for loaders ----------------------------------------------------------------
+
+    def path(self, relative: str | os.PathLike, where: str) -> str:
+        """Absolute path of a file the dataset names, checked.
+
+        Raises DataError when it resolves outside the data root, MissingData (caught by
+        `examples_from`) when the file does not exist; `where` names the row for the message.
+        """
+        full = (self.root / relative).resolve()
+        if not full.is_relative_to(self.root):
+            raise DataError(f"{self.name}: {where}: image path {str(relative)!r} resolves outside the data root {self.root}")
+        if not full.is_file():
+            raise MissingData(f"{self.name}: {where}: missing image file {str(full)!r}")
+        return str(full)
+
+    def examples_from(self, rows: Iterable[tuple[str, Any]], build) -> Iterable[Example]:
+        """Yield `build(row)` for each (where, row); a row whose files are missing stops the run
+        with a DataError, or with `skip_missing` is skipped and recorded in `self.skipped`."""
+        for where, row in rows:
+            try:
+                yield build(row)
+            except MissingData as err:
+                if not self.skip_missing:
+                    raise DataError(f"{err} (use --skip-missing to skip such rows)") from None
+                self.skipped.append(str(err))
+
+    def read_json(self, relative: str) -> Any:
+        """Parse a JSON file of the dataset; errors name the file."""
+        file = self.root / relative
+        if not file.is_file():
+            raise FileNotFoundError(f"{self.name}: expected {str(file)!r} (see the README for the layout)")
+        try:
+            return json.loads(file.read_text())
+        except json.JSONDecodeError as err:
+            raise DataError(f"{self.name}: {file}: not valid JSON ({err})") from None
+
+    def read_jsonl(self, relative: str) -> list[tuple[str, dict]]:
+        """(where, row) for each line of a JSON-lines file; `where` is "file:line"."""
+        file = self.root / relative
+        if not file.is_file():
+            raise FileNotFoundError(f"{self.name}: expected {str(file)!r} (see the README for the layout)")
+        rows = []
+        for number, line in enumerate(file.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"{file.name}:{number}", json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{self.name}: {file.name} line {number}: malformed row ({err})") from None
+        return rows
+
+
+class MissingData(Exception):
+    """A file a row names does not exist (turned into DataError or a skip by `examples_from`)."""
+
+
+def require(row: Any, keys: Sequence[str], where: str, task: str) -> None:
+    """Raise DataError unless `row` is a dict with all `keys`."""
+    if not isinstance(row, dict):
+        raise DataError(f"{task}: {where}: malformed row: expected an object, got {type(row).__name__}")
+    missing = [k for k in keys if k not in row]
+    if missing:
+        raise DataError(f"{task}: {where}: malformed row: missing field(s) {', '.join(missing)}")

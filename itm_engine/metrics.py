@@ -1,0 +1,121 @@
+"""GDBench metrics, each defined on score tensors (higher = better match) and labels.
+
+Tie policy, everywhere: a tie never counts as a correct retrieval. A candidate whose score equals
+the correct one's counts as ranked ahead of it, so an all-equal score vector is wrong, not right.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Sequence
+
+import torch
+
+
+def is_correct(scores: torch.Tensor, label: int) -> bool:
+    """True when candidate `label` scores strictly higher than every other candidate.
+
+    scores: [C].
+    """
+    others = torch.cat([scores[:label], scores[label + 1 :]])
+    return bool(others.numel() == 0 or (scores[label] > others).all())
+
+
+def accuracy(scores: Sequence[torch.Tensor] | torch.Tensor, labels: Sequence[int]) -> float:
+    """Fraction of examples whose label scores strictly highest: mean_n [s_n[y_n] > max_{c != y_n} s_n[c]].
+
+    scores: [N, C] or N vectors [C_n] (ragged).
+    """
+    if len(scores) != len(labels):
+        raise ValueError(f"{len(scores)} score vectors but {len(labels)} labels")
+    if len(labels) == 0:
+        raise ValueError("accuracy of no examples")
+    return sum(is_correct(s, y) for s, y in zip(scores, labels)) / len(labels)
+
+
+def grouped_accuracy(correct: Sequence[bool], groups: Sequence[str]) -> dict[str, float]:
+    """Accuracy per group: {group: mean of `correct` over its examples}, keys sorted."""
+    if len(correct) != len(groups):
+        raise ValueError(f"{len(correct)} results but {len(groups)} group labels")
+    members: dict[str, list[bool]] = defaultdict(list)
+    for ok, group in zip(correct, groups):
+        members[group].append(bool(ok))
+    return {g: sum(v) / len(v) for g, v in sorted(members.items())}
+
+
+def macro_accuracy(correct: Sequence[bool], groups: Sequence[str]) -> float:
+    """Mean over groups of the per-group accuracy (each group weighs the same)."""
+    per_group = grouped_accuracy(correct, groups)
+    return sum(per_group.values()) / len(per_group)
+
+
+def ranks(scores: torch.Tensor, positives: Sequence[Sequence[int]]) -> torch.Tensor:
+    """1-based rank of each query's best positive candidate, LongTensor [Q].
+
+    rank(p) = 1 + #{c != p : s_c >= s_p} (ties count ahead), minimised over the positives p; a
+    query with no positive among its candidates gets rank C + 1 (never retrieved).
+
+    scores: [Q, C]; positives: for each query, the indices of its correct candidates.
+    """
+    if scores.dim() != 2 or scores.shape[0] != len(positives):
+        raise ValueError(f"scores must be [Q, C] with Q = {len(positives)}, got {tuple(scores.shape)}")
+    out = torch.full((scores.shape[0],), scores.shape[1] + 1, dtype=torch.long)
+    for q, pos in enumerate(positives):
+        for p in pos:
+            rank = int((scores[q] >= scores[q, p]).sum())  # counts p itself: 1 + #{c != p: s_c >= s_p}
+            out[q] = min(int(out[q]), rank)
+    return out
+
+
+def recall_at_k(scores: torch.Tensor, positives: Sequence[Sequence[int]], ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """R@k = fraction of queries whose best positive has rank <= k (see `ranks`)."""
+    r = ranks(scores, positives)
+    return {f"R@{k}": float((r <= k).float().mean()) for k in ks}
+
+
+def winoground(i2t: torch.Tensor, t2i: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Winoground's text, image and group scores per example, BoolTensors [N].
+
+    With s[i, j] = score(image i, caption j) for each example's 2 x 2 matrix:
+        text  = s[0,0] > s[0,1] and s[1,1] > s[1,0]   (on the I2T matrices: pick the caption)
+        image = s[0,0] > s[1,0] and s[1,1] > s[0,1]   (on the T2I matrices: pick the image)
+        group = text and image
+    i2t, t2i: [N, 2, 2].
+    """
+    for name, s in (("i2t", i2t), ("t2i", t2i)):
+        if s.dim() != 3 or s.shape[1:] != (2, 2):
+            raise ValueError(f"{name} scores must be [N, 2, 2], got {tuple(s.shape)}")
+    text = (i2t[:, 0, 0] > i2t[:, 0, 1]) & (i2t[:, 1, 1] > i2t[:, 1, 0])
+    image = (t2i[:, 0, 0] > t2i[:, 1, 0]) & (t2i[:, 1, 1] > t2i[:, 0, 1])
+    return {"text": text, "image": image, "group": text & image}
+
+
+def bias_phi(scores: torch.Tensor, n_a: int) -> torch.Tensor:
+    """Per image: phi = mean score over attribute set A (the first n_a columns) minus mean over B.
+
+    scores: [N, A + B] -> [N].
+    """
+    if not 0 < n_a < scores.shape[1]:
+        raise ValueError(f"n_a must split the {scores.shape[1]} columns into two non-empty sets, got {n_a}")
+    return scores[:, :n_a].float().mean(dim=1) - scores[:, n_a:].float().mean(dim=1)
+
+
+def effect_size(phi_x: torch.Tensor, phi_y: torch.Tensor) -> float:
+    """(mean phi_X - mean phi_Y) / std(phi_X ∪ phi_Y), with the sample std (ddof = 1)."""
+    if len(phi_x) == 0 or len(phi_y) == 0 or len(phi_x) + len(phi_y) < 3:
+        raise ValueError("effect_size needs both groups non-empty and at least 3 values in all")
+    union = torch.cat([phi_x, phi_y]).double()
+    return float((phi_x.double().mean() - phi_y.double().mean()) / union.std(unbiased=True))
+
+
+def permutation_p_value(phi_x: torch.Tensor, phi_y: torch.Tensor, permutations: int = 10000, seed: int = 0) -> float:
+    """One-sided p-value of `effect_size(phi_x, phi_y)` under random relabelling of the union:
+    (1 + #{permutations with effect size >= observed}) / (1 + permutations)."""
+    observed = effect_size(phi_x, phi_y)
+    union = torch.cat([phi_x, phi_y]).double()
+    n_x = len(phi_x)
+    gen = torch.Generator().manual_seed(seed)
+    std = union.std(unbiased=True)  # invariant under relabelling
+    order = torch.argsort(torch.rand(permutations, len(union), generator=gen), dim=1)
+    shuffled = union[order]
+    effects = (shuffled[:, :n_x].mean(dim=1) - shuffled[:, n_x:].mean(dim=1)) / std
+    return float((1 + (effects >= observed - 1e-12).sum()) / (1 + permutations))
