@@ -1,6 +1,9 @@
-"""The csrc/ C++ extension's CPU ops (torch.ops.itm_engine.*) against the PyTorch reference.
+"""The csrc/ C++ extension's ops (torch.ops.itm_engine.*) against the PyTorch reference, on the CPU
+and, where `torch.cuda.is_available()` and the extension was built with CUDA kernels, on CUDA (the
+`device` fixture: the "cuda" cases are collected and skipped otherwise). Expected values are computed
+on the same device (by reference.py; for top-k, by torch.topk of the full float32 product).
 
-Tolerances, per op and input dtype:
+Tolerances, per op and input dtype (the same on both devices):
 - noisy_latents: both sides compute in float32 with the same roundings (no fused multiply-add)
   and round once to the output dtype, so results agree to within one unit in the last place of
   the output dtype (fp32 and fp64: rtol 2e-7, fp16: rtol 1e-3, bf16: rtol 8e-3); in practice
@@ -9,6 +12,15 @@ Tolerances, per op and input dtype:
   to float32); only the summation order differs (float32 pairwise vs float32 lanes + float64
   blocks), hence rtol 1e-5 for every input dtype.
 - topk_similarity: values rtol 1e-5 (float32 dot products, same BLAS); indices exactly equal.
+
+On CUDA: noisy_latents rounds with __fmul_rn/__fadd_rn and IEEE square roots, as PyTorch's
+separate CUDA multiply and add kernels do, so the float32 results are bit-exact up to the rounding
+of sqrt (same rtol as above). item_error: a per-thread float32 sum and a fixed tree vs PyTorch's
+CUDA mean, rtol 1e-5. topk_similarity: half/bf16 chunks are converted to float32 before the cuBLAS
+product, as `_full_topk` does; TF32 is disabled in the cuda cases
+(`torch.backends.cuda.matmul.allow_tf32 = False`, set by the fixture) so both sides are true float32
+products; values rtol 1e-5 (atol 1e-5), indices exactly equal. Index range errors are checked on the
+CPU only: the CUDA kernels check them with device-side asserts, which leave the CUDA context unusable.
 """
 from __future__ import annotations
 
@@ -32,18 +44,36 @@ RTOL = {torch.float32: 2e-7, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.fl
 ITEM_SHAPES = ((4, 7, 9), (4, 64, 64))  # C*H*W = 252 (no vector width divides it) and 16384
 T = 1000
 
+if not torch.cuda.is_available():
+    _NO_CUDA = "no CUDA device (torch.cuda.is_available() is False)"
+elif not torch.ops.itm_engine.has_cuda():
+    _NO_CUDA = "itm_engine._C was built without CUDA kernels (ITM_BUILD_CUDA=0 or no nvcc)"
+else:
+    _NO_CUDA = ""
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(bool(_NO_CUDA), reason=_NO_CUDA))])
+def device(request, monkeypatch) -> str:
+    """Each test taking `device` runs on the CPU and on CUDA; on CUDA with TF32 matmuls disabled."""
+    if request.param == "cuda":
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    return request.param
+
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _alphas_cumprod() -> torch.Tensor:
+def _alphas_cumprod(device: str = "cpu") -> torch.Tensor:
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, T, dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, 0).float()
+    return torch.cumprod(1 - betas, 0).float().to(device)
 
 
-def _items(n_items: int, shape: tuple[int, ...], n_latents: int, n_noise: int, dtype: torch.dtype, seed: int):
-    """latents, noise, img_idx, sample_idx, timesteps: random, with repeated indices and t in {0, T-1}."""
+def _items(
+    n_items: int, shape: tuple[int, ...], n_latents: int, n_noise: int, dtype: torch.dtype, seed: int, device="cpu"
+):
+    """latents, noise, img_idx, sample_idx, timesteps on `device`: random (drawn on the CPU), with
+    repeated indices and t in {0, T-1}."""
     g = _gen(seed)
     latents = (torch.randn(n_latents, *shape, generator=g) + 0.5).to(dtype)
     noise = (torch.randn(n_noise, *shape, generator=g) - 0.5).to(dtype)
@@ -54,7 +84,7 @@ def _items(n_items: int, shape: tuple[int, ...], n_latents: int, n_noise: int, d
         img_idx[1] = img_idx[0]  # repeated latent and noise draw, with different timesteps
         sample_idx[1] = sample_idx[0]
         timesteps[:2] = torch.tensor([0, T - 1])
-    return latents, noise, img_idx, sample_idx, timesteps
+    return tuple(t.to(device) for t in (latents, noise, img_idx, sample_idx, timesteps))
 
 
 # ---- noisy_latents --------------------------------------------------------------------------
@@ -63,12 +93,12 @@ def _items(n_items: int, shape: tuple[int, ...], n_latents: int, n_noise: int, d
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", ITEM_SHAPES)
 @pytest.mark.parametrize("n_items", [1, 7])
-def test_noisy_latents_matches_reference(n_items, shape, dtype):
-    latents, noise, img_idx, sample_idx, timesteps = _items(n_items, shape, 3, 4, dtype, seed=n_items)
-    abar = _alphas_cumprod()
+def test_noisy_latents_matches_reference(n_items, shape, dtype, device):
+    latents, noise, img_idx, sample_idx, timesteps = _items(n_items, shape, 3, 4, dtype, seed=n_items, device=device)
+    abar = _alphas_cumprod(device)
     expected = reference.noisy_latents(latents, noise, img_idx, sample_idx, timesteps, abar)
 
-    out = torch.full((n_items, *shape), float("nan"), dtype=dtype)
+    out = torch.full((n_items, *shape), float("nan"), dtype=dtype, device=device)
     returned = extension.noisy_latents(latents, noise, img_idx, sample_idx, timesteps, abar, out=out)
     assert returned is out
     assert not out.isnan().any(), "output buffer not fully written"
@@ -80,29 +110,30 @@ def test_noisy_latents_matches_reference(n_items, shape, dtype):
 
 
 @pytest.mark.parametrize("out_dtype", DTYPES)
-def test_noisy_latents_mixed_dtypes_and_strided_tensors(out_dtype):
+def test_noisy_latents_mixed_dtypes_and_strided_tensors(out_dtype, device):
     """fp16 latents, bf16 noise, any `out` dtype; non-contiguous inputs and a non-contiguous `out`."""
     g = _gen(1)
-    latents = torch.randn(3, 9, 7, 4, generator=g).half().permute(0, 3, 2, 1)  # [3, 4, 7, 9], strided
-    noise = torch.randn(5, 4, 7, 9, generator=g).bfloat16()
-    img_idx, sample_idx = torch.tensor([2, 0, 2, 1, 2]), torch.tensor([4, 4, 0, 3, 1])
-    timesteps, abar = torch.tensor([999, 0, 17, 500, 500]), _alphas_cumprod()
-    expected = torch.empty(5, 4, 7, 9, dtype=out_dtype)
+    latents = torch.randn(3, 9, 7, 4, generator=g).half().to(device).permute(0, 3, 2, 1)  # [3, 4, 7, 9], strided
+    noise = torch.randn(5, 4, 7, 9, generator=g).bfloat16().to(device)
+    img_idx, sample_idx = torch.tensor([2, 0, 2, 1, 2], device=device), torch.tensor([4, 4, 0, 3, 1], device=device)
+    timesteps, abar = torch.tensor([999, 0, 17, 500, 500], device=device), _alphas_cumprod(device)
+    expected = torch.empty(5, 4, 7, 9, dtype=out_dtype, device=device)
     reference.noisy_latents(latents, noise, img_idx, sample_idx, timesteps, abar, out=expected)
 
-    out = torch.full((5, 4, 9, 7), float("nan"), dtype=out_dtype).transpose(2, 3)  # [5, 4, 7, 9], strided
+    out = torch.full((5, 4, 9, 7), float("nan"), dtype=out_dtype, device=device).transpose(2, 3)  # strided
     returned = extension.noisy_latents(latents, noise, img_idx, sample_idx, timesteps, abar, out=out)
     assert returned is out and not out.isnan().any()
     torch.testing.assert_close(out, expected, rtol=RTOL[out_dtype], atol=0)
 
 
-def test_noisy_latents_rejects_bad_arguments():
-    latents, noise, img_idx, sample_idx, timesteps = _items(3, (4, 7, 9), 2, 2, torch.float32, seed=3)
-    abar = _alphas_cumprod()
-    with pytest.raises(RuntimeError, match="img_idx.*out of range"):
-        extension.noisy_latents(latents, noise, img_idx + 2, sample_idx, timesteps, abar)
-    with pytest.raises(RuntimeError, match="timesteps.*out of range"):
-        extension.noisy_latents(latents, noise, img_idx, sample_idx, timesteps + T, abar)
+def test_noisy_latents_rejects_bad_arguments(device):
+    latents, noise, img_idx, sample_idx, timesteps = _items(3, (4, 7, 9), 2, 2, torch.float32, seed=3, device=device)
+    abar = _alphas_cumprod(device)
+    if device == "cpu":  # CUDA: device-side asserts (see the module docstring)
+        with pytest.raises(RuntimeError, match="img_idx.*out of range"):
+            extension.noisy_latents(latents, noise, img_idx + 2, sample_idx, timesteps, abar)
+        with pytest.raises(RuntimeError, match="timesteps.*out of range"):
+            extension.noisy_latents(latents, noise, img_idx, sample_idx, timesteps + T, abar)
     with pytest.raises(RuntimeError, match="item shape"):
         extension.noisy_latents(latents, noise[:, :3], img_idx, sample_idx, timesteps, abar)
     with pytest.raises(RuntimeError, match="float32, float16, bfloat16 or float64"):
@@ -116,10 +147,10 @@ def test_noisy_latents_rejects_bad_arguments():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", ITEM_SHAPES)
 @pytest.mark.parametrize("n_items", [1, 7])
-def test_item_error_matches_reference(n_items, shape, dtype, target):
-    latents, noise, img_idx, sample_idx, timesteps = _items(n_items, shape, 3, 4, dtype, seed=10 + n_items)
-    pred = torch.randn(n_items, *shape, generator=_gen(99)).to(dtype)
-    args = (pred, noise, sample_idx, latents, img_idx, target, timesteps, _alphas_cumprod())
+def test_item_error_matches_reference(n_items, shape, dtype, target, device):
+    latents, noise, img_idx, sample_idx, timesteps = _items(n_items, shape, 3, 4, dtype, 10 + n_items, device)
+    pred = torch.randn(n_items, *shape, generator=_gen(99)).to(device, dtype)
+    args = (pred, noise, sample_idx, latents, img_idx, target, timesteps, _alphas_cumprod(device))
 
     err = extension.item_error(*args)
     assert err.dtype == torch.float32 and err.shape == (n_items,)
@@ -127,9 +158,9 @@ def test_item_error_matches_reference(n_items, shape, dtype, target):
     torch.testing.assert_close(err, reference.item_error(*args), rtol=1e-5, atol=0)
 
 
-def test_item_error_strided_pred_and_argument_errors():
-    latents, noise, img_idx, sample_idx, timesteps = _items(5, (4, 7, 9), 3, 4, torch.float32, seed=5)
-    pred = torch.randn(5, 9, 7, 4, generator=_gen(6)).permute(0, 3, 2, 1)
+def test_item_error_strided_pred_and_argument_errors(device):
+    latents, noise, img_idx, sample_idx, timesteps = _items(5, (4, 7, 9), 3, 4, torch.float32, seed=5, device=device)
+    pred = torch.randn(5, 9, 7, 4, generator=_gen(6)).to(device).permute(0, 3, 2, 1)
     torch.testing.assert_close(
         extension.item_error(pred, noise, sample_idx), reference.item_error(pred, noise, sample_idx), rtol=1e-5, atol=0
     )
@@ -137,8 +168,9 @@ def test_item_error_strided_pred_and_argument_errors():
         extension.item_error(pred, noise, sample_idx, target="v")
     with pytest.raises(ValueError, match="target must be"):
         extension.item_error(pred, noise, sample_idx, target="x0")
-    with pytest.raises(RuntimeError, match="sample_idx.*out of range"):
-        extension.item_error(pred, noise, sample_idx + 4)
+    if device == "cpu":  # CUDA: device-side asserts (see the module docstring)
+        with pytest.raises(RuntimeError, match="sample_idx.*out of range"):
+            extension.item_error(pred, noise, sample_idx + 4)
 
 
 # ---- topk_similarity ------------------------------------------------------------------------
@@ -164,10 +196,10 @@ def _full_topk(queries: torch.Tensor, gallery: torch.Tensor, k: int) -> tuple[to
     ],
 )
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_topk_matches_full_topk(n_queries, n_gallery, dim, k, chunk_size, dtype):
+def test_topk_matches_full_topk(n_queries, n_gallery, dim, k, chunk_size, dtype, device):
     g = _gen(n_gallery + k)
-    queries = torch.randn(n_queries, dim, generator=g).to(dtype)
-    gallery = torch.randn(n_gallery, dim, generator=g).to(dtype)
+    queries = torch.randn(n_queries, dim, generator=g).to(device, dtype)
+    gallery = torch.randn(n_gallery, dim, generator=g).to(device, dtype)
     values, indices = extension.topk_similarity(queries, gallery, k, chunk_size=chunk_size)
     expected_values, expected_indices = _full_topk(queries, gallery, k)
     assert values.dtype == torch.float32 and indices.dtype == torch.int64 and values.shape == (n_queries, k)
@@ -176,13 +208,13 @@ def test_topk_matches_full_topk(n_queries, n_gallery, dim, k, chunk_size, dtype)
 
 
 @pytest.mark.parametrize("chunk_size", [4, 7, 1000])
-def test_topk_ties_lower_index_wins(chunk_size):
+def test_topk_ties_lower_index_wins(chunk_size, device):
     """Duplicate gallery rows give exactly equal products (dyadic values: exact sums); the lower
     index must come first, across chunk boundaries too."""
     g = _gen(chunk_size)
     base = torch.randint(1, 5, (6, 12), generator=g) * (torch.randint(0, 2, (6, 12), generator=g) * 2 - 1) / 4
-    gallery = base[torch.tensor([3, 0, 3, 5, 1, 0, 3, 2, 4, 5, 1, 3, 0, 2])]  # every row repeated
-    queries = torch.randint(1, 5, (3, 12), generator=g) / 8
+    gallery = base[torch.tensor([3, 0, 3, 5, 1, 0, 3, 2, 4, 5, 1, 3, 0, 2])].to(device)  # every row repeated
+    queries = (torch.randint(1, 5, (3, 12), generator=g) / 8).to(device)
     k = gallery.shape[0]
     values, indices = extension.topk_similarity(queries, gallery, k, chunk_size=chunk_size)
     expected_values, expected_indices = _full_topk(queries, gallery, k)
@@ -193,8 +225,8 @@ def test_topk_ties_lower_index_wins(chunk_size):
     assert same.any() and (indices[:, 1:] > indices[:, :-1])[same].all()
 
 
-def test_topk_rejects_bad_k():
-    queries, gallery = torch.randn(2, 8), torch.randn(5, 8)
+def test_topk_rejects_bad_k(device):
+    queries, gallery = torch.randn(2, 8, device=device), torch.randn(5, 8, device=device)
     with pytest.raises(ValueError, match="k must be between 1 and the gallery size 5"):
         extension.topk_similarity(queries, gallery, 6)
     with pytest.raises(RuntimeError, match="k must be between 1 and the gallery size 5"):  # the op checks too
