@@ -49,27 +49,27 @@ def macro_accuracy(correct: Sequence[bool], groups: Sequence[str]) -> float:
 
 
 def ranks(scores: torch.Tensor, positives: Sequence[Sequence[int]]) -> torch.Tensor:
-    """1-based rank of each query's best positive candidate, LongTensor [Q].
+    """1-based rank of each query's best positive candidate, float64 [Q] (integral values).
 
     rank(p) = 1 + #{c != p : s_c >= s_p} (ties count ahead), minimised over the positives p; a
-    query with no positive among its candidates gets rank C + 1 (never retrieved).
+    query with no positive among its candidates gets rank inf (never retrieved at any k).
 
     scores: [Q, C]; positives: for each query, the indices of its correct candidates.
     """
     if scores.dim() != 2 or scores.shape[0] != len(positives):
         raise ValueError(f"scores must be [Q, C] with Q = {len(positives)}, got {tuple(scores.shape)}")
-    out = torch.full((scores.shape[0],), scores.shape[1] + 1, dtype=torch.long)
+    out = torch.full((scores.shape[0],), float("inf"), dtype=torch.float64)
     for q, pos in enumerate(positives):
         for p in pos:
             rank = int((scores[q] >= scores[q, p]).sum())  # counts p itself: 1 + #{c != p: s_c >= s_p}
-            out[q] = min(int(out[q]), rank)
+            out[q] = min(float(out[q]), rank)
     return out
 
 
 def recall_at_k(scores: torch.Tensor, positives: Sequence[Sequence[int]], ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
     """R@k = fraction of queries whose best positive has rank <= k (see `ranks`)."""
     r = ranks(scores, positives)
-    return {f"R@{k}": float((r <= k).float().mean()) for k in ks}
+    return {f"R@{k}": float((r <= k).double().mean()) for k in ks}
 
 
 def winoground(i2t: torch.Tensor, t2i: torch.Tensor) -> dict[str, torch.Tensor]:

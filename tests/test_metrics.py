@@ -39,7 +39,8 @@ def test_ranks_and_recall_with_ties_and_multiple_positives():
     positives = [[0], [2], [3, 2], [1]]
     assert metrics.ranks(scores, positives).tolist() == [1, 3, 2, 4]
     assert metrics.recall_at_k(scores, positives, ks=(1, 2, 3)) == {"R@1": 0.25, "R@2": 0.5, "R@3": 0.75}
-    assert metrics.ranks(scores[:1], [[]]).tolist() == [5]  # positive not among candidates
+    assert metrics.ranks(scores[:1], [[]]).tolist() == [float("inf")]  # positive not among candidates
+    assert metrics.recall_at_k(scores[:1, :2], [[]], ks=(1, 10)) == {"R@1": 0.0, "R@10": 0.0}  # even for k > C
 
 
 def test_winoground_text_image_group():

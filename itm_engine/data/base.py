@@ -118,7 +118,7 @@ class Task(abc.ABC):
         Raises DataError when it resolves outside the data root, MissingData (caught by
         `examples_from`) when the file does not exist; `where` names the row for the message.
         """
-        full = (self.root / relative).resolve()
+        full = Path(os.path.normpath(self.root / relative))  # lexical: symlinked image folders are fine
         if not full.is_relative_to(self.root):
             raise DataError(f"{self.name}: {where}: image path {str(relative)!r} resolves outside the data root {self.root}")
         if not full.is_file():

@@ -1,0 +1,94 @@
+"""Winoground: two images, two captions with the same words in a different order."""
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from itm_engine.data import register
+from itm_engine.data.base import DataError, Example, Task, require
+from itm_engine.metrics import grouped_accuracy, winoground
+
+
+@register
+class Winoground(Task):
+    """Winoground (Thrush et al., 2022): text, image and group scores, overall and per collapsed tag.
+
+    Layout::
+
+        ROOT/examples.jsonl              one example a line (the Hugging Face copy), or
+        ROOT/data.json                   a JSON list of them (the research code's copy; JSON lines
+                                         are accepted too); each with "id", "caption_0",
+                                         "caption_1", "tag" and "collapsed_tag" (a string or a
+                                         list of strings; when absent, "tag" is used)
+        ROOT/images/ex_{id}_img_0.png    the two images of each example (or directly in ROOT/)
+        ROOT/images/ex_{id}_img_1.png
+
+    Each example scores both images against both captions in both modes: text score = the I2T
+    matrix picks caption_i for image_i, image score = the T2I matrix picks image_i for caption_i,
+    group = both. An example with several collapsed tags counts towards each.
+    """
+
+    name = "winoground"
+    modes = ("i2t", "t2i")
+    description = "Winoground: text, image and group scores, overall and per collapsed tag"
+
+    def __init__(self, root, skip_missing: bool = False, **options: Any) -> None:
+        super().__init__(root, skip_missing, **options)
+        if options:
+            raise ValueError(f"{self.name}: unknown option(s) {', '.join(sorted(options))}; this task takes none")
+
+    def _rows(self) -> list[tuple[str, Any]]:
+        if (self.root / "examples.jsonl").is_file() or not (self.root / "data.json").is_file():
+            return self.read_jsonl("examples.jsonl")
+        try:
+            data = json.loads((self.root / "data.json").read_text())
+        except json.JSONDecodeError:
+            return self.read_jsonl("data.json")  # JSON lines (errors name the line)
+        if isinstance(data, dict):  # a JSON-lines file of one line
+            return [("data.json:1", data)]
+        if not isinstance(data, list):
+            raise DataError(f"{self.name}: {self.root / 'data.json'}: expected a JSON list of examples")
+        return [(f"data.json[{i}]", row) for i, row in enumerate(data)]
+
+    def load_examples(self) -> Iterable[Example]:
+        folder = "images" if (self.root / "images").is_dir() else "."
+
+        def build(item: tuple[str, Any]) -> Example:
+            where, row = item
+            require(row, ("id", "caption_0", "caption_1", "tag"), where, self.name)
+            if not all(isinstance(row[k], str) for k in ("caption_0", "caption_1")):
+                raise DataError(f"{self.name}: {where}: malformed row: caption_0 and caption_1 must be strings")
+            if isinstance(row["id"], bool) or not isinstance(row["id"], (int, str)) or str(row["id"]) == "":
+                raise DataError(f"{self.name}: {where}: malformed row: id must be an integer or a string")
+            _tags(row["tag"], "tag", where, self.name)
+            collapsed = row.get("collapsed_tag") or row["tag"]  # absent or empty in some copies
+            meta = {"tag": row["tag"], "collapsed_tag": _tags(collapsed, "collapsed_tag", where, self.name)}
+            images = tuple(self.path(f"{folder}/ex_{row['id']}_img_{i}.png", where) for i in (0, 1))
+            return Example(id=str(row["id"]), images=images, texts=(row["caption_0"], row["caption_1"]), meta=meta)
+
+        return list(self.examples_from(((where, (where, row)) for where, row in self._rows()), build))
+
+    def metrics(self, examples: Sequence[Example], scores: dict[str, Sequence[torch.Tensor]]) -> dict[str, float]:
+        """"text|image|group/overall" and "text|image|group/<collapsed tag>" from the [2, 2] matrices."""
+        if not examples or any(len(scores[mode]) != len(examples) for mode in self.modes):
+            raise ValueError(f"{self.name}: need one i2t and one t2i score matrix for each of the {len(examples)} examples")
+        i2t, t2i = (torch.stack([s.reshape(2, 2) for s in scores[mode]]) for mode in ("i2t", "t2i"))
+        results = winoground(i2t, t2i)
+        owners = [(n, tag) for n, ex in enumerate(examples) for tag in ex.meta["collapsed_tag"]]
+        out: dict[str, float] = {}
+        for kind, correct in results.items():
+            out[f"{kind}/overall"] = float(correct.double().mean())
+            per_tag = grouped_accuracy([bool(correct[n]) for n, _ in owners], [tag for _, tag in owners])
+            out.update({f"{kind}/{tag}": value for tag, value in per_tag.items()})
+        return out
+
+
+def _tags(value: Any, key: str, where: str, task: str) -> list[str]:
+    """A tag field as a list of tags: a string is one tag, a list of strings several."""
+    if isinstance(value, str) and value:
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+        return list(value)
+    raise DataError(f"{task}: {where}: malformed row: {key} must be a non-empty string or list of strings")
