@@ -1,0 +1,112 @@
+"""CLEVR (GDBench's compositional subtasks): the right caption of a synthetic scene against a minimal
+edit of it."""
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from itm_engine.data import register
+from itm_engine.data.base import DataError, Example, Task
+from itm_engine.metrics import grouped_accuracy, is_correct, macro_accuracy
+
+SUBTASKS = ("pair_binding_size", "pair_binding_color", "recognition_color", "recognition_shape", "spatial",
+            "binding_color_shape", "binding_shape_color")
+
+
+@register
+class CLEVR(Task):
+    """CLEVR image->text: which of two captions describes the scene (DiffusionITM's GDBench subtasks).
+
+    Layout (the research code's caption files)::
+
+        ROOT/{subtask}.json     one per subtask (or ROOT/captions/{subtask}.json):
+                                {"CLEVR_val2_000138.png": [[positive, negative], ...], ...}
+        ROOT/images/            the scenes, by the file names used as keys
+
+    Subtasks: pair_binding_size, pair_binding_color, recognition_color, recognition_shape, spatial,
+    binding_color_shape, binding_shape_color. A subtask whose file is absent is skipped (unless it
+    was asked for by name).
+
+    Example (one per (image, pair), id = "{subtask}/{image}/{pair index}"): images = (the scene,),
+    texts = (positive, negative), label 0, meta {"subtask"}. Examples come subtask by subtask in
+    the order above, then in file order.
+
+    Options:
+        subtasks: the subtasks to load, a list or a comma-separated string (default: all).
+
+    Metrics: "accuracy" over all examples (micro, what the research code prints),
+    "accuracy/macro" the mean of the per-subtask accuracies, "accuracy/<subtask>" per subtask.
+    A tie between the two captions counts as wrong.
+    """
+
+    name = "clevr"
+    modes = ("i2t",)
+    description = "CLEVR: positive vs minimally edited caption, accuracy per subtask and overall"
+    _known_options = ("subtasks",)
+
+    def __init__(self, root, skip_missing: bool = False, **options: Any) -> None:
+        super().__init__(root, skip_missing, **options)
+        unknown = sorted(set(options) - set(self._known_options))
+        if unknown:
+            raise ValueError(f"{self.name}: unknown option(s) {', '.join(unknown)}; known: {', '.join(self._known_options)}")
+        chosen = options.get("subtasks")
+        self.explicit = chosen is not None
+        if chosen is None:
+            self.subtasks = SUBTASKS
+        else:
+            names = [s.strip() for s in chosen.split(",")] if isinstance(chosen, str) else chosen
+            if not isinstance(names, (list, tuple)) or not names or not all(isinstance(s, str) and s for s in names):
+                raise ValueError(f"{self.name}: option subtasks must be a non-empty list of subtask names, got {chosen!r}")
+            bad = [s for s in names if s not in SUBTASKS]
+            if bad:
+                raise ValueError(f"{self.name}: unknown subtask(s) {', '.join(bad)}; known: {', '.join(SUBTASKS)}")
+            self.subtasks = tuple(s for s in SUBTASKS if s in names)
+
+    def _file(self, subtask: str) -> str | None:
+        for relative in (f"{subtask}.json", f"captions/{subtask}.json"):
+            if (self.root / relative).is_file():
+                return relative
+        return None
+
+    def load_examples(self) -> Iterable[Example]:
+        files = {s: self._file(s) for s in self.subtasks}
+        absent = [s for s, f in files.items() if f is None]
+        if self.explicit and absent:
+            raise FileNotFoundError(f"{self.name}: no caption file for subtask(s) {', '.join(absent)} in {self.root} "
+                                    "(expected {subtask}.json or captions/{subtask}.json)")
+        if len(absent) == len(files):
+            raise FileNotFoundError(f"{self.name}: no caption file in {self.root}; expected some of "
+                                    f"{', '.join(s + '.json' for s in SUBTASKS)} (see the README for the layout)")
+        rows = []
+        for subtask, file in files.items():
+            if file is None:
+                continue
+            data = self.read_json(file)
+            if not isinstance(data, dict):
+                raise DataError(f"{self.name}: {self.root / file}: expected a JSON object {{image: [[positive, negative], ...]}}")
+            for image, pairs in data.items():
+                where = f"{file} [{image!r}]"
+                if not isinstance(pairs, list):
+                    raise DataError(f"{self.name}: {where}: malformed row: expected a list of [positive, negative] pairs")
+                for k, pair in enumerate(pairs):
+                    if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) and t for t in pair)):
+                        raise DataError(f"{self.name}: {where} pair {k}: malformed row: expected [positive, negative] strings")
+                    rows.append((where, (where, subtask, image, k, pair)))
+        return list(self.examples_from(rows, self._build))
+
+    def _build(self, item: tuple[str, str, str, int, list[str]]) -> Example:
+        where, subtask, image, k, (positive, negative) = item
+        path = self.path(f"images/{image}", where)
+        return Example(id=f"{subtask}/{image}/{k}", images=(path,), texts=(positive, negative), label=0,
+                       meta={"subtask": subtask})
+
+    def metrics(self, examples: Sequence[Example], scores: dict[str, Sequence[torch.Tensor]]) -> dict[str, float]:
+        matrices = scores["i2t"]
+        if len(matrices) != len(examples) or not examples:
+            raise ValueError(f"{self.name}: {len(matrices)} score matrices for {len(examples)} examples")
+        correct = [is_correct(s.reshape(-1), ex.label) for ex, s in zip(examples, matrices)]
+        subtasks = [ex.meta["subtask"] for ex in examples]
+        out = {"accuracy": sum(correct) / len(correct), "accuracy/macro": macro_accuracy(correct, subtasks)}
+        out.update({f"accuracy/{s}": v for s, v in grouped_accuracy(correct, subtasks).items()})
+        return out

@@ -1,0 +1,136 @@
+"""Oxford-IIIT Pet: zero-shot classification of 37 cat and dog breeds."""
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from itm_engine.data import register
+from itm_engine.data.base import DataError, Example, Task
+from itm_engine.metrics import accuracy, is_correct, macro_accuracy
+
+PROMPT = "a photo of a {breed}, a type of pet."
+_IMAGE_NAME = re.compile(r"^(?P<breed>.+)_(?P<n>\d+)$")  # Breed_Name_123 (cats capitalised, dogs lower case)
+SPLITS = ("all", "test", "trainval")
+
+
+def breed_text(breed: str) -> str:
+    """The breed as it goes into the prompt: "american_bulldog" / "British_Shorthair" -> "british shorthair"."""
+    return breed.replace("_", " ").lower()
+
+
+@register
+class Pets(Task):
+    """Oxford-IIIT Pet (Parkhi et al., 2012), image->text over one prompt per breed.
+
+    Layout (the dataset's own)::
+
+        ROOT/images/{Breed_Name}_{n}.jpg    e.g. Abyssinian_1.jpg, american_bulldog_10.jpg (cats
+                                            capitalised, dogs lower case; other files are ignored)
+        ROOT/annotations/test.txt           only for option split: "Abyssinian_201 1 1 1" a line
+        ROOT/annotations/trainval.txt       (image name, class id 1-37, species, breed id)
+
+    Classes: split "all" -> the breeds among the images, sorted case-insensitively (the dataset's
+    class-id order); split "test"/"trainval" -> the breeds of the split file, by class id. Texts:
+    "a photo of a {breed}, a type of pet." with the breed's underscores as spaces, lower case, in
+    class order (one tuple shared by every example). Example per image (id = the image name
+    without extension): images = (the image,), texts = every class prompt, label = the class index.
+    Examples come in class order, then by image number ("all"), or in file order (split files).
+
+    Options:
+        split: "all" (default: every image in images/), "test" or "trainval" (the official
+            3,669 / 3,680-image splits).
+
+    Metrics: "accuracy" (top-1, the research code's number; a tie with the right breed counts as
+    wrong) and "accuracy/per_class_mean" (mean of the per-breed accuracies, the number CLIP
+    reports for Pets).
+    """
+
+    name = "pets"
+    modes = ("i2t",)
+    description = "Oxford-IIIT Pet: 37-way zero-shot breed classification, accuracy"
+    _known_options = ("split",)
+
+    def __init__(self, root, skip_missing: bool = False, **options: Any) -> None:
+        super().__init__(root, skip_missing, **options)
+        unknown = sorted(set(options) - set(self._known_options))
+        if unknown:
+            raise ValueError(f"{self.name}: unknown option(s) {', '.join(unknown)}; known: {', '.join(self._known_options)}")
+        self.split = options.get("split", "all")
+        if self.split not in SPLITS:
+            raise ValueError(f"{self.name}: option split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        self.classes: list[str] = []  # breed names as in the file names, in class order (after loading)
+
+    def _all_images(self) -> list[tuple[str, str, str]]:
+        """(image file, image name, breed) for every .jpg in images/, in class order then image number."""
+        folder = self.root / "images"
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{self.name}: expected the image folder {str(folder)!r} (see the README for the layout)")
+        rows = []
+        for file in folder.iterdir():
+            if file.suffix.lower() != ".jpg" or file.is_dir():
+                continue
+            match = _IMAGE_NAME.match(file.stem)
+            if not match:
+                raise DataError(f"{self.name}: images/{file.name}: file name is not {{Breed_Name}}_{{n}}.jpg")
+            rows.append((f"images/{file.name}", file.stem, match["breed"], int(match["n"])))
+        if not rows:
+            raise DataError(f"{self.name}: no {{Breed_Name}}_{{n}}.jpg images in {folder}")
+        rows.sort(key=lambda r: (r[2].lower(), r[3], r[1]))
+        breeds: dict[str, str] = {}
+        for row in rows:
+            breeds.setdefault(row[2].lower(), row[2])
+        self.classes = list(breeds.values())
+        return [(file, stem, breed) for file, stem, breed, _ in rows]
+
+    def _split_images(self) -> list[tuple[str, str, str]]:
+        """(where, image name, breed) for each line of annotations/{split}.txt, in file order; the
+        image is images/{image name}.jpg."""
+        relative = f"annotations/{self.split}.txt"
+        file = self.root / relative
+        if not file.is_file():
+            raise FileNotFoundError(f"{self.name}: expected {str(file)!r} for split {self.split!r} (see the README for the layout)")
+        rows, class_of = [], {}
+        for number, line in enumerate(file.read_text().splitlines(), start=1):
+            if not line.strip() or line.startswith("#"):
+                continue
+            where = f"{relative}:{number}"
+            fields = line.split()
+            match = _IMAGE_NAME.match(fields[0])
+            if len(fields) < 2 or not match or not fields[1].isdigit():
+                raise DataError(f"{self.name}: {where}: malformed row {line.strip()!r}: expected 'Breed_Name_n CLASS-ID ...'")
+            breed, class_id = match["breed"], int(fields[1])
+            if class_of.setdefault(class_id, breed).lower() != breed.lower():
+                raise DataError(f"{self.name}: {where}: class id {class_id} is {class_of[class_id]!r} elsewhere, "
+                                f"here {breed!r}")
+            rows.append((where, fields[0], class_of[class_id]))
+        if not rows:
+            raise DataError(f"{self.name}: {file}: no images listed")
+        breeds = [class_of[c] for c in sorted(class_of)]
+        if len({b.lower() for b in breeds}) != len(breeds):
+            raise DataError(f"{self.name}: {file}: a breed appears under two class ids")
+        self.classes = breeds
+        return rows
+
+    def load_examples(self) -> Iterable[Example]:
+        rows = self._all_images() if self.split == "all" else self._split_images()
+        texts = tuple(PROMPT.format(breed=breed_text(b)) for b in self.classes)
+        index = {b.lower(): i for i, b in enumerate(self.classes)}
+
+        def build(item: tuple[str, str, str]) -> Example:
+            where, stem, breed = item
+            path = self.path(where if self.split == "all" else f"images/{stem}.jpg", where)
+            return Example(id=stem, images=(path,), texts=texts, label=index[breed.lower()], meta={"breed": breed_text(breed)})
+
+        return list(self.examples_from(((r[0], r) for r in rows), build))
+
+    def metrics(self, examples: Sequence[Example], scores: dict[str, Sequence[torch.Tensor]]) -> dict[str, float]:
+        matrices = scores["i2t"]
+        if len(matrices) != len(examples) or not examples:
+            raise ValueError(f"{self.name}: {len(matrices)} score matrices for {len(examples)} examples")
+        vectors = [s.reshape(-1) for s in matrices]
+        labels = [ex.label for ex in examples]
+        correct = [is_correct(v, y) for v, y in zip(vectors, labels)]
+        return {"accuracy": accuracy(vectors, labels),
+                "accuracy/per_class_mean": macro_accuracy(correct, [ex.meta["breed"] for ex in examples])}
