@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = {"bench": "itm_engine.bench"}
+COMMANDS = {"bench": "itm_engine.bench", "eval": "itm_engine.evaluate"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,8 +20,14 @@ def main(argv: list[str] | None = None) -> int:
     return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
 
 
-def bench() -> int:
+def bench_command() -> int:
     from itm_engine import bench as module
+
+    return module.main()
+
+
+def eval_command() -> int:
+    from itm_engine import evaluate as module
 
     return module.main()
 

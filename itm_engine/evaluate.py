@@ -1,0 +1,338 @@
+"""`itm-eval`: run a GDBench task end to end, resumably, on one or many processes.
+
+    itm-eval --task winoground --data-root ~/data/winoground --model stabilityai/stable-diffusion-2-1-base \\
+             --device cuda --dtype float16 --samples 10 --out runs/wino
+    accelerate launch --multi_gpu --num_processes 8 -m itm_engine.cli eval --task winoground ...
+                                                     # sharded over processes (gloo on CPU-only hosts)
+
+Examples are scored in fixed chunks (every chunk on the same seeded noise bank); each finished
+chunk's scores are appended to `OUT/<scorer>/scores/rank<r>.jsonl` in one write + fsync, so a
+crash loses at most the chunk in flight, and `--resume` recomputes nothing already stored and
+ends with exactly the results of an uninterrupted run. Processes take chunks round-robin; the
+main process gathers every shard, computes the task's metrics and writes `results.json` (metrics,
+config, versions, timing, counts) and `scores.jsonl` (the raw per-example score matrices).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from itm_engine.data import Example, Task, get_task
+from itm_engine.data.base import load_image_ref
+
+SCORERS = ("diffusion", "clip")
+
+
+@dataclass
+class EvalConfig:
+    """Everything that determines the scores (stored with the results; `--resume` checks it)."""
+
+    task: str
+    data_root: str
+    model: str = "tiny"
+    scorer: str = "diffusion"
+    mode: str = "auto"
+    samples: int = 10
+    seed: int = 0
+    schedule: str = "uniform"
+    candidates: str | None = None
+    prefilter: str | None = None
+    topk: int = 10
+    clip_model: str = "ViT-B-32"
+    clip_pretrained: str | None = None
+    clip_config: str | None = None
+    limit: int | None = None
+    task_options: dict = field(default_factory=dict)
+    chunk_size: int = 16
+    dtype: str = "float32"
+    skip_missing: bool = False
+
+    def identity(self) -> dict:
+        """The fields a resumed run must share with the stored one."""
+        return {k: v for k, v in asdict(self).items() if k not in ("skip_missing",)}
+
+
+class ScoreStore:
+    """Append-only, crash-safe per-process score files: one JSON line per example.
+
+    Each `append` writes a whole chunk with one write and an fsync; a torn last line (from a
+    kill during the write) is ignored on reading and cut off before the next append.
+    """
+
+    def __init__(self, folder: Path, rank: int) -> None:
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.file = folder / f"rank{rank}.jsonl"
+
+    def load_all(self) -> dict[str, dict[str, list]]:
+        """{example id: {mode: matrix as nested lists}} from every rank's file."""
+        stored: dict[str, dict[str, list]] = {}
+        for shard in sorted(self.folder.glob("rank*.jsonl")):
+            for line in shard.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a torn last line: that chunk was not finished
+                stored[row["id"]] = row["scores"]
+        return stored
+
+    def append(self, rows: list[dict]) -> None:
+        self._cut_torn_tail()
+        payload = "".join(json.dumps(row) + "\n" for row in rows)
+        with open(self.file, "a") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def _cut_torn_tail(self) -> None:
+        if not self.file.exists():
+            return
+        data = self.file.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(self.file, "r+b") as handle:
+                handle.truncate(data.rfind(b"\n") + 1)
+
+
+def build_scorer(config: EvalConfig, device: torch.device, batch_size: int | str, kernels: str | None):
+    """The DiffusionITM or CLIP scorer of `config` (both offer `score_pairs`)."""
+    dtype = getattr(torch, config.dtype)
+    if config.scorer == "clip":
+        return _clip_model(config, device, dtype).scorer()
+    from itm_engine.scoring import DiffusionITM
+
+    return DiffusionITM.from_pretrained(config.model, device=device, dtype=dtype, batch_size=batch_size, kernels=kernels)
+
+
+def _clip_model(config: EvalConfig, device: torch.device, dtype: torch.dtype):
+    from itm_engine.prefilter import ClipModel
+
+    return ClipModel.from_name(
+        config.clip_model, pretrained=config.clip_pretrained, device=device, dtype=dtype, model_config=config.clip_config
+    )
+
+
+def load_task(config: EvalConfig, device: torch.device) -> Task:
+    """The task with its options (candidate source and CLIP prefilter for retrieval tasks)."""
+    options: dict[str, Any] = dict(config.task_options)
+    if config.candidates is not None:
+        options["candidates"] = config.candidates
+    if config.prefilter == "clip":
+        options.update(candidates="clip", prefilter=_clip_model(config, device, getattr(torch, config.dtype)))
+    if config.candidates is not None or config.prefilter:
+        options["topk"] = config.topk
+    try:
+        return get_task(config.task, config.data_root, skip_missing=config.skip_missing, **options)
+    except TypeError as err:  # a task that takes no candidate options
+        raise ValueError(f"task {config.task!r} does not take --candidates/--prefilter ({err})") from None
+
+
+def score_chunk(scorer, examples: Sequence[Example], modes: Sequence[str], config: EvalConfig) -> list[dict]:
+    """Score every image against every text of each example: rows {id, scores: {mode: matrix}}."""
+    images, texts, pairs, spans = [], [], [], []
+    for example in examples:
+        i0, t0 = len(images), len(texts)
+        images += [load_image_ref(ref) for ref in example.images]
+        texts += list(example.texts)
+        pairs += [(i0 + i, t0 + j) for i in range(len(example.images)) for j in range(len(example.texts))]
+        spans.append((len(example.images), len(example.texts)))
+    rows: list[dict] = [{"id": example.id, "scores": {}} for example in examples]
+    for mode in modes:
+        flat = scorer.score_pairs(images, texts, pairs, mode=mode, samples=config.samples, seed=config.seed,
+                                  schedule=config.schedule).tolist()
+        start = 0
+        for row, (n_img, n_txt) in zip(rows, spans):
+            row["scores"][mode] = [flat[start + i * n_txt : start + (i + 1) * n_txt] for i in range(n_img)]
+            start += n_img * n_txt
+    return rows
+
+
+def evaluate(config: EvalConfig, out: Path, resume: bool = False, device: str = "auto",
+             batch_size: int | str = 64, kernels: str | None = None, progress: bool | None = None) -> dict | None:
+    """Run one task with one scorer; returns the results (on the main process; None elsewhere)."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device == "cpu" or (device == "auto" and not torch.cuda.is_available()))
+    torch_device = state.device if device == "auto" else torch.device(device)
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    _check_config(out / "config.json", config, resume, state.is_main_process)
+    state.wait_for_everyone()
+
+    task = load_task(config, torch_device)
+    examples = task.examples[: config.limit] if config.limit else task.examples
+    if not examples:
+        raise ValueError(f"task {config.task}: no examples under {config.data_root}")
+    modes = task.modes if config.mode == "auto" else (config.mode,)
+    store = ScoreStore(out / "scores", state.process_index)
+    done = store.load_all() if resume else {}
+    chunks = [examples[i : i + config.chunk_size] for i in range(0, len(examples), config.chunk_size)]
+    mine = [c for n, c in enumerate(chunks) if n % state.num_processes == state.process_index]
+    todo = [c for c in mine if not all(e.id in done and set(modes) <= set(done[e.id]) for e in c)]
+
+    scorer = build_scorer(config, torch_device, batch_size, kernels) if todo else None
+    unet_items, scored = 0, 0
+    bar = tqdm(total=sum(map(len, mine)), initial=sum(map(len, mine)) - sum(map(len, todo)), unit="ex",
+               desc=f"{config.task} [{config.scorer}] rank {state.process_index}", disable=progress is False)
+    for chunk in todo:
+        store.append(score_chunk(scorer, chunk, modes, config))
+        unet_items += scorer.last_stats.unet_items * len(modes)
+        scored += len(chunk)
+        bar.update(len(chunk))
+        bar.set_postfix(unet_items_per_s=f"{unet_items / max(bar.format_dict['elapsed'], 1e-9):.1f}")
+    bar.close()
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+
+    stored = store.load_all()
+    missing = [e.id for e in examples if e.id not in stored]
+    if missing:
+        raise RuntimeError(f"{len(missing)} examples have no stored scores (e.g. {missing[0]}); rerun with --resume")
+    matrices = {m: [torch.tensor(stored[e.id][m if m in stored[e.id] else config.mode]) for e in examples]
+                for m in task.modes}  # a forced --mode serves every matrix the metric needs
+    metrics = task.metrics(examples, matrices)
+    with open(out / "scores.jsonl", "w") as handle:
+        for example in examples:
+            handle.write(json.dumps({"id": example.id, "meta": example.meta, "label": example.label,
+                                     "scores": stored[example.id]}) + "\n")
+    results = {
+        "task": config.task, "scorer": config.scorer, "metrics": metrics, "config": asdict(config),
+        "counts": {"examples": len(examples), "scored_now": scored, "resumed": len(examples) - scored,
+                   "skipped_missing": len(task.skipped), "processes": state.num_processes},
+        "skipped": task.skipped, "modes": list(modes), "unet_items_now": unet_items,
+        "seconds": time.perf_counter() - started, "versions": _versions(), "device": str(torch_device),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def _check_config(path: Path, config: EvalConfig, resume: bool, main: bool) -> None:
+    """Refuse to mix runs: an existing output folder needs --resume and the same configuration."""
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if not resume:
+            raise FileExistsError(f"{path.parent} already holds a run; pass --resume to continue it or choose another --out")
+        if stored != config.identity():
+            changed = sorted(k for k in set(stored) | set(config.identity()) if stored.get(k) != config.identity().get(k))
+            raise ValueError(f"--resume with a different configuration than {path} (changed: {', '.join(changed)})")
+    elif main:
+        path.write_text(json.dumps(config.identity(), indent=2) + "\n")
+
+
+def _versions() -> dict:
+    import diffusers
+    import transformers
+
+    import itm_engine
+
+    return {"itm_engine": itm_engine.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def print_table(results: list[dict]) -> None:
+    """Metrics side by side, one column per scorer."""
+    names = list(dict.fromkeys(k for r in results for k in r["metrics"]))
+    print(f"\n{results[0]['task']}: {results[0]['counts']['examples']} examples")
+    print(f"{'metric':<36}" + "".join(f"{r['scorer']:>14}" for r in results))
+    for name in names:
+        print(f"{name:<36}" + "".join(f"{r['metrics'].get(name, float('nan')):>14.4f}" for r in results))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="itm-eval", description=__doc__.splitlines()[0])
+    parser.add_argument("--task", required=True, help="a GDBench task name (an unknown name lists them)")
+    parser.add_argument("--data-root", required=True)
+    parser.add_argument("--model", default="tiny", help="diffusers folder, cached hub id, or tiny|sd15-arch|sd21-arch")
+    parser.add_argument("--scorer", default="diffusion", help="diffusion, clip, or both: diffusion,clip")
+    parser.add_argument("--mode", default="auto", choices=["auto", "i2t", "t2i"],
+                        help="auto: the modes the task's metrics are defined on; i2t/t2i: force one for all")
+    parser.add_argument("--samples", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--schedule", default="uniform", choices=["uniform", "stratified"])
+    parser.add_argument("--candidates", default=None, help="retrieval tasks: all | clip | a candidates JSON file")
+    parser.add_argument("--prefilter", default=None, choices=["clip"], help="CLIP top-k candidates for retrieval tasks")
+    parser.add_argument("--topk", type=int, default=10)
+    parser.add_argument("--clip-model", default="ViT-B-32")
+    parser.add_argument("--clip-pretrained", default=None, help="open_clip tag from the local cache, or a checkpoint path")
+    parser.add_argument("--clip-config", default=None, help="folder/JSON of extra open_clip model configs")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N examples")
+    parser.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a task option (see the task's docs), VALUE read as JSON when it parses: "
+                             "--task-option split=test --task-option seed=1")
+    parser.add_argument("--chunk-size", type=int, default=16, help="examples per scoring chunk (the unit of resume)")
+    parser.add_argument("--out", default=None, help="output folder (default runs/<task>)")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--skip-missing", action="store_true", help="skip (and count) examples whose images are missing")
+    parser.add_argument("--device", default="auto", help="auto (accelerate's device for this process), cpu, cuda, ...")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--batch-size", default="64")
+    parser.add_argument("--kernels", default=None)
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def parse_task_options(items: Sequence[str]) -> dict[str, Any]:
+    """["split=test", "seed=1"] -> {"split": "test", "seed": 1} (values parsed as JSON when they parse)."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--task-option takes KEY=VALUE, got {item!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    scorers = args.scorer.split(",")
+    bad = [s for s in scorers if s not in SCORERS]
+    if bad:
+        print(f"itm-eval: unknown scorer(s) {bad}; choose from {SCORERS}", file=sys.stderr)
+        return 2
+    out = Path(args.out or f"runs/{args.task}")
+    try:
+        task_options = parse_task_options(args.task_option)
+    except ValueError as err:
+        print(f"itm-eval: error: {err}", file=sys.stderr)
+        return 2
+    batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+    results = []
+    try:
+        for scorer in scorers:
+            config = EvalConfig(
+                task=args.task, data_root=str(Path(args.data_root).expanduser().resolve()), model=args.model,
+                scorer=scorer, mode=args.mode, samples=args.samples, seed=args.seed, schedule=args.schedule,
+                candidates=args.candidates, prefilter=args.prefilter, topk=args.topk, clip_model=args.clip_model,
+                clip_pretrained=args.clip_pretrained, clip_config=args.clip_config, limit=args.limit,
+                chunk_size=args.chunk_size, dtype=args.dtype, skip_missing=args.skip_missing, task_options=task_options,
+            )
+            result = evaluate(config, out / scorer, resume=args.resume, device=args.device, batch_size=batch_size,
+                              kernels=args.kernels, progress=False if args.no_progress else None)
+            if result is not None:
+                results.append(result)
+                print(f"wrote {out / scorer / 'results.json'}")
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"itm-eval: error: {err}", file=sys.stderr)
+        return 2
+    if results:
+        print_table(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""itm-eval end to end on the tiny model: every task, results files, resume after kill -9,
+sharding over 2 processes, bad data."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from itm_engine import cli
+from itm_engine.data import get_task
+
+import test_data_a
+import test_data_b
+
+FAST = ["--samples", "2", "--no-progress", "--chunk-size", "4"]
+
+# task -> (fixture writer, extra itm-eval arguments)
+TASKS = {
+    "flickr30k_i2t": (test_data_a.write_flickr30k, []),
+    "flickr30k_t2i": (test_data_a.write_flickr30k, []),
+    "winoground": (test_data_a.write_winoground, []),
+    "imagecode": (test_data_a.write_imagecode, []),
+    "svo": (test_data_a.write_svo, []),
+    "vg_relation": (test_data_b.write_vg_relation, []),
+    "vg_attribution": (test_data_b.write_vg_attribution, []),
+    "coco_order": (test_data_b.write_coco_order, []),
+    "flickr30k_order": (test_data_b.write_flickr30k_order, []),
+    "clevr": (test_data_b.write_clevr, ["--task-option", "subtasks=spatial,recognition_color"]),
+    "pets": (test_data_b.write_pets, []),
+    "bias": (test_data_b.write_bias, []),
+}
+
+
+def run_eval(*args: str) -> int:
+    return cli.main(["eval", *map(str, args)])
+
+
+def read(out: Path) -> tuple[dict, list[dict]]:
+    results = json.loads((out / "results.json").read_text())
+    rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    return results, rows
+
+
+def recomputed_metrics(task_name: str, root: Path, rows: list[dict]) -> dict:
+    """The task's metrics recomputed from the saved per-example scores alone."""
+    task = get_task(task_name, root)
+    by_id = {row["id"]: row["scores"] for row in rows}
+    examples = [e for e in task.examples if e.id in by_id]
+    return task.metrics(examples, {m: [torch.tensor(by_id[e.id][m]) for e in examples] for m in task.modes})
+
+
+def test_every_registered_task_has_an_end_to_end_test():
+    from itm_engine.data import TASKS as REGISTERED, _import_all
+
+    _import_all()
+    assert set(REGISTERED) == set(TASKS)
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_task_end_to_end(tmp_path, task):
+    writer, extra = TASKS[task]
+    root = writer(tmp_path / "data")
+    out = tmp_path / "out"
+    assert run_eval("--task", task, "--data-root", root, "--out", out, *FAST, *extra) == 0
+    results, rows = read(out / "diffusion")
+    assert results["task"] == task and results["counts"]["examples"] == len(rows) > 0
+    assert results["counts"]["scored_now"] == len(rows) and results["unet_items_now"] > 0
+    assert {"torch", "diffusers", "itm_engine"} <= set(results["versions"])
+    expected = recomputed_metrics(task, root, rows)
+    assert results["metrics"].keys() == expected.keys() and len(expected) > 0
+    for name, value in expected.items():
+        assert results["metrics"][name] == pytest.approx(value, nan_ok=True)
+    example = get_task(task, root).examples[0]
+    for matrix in rows[0]["scores"].values():
+        assert len(matrix) == len(example.images) and len(matrix[0]) == len(example.texts)
+
+
+def test_unknown_task_lists_the_known_ones(tmp_path, capsys):
+    assert run_eval("--task", "wino", "--data-root", tmp_path, "--out", tmp_path / "o", *FAST) == 2
+    err = capsys.readouterr().err
+    assert "unknown task 'wino'" in err and "winoground" in err and "flickr30k_i2t" in err
+
+
+def test_missing_image_stops_or_is_skipped_and_counted(tmp_path, capsys):
+    root = test_data_a.write_winoground(tmp_path / "data")
+    victim = sorted((root / "images").glob("*.png"))[0]
+    victim.unlink()
+    assert run_eval("--task", "winoground", "--data-root", root, "--out", tmp_path / "a", *FAST) == 2
+    assert victim.name in capsys.readouterr().err
+    assert run_eval("--task", "winoground", "--data-root", root, "--out", tmp_path / "b", "--skip-missing", *FAST) == 0
+    results, rows = read(tmp_path / "b" / "diffusion")
+    assert results["counts"]["skipped_missing"] == 1 and victim.name in results["skipped"][0]
+    assert results["counts"]["examples"] == len(rows) == len(get_task("winoground", root, skip_missing=True).examples)
+
+
+def test_existing_output_needs_resume_and_the_same_config(tmp_path, capsys):
+    root = test_data_a.write_winoground(tmp_path / "data")
+    out = tmp_path / "out"
+    assert run_eval("--task", "winoground", "--data-root", root, "--out", out, *FAST) == 0
+    assert run_eval("--task", "winoground", "--data-root", root, "--out", out, *FAST) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert run_eval("--task", "winoground", "--data-root", root, "--out", out, "--resume", "--seed", "3", *FAST) == 2
+    assert "changed: seed" in capsys.readouterr().err
+
+
+def test_forced_mode_and_clip_side_by_side(tmp_path, capsys):
+    root = test_data_a.write_winoground(tmp_path / "data")
+    out = tmp_path / "out"
+    from test_prefilter import NAME, TINY
+
+    config = tmp_path / f"{NAME}.json"
+    config.write_text(json.dumps(TINY))
+    assert run_eval("--task", "winoground", "--data-root", root, "--out", out, "--mode", "i2t",
+                    "--scorer", "diffusion,clip", "--clip-model", NAME, "--clip-config", config, *FAST) == 0
+    diffusion, rows = read(out / "diffusion")
+    clip, clip_rows = read(out / "clip")
+    assert diffusion["modes"] == ["i2t"] and set(rows[0]["scores"]) == {"i2t"}
+    assert clip["metrics"].keys() == diffusion["metrics"].keys()
+    table = capsys.readouterr().out
+    assert "diffusion" in table and "clip" in table and "group/overall" in table
+
+
+def _eval_command(root: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "itm_engine.cli", "eval", "--task", "winoground", "--data-root", str(root),
+            "--out", str(out), "--samples", "16", "--chunk-size", "1", "--no-progress", "--device", "cpu"]
+
+
+def test_resume_after_kill_9_recomputes_nothing_and_matches_an_uninterrupted_run(tmp_path):
+    root = test_data_a.write_winoground(tmp_path / "data", n=8)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference = tmp_path / "reference"
+    subprocess.run(_eval_command(root, reference), check=True, env=env, capture_output=True)
+
+    killed = tmp_path / "killed"
+    shard = killed / "diffusion" / "scores" / "rank0.jsonl"
+    process = subprocess.Popen(_eval_command(root, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (shard.exists() and shard.read_text().count("\n") >= 2):
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_before = shard.read_text().count("\n")
+    assert 2 <= done_before < 8, "the run should have been killed part-way"
+    assert not (killed / "diffusion" / "results.json").exists()
+
+    subprocess.run(_eval_command(root, killed) + ["--resume"], check=True, env=env, capture_output=True)
+    resumed, resumed_rows = read(killed / "diffusion")
+    expected, expected_rows = read(reference / "diffusion")
+    assert resumed["counts"]["resumed"] >= done_before
+    assert resumed["counts"]["scored_now"] == 8 - resumed["counts"]["resumed"]
+    assert resumed_rows == expected_rows
+    assert resumed["metrics"] == expected["metrics"]
+
+
+def test_two_processes_through_accelerate_match_one(tmp_path):
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    root = test_data_a.write_winoground(tmp_path / "data", n=6)
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    args = ["--task", "winoground", "--data-root", str(root), "--samples", "2", "--chunk-size", "1", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same threads in both runs: bit-identical reductions
+    subprocess.run([sys.executable, "-m", "itm_engine.cli", "eval", *args, "--out", str(single), "--device", "cpu"],
+                   check=True, env=env, capture_output=True)
+    launched = subprocess.run(
+        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "-m", "itm_engine.cli", "eval", *args, "--out", str(sharded)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    shards = sorted(p.name for p in (sharded / "diffusion" / "scores").glob("rank*.jsonl"))
+    assert shards == ["rank0.jsonl", "rank1.jsonl"]
+    one, one_rows = read(single / "diffusion")
+    two, two_rows = read(sharded / "diffusion")
+    assert two["counts"]["processes"] == 2
+    assert two_rows == one_rows and two["metrics"] == one["metrics"]
