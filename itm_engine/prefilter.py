@@ -23,7 +23,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Literal, Sequence, Union
+from typing import Callable, Iterable, Iterator, Sequence, Union
 
 import open_clip
 import PIL.Image
@@ -36,9 +36,9 @@ from itm_engine import kernels
 from itm_engine.cache import ImageInput, check_list, content_key, load_rgb
 from itm_engine.data.base import Crop
 from itm_engine.noise import NoiseBank, Schedule
+from itm_engine.pairs import Mode, PairScorer, check_mode, check_pairs
 from itm_engine.stats import RunStats
 
-Mode = Literal["i2t", "t2i"]  # accepted for DiffusionITM compatibility; CLIP scores are the same
 
 ClipImage = Union[ImageInput, Crop]
 PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -250,7 +250,7 @@ class ClipModel:
         return True if n_items <= 4 * self.batch_size else None  # None: tqdm shows it on a terminal
 
 
-class ClipScorer:
+class ClipScorer(PairScorer):
     """The CLIP baseline with DiffusionITM's call surface: score = cosine similarity.
 
     CLIP similarity is symmetric and deterministic, so `mode` ("i2t" / "t2i") gives the same
@@ -279,58 +279,6 @@ class ClipScorer:
         """Forget every cached embedding."""
         self.clip.clear_cache()
 
-    def __call__(
-        self,
-        images: Sequence[ClipImage],
-        texts: Sequence[str],
-        mode: Mode = "i2t",
-        samples: int = 10,
-        seed: int = 0,
-        noise: NoiseBank | None = None,
-        batch_size: int | None = None,
-        schedule: Schedule = "uniform",
-    ) -> torch.Tensor:
-        """Every image against every text: float32 [n_images, n_texts] (CPU), higher = better."""
-        check_list(images, "images")
-        check_list(texts, "texts")
-        pairs = torch.cartesian_prod(torch.arange(len(images)), torch.arange(len(texts)))
-        return self.score_pairs(images, texts, pairs, mode).view(len(images), len(texts))
-
-    def score_candidates(
-        self,
-        queries: Sequence,
-        candidates: Sequence[Sequence],
-        mode: Mode = "i2t",
-        samples: int = 10,
-        seed: int = 0,
-        noise: NoiseBank | None = None,
-        batch_size: int | None = None,
-        schedule: Schedule = "uniform",
-    ) -> torch.Tensor:
-        """Each query against its own k candidates: float32 [n_queries, k] (CPU).
-
-        mode "i2t": queries are images and candidates[q] k texts; "t2i": queries are texts and
-        candidates[q] k images (as in `DiffusionITM.score_candidates`).
-        """
-        check_list(queries, "queries")
-        if len(candidates) != len(queries):
-            raise ValueError(f"got {len(queries)} queries but {len(candidates)} candidate lists")
-        k = len(candidates[0])
-        for q, cands in enumerate(candidates):
-            check_list(cands, f"candidates[{q}]")
-            if len(cands) != k:
-                raise ValueError(f"candidates[{q}] has {len(cands)} entries, candidates[0] has {k}: all need the same k")
-        flat = [c for cands in candidates for c in cands]
-        query_idx = torch.arange(len(queries)).repeat_interleave(k)
-        flat_idx = torch.arange(len(flat))
-        if mode == "i2t":
-            images, texts, pairs = queries, flat, torch.stack([query_idx, flat_idx], dim=1)
-        elif mode == "t2i":
-            images, texts, pairs = flat, queries, torch.stack([flat_idx, query_idx], dim=1)
-        else:
-            raise ValueError(f"mode must be 'i2t' or 't2i', got {mode!r}")
-        return self.score_pairs(images, texts, pairs, mode).view(len(queries), k)
-
     def score_pairs(
         self,
         images: Sequence[ClipImage],
@@ -345,18 +293,8 @@ class ClipScorer:
     ) -> torch.Tensor:
         """Cosine similarity float32 [P] (CPU) of (images[i], texts[j]) for each (i, j) of
         `pairs` ([P, 2]); the same in both modes."""
-        check_list(images, "images")
-        check_list(texts, "texts")
-        pairs = torch.as_tensor(pairs, dtype=torch.long).reshape(-1, 2)
-        if len(pairs) == 0:
-            raise ValueError("pairs is empty")
-        for axis, (what, count) in enumerate((("image", len(images)), ("text", len(texts)))):
-            bad = (pairs[:, axis] < 0) | (pairs[:, axis] >= count)
-            if bad.any():
-                row = int(bad.nonzero()[0])
-                raise ValueError(f"pairs[{row}] names {what} {int(pairs[row, axis])}, but there are {count}")
-        if mode not in ("i2t", "t2i"):
-            raise ValueError(f"mode must be 'i2t' or 't2i', got {mode!r}")
+        pairs = check_pairs(images, texts, pairs)
+        check_mode(mode)
         stats = RunStats(batch_size=self.clip.batch_size)
         started = time.perf_counter()
         image_rows = self.clip.embed_images(images, stats)

@@ -9,23 +9,23 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
 
 from itm_engine import fastpath
-from itm_engine.cache import ImageInput, LatentCache, LatentMode, ResizeMode, TextCache, check_list
+from itm_engine.cache import ImageInput, LatentCache, LatentMode, ResizeMode, TextCache
 from itm_engine.engine import Executor, plan_pairs
 from itm_engine.fastpath import Attention
 from itm_engine.models import SDComponents, load_components
 from itm_engine.noise import NoiseBank, Schedule
+from itm_engine.pairs import Mode, PairScorer, check_mode, check_pairs
 from itm_engine.stats import RunStats
 
-Mode = Literal["i2t", "t2i"]
 NULL_PROMPT = ""
 
 
-class DiffusionITM:
+class DiffusionITM(PairScorer):
     """Stable Diffusion as a zero-shot image-text matcher.
 
     >>> scorer = DiffusionITM.from_pretrained("tiny")
@@ -105,69 +105,6 @@ class DiffusionITM:
             num_train_timesteps=self.components.scheduler.config.num_train_timesteps,
         )
 
-    def __call__(
-        self,
-        images: Sequence[ImageInput],
-        texts: Sequence[str],
-        mode: Mode = "i2t",
-        samples: int = 10,
-        seed: int = 0,
-        noise: NoiseBank | None = None,
-        batch_size: int | None = None,
-        schedule: Schedule = "uniform",
-    ) -> torch.Tensor:
-        """Score every image against every text: float32 Tensor [n_images, n_texts], higher = better.
-
-        Args:
-            mode: "i2t" (raw errors; compare texts for an image) or "t2i" (errors minus the
-                image's null-prompt error; compare images for a text).
-            samples, seed, schedule: the noise bank to draw; `noise` gives one and overrides them.
-            batch_size: UNet items per call for this call (default: the scorer's).
-        """
-        check_list(images, "images")
-        check_list(texts, "texts")
-        pairs = torch.cartesian_prod(torch.arange(len(images)), torch.arange(len(texts)))
-        scores = self.score_pairs(images, texts, pairs, mode, samples, seed, noise, batch_size, schedule)
-        return scores.view(len(images), len(texts))
-
-    def score_candidates(
-        self,
-        queries: Sequence,
-        candidates: Sequence[Sequence],
-        mode: Mode = "i2t",
-        samples: int = 10,
-        seed: int = 0,
-        noise: NoiseBank | None = None,
-        batch_size: int | None = None,
-        schedule: Schedule = "uniform",
-    ) -> torch.Tensor:
-        """Score each query against its own k candidates: float32 Tensor [n_queries, k].
-
-        mode "i2t": queries are images, candidates[q] is a list of k texts for image q.
-        mode "t2i": queries are texts, candidates[q] is a list of k images for text q
-        (null-normalised). Only the listed pairs reach the UNet; a candidate shared between
-        queries is encoded and evaluated once.
-        """
-        check_list(queries, "queries")
-        if len(candidates) != len(queries):
-            raise ValueError(f"got {len(queries)} queries but {len(candidates)} candidate lists")
-        k = len(candidates[0])
-        for q, cands in enumerate(candidates):
-            check_list(cands, f"candidates[{q}]")
-            if len(cands) != k:
-                raise ValueError(f"candidates[{q}] has {len(cands)} entries, candidates[0] has {k}: all need the same k")
-        flat = [c for cands in candidates for c in cands]
-        query_idx = torch.arange(len(queries)).repeat_interleave(k)
-        flat_idx = torch.arange(len(flat))
-        if mode == "i2t":
-            images, texts, pairs = queries, flat, torch.stack([query_idx, flat_idx], dim=1)
-        elif mode == "t2i":
-            images, texts, pairs = flat, queries, torch.stack([flat_idx, query_idx], dim=1)
-        else:
-            raise ValueError(f"mode must be 'i2t' or 't2i', got {mode!r}")
-        scores = self.score_pairs(images, texts, pairs, mode, samples, seed, noise, batch_size, schedule)
-        return scores.view(len(queries), k)
-
     def score_pairs(
         self,
         images: Sequence[ImageInput],
@@ -181,19 +118,12 @@ class DiffusionITM:
         schedule: Schedule = "uniform",
     ) -> torch.Tensor:
         """Scores float32 [P] of (images[i], texts[j]) for each (i, j) of `pairs` ([P, 2]), all
-        under one shared noise bank; the general form behind `__call__` and `score_candidates`."""
-        check_list(images, "images")
-        check_list(texts, "texts")
-        pairs = torch.as_tensor(pairs, dtype=torch.long).reshape(-1, 2)
-        if len(pairs) == 0:
-            raise ValueError("pairs is empty")
-        for axis, (what, count) in enumerate((("image", len(images)), ("text", len(texts)))):
-            bad = (pairs[:, axis] < 0) | (pairs[:, axis] >= count)
-            if bad.any():
-                row = int(bad.nonzero()[0])
-                raise ValueError(f"pairs[{row}] names {what} {int(pairs[row, axis])}, but there are {count}")
-        if mode not in ("i2t", "t2i"):
-            raise ValueError(f"mode must be 'i2t' or 't2i', got {mode!r}")
+        under one shared noise bank; the general form behind `__call__` and `score_candidates`.
+
+        mode "i2t": raw errors; "t2i": errors minus each image's null-prompt error (per draw).
+        """
+        pairs = check_pairs(images, texts, pairs)
+        check_mode(mode)
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         bank = noise if noise is not None else self.noise_bank(samples, seed, schedule)

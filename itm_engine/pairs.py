@@ -1,0 +1,116 @@
+"""The call surface every image-text scorer shares (DiffusionITM, the CLIP baseline).
+
+A scorer implements `score_pairs(images, texts, pairs, mode, ...) -> [P]`; this base class
+derives from it the full matrix (`__call__`) and the per-query candidate form (`score_candidates`),
+and checks the arguments the same way for all.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Literal, Sequence
+
+import torch
+
+from itm_engine.cache import check_list
+from itm_engine.noise import NoiseBank, Schedule
+
+Mode = Literal["i2t", "t2i"]
+
+
+def check_mode(mode: str) -> None:
+    if mode not in ("i2t", "t2i"):
+        raise ValueError(f"mode must be 'i2t' or 't2i', got {mode!r}")
+
+
+def check_pairs(images: Sequence, texts: Sequence, pairs) -> torch.Tensor:
+    """`pairs` as LongTensor [P, 2], checked non-empty and in range of the image and text lists."""
+    check_list(images, "images")
+    check_list(texts, "texts")
+    pairs = torch.as_tensor(pairs, dtype=torch.long).reshape(-1, 2)
+    if len(pairs) == 0:
+        raise ValueError("pairs is empty")
+    for axis, (what, count) in enumerate((("image", len(images)), ("text", len(texts)))):
+        bad = (pairs[:, axis] < 0) | (pairs[:, axis] >= count)
+        if bad.any():
+            row = int(bad.nonzero()[0])
+            raise ValueError(f"pairs[{row}] names {what} {int(pairs[row, axis])}, but there are {count}")
+    return pairs
+
+
+class PairScorer(abc.ABC):
+    """Base of the scorers: implement `score_pairs`; get `__call__` and `score_candidates`."""
+
+    @abc.abstractmethod
+    def score_pairs(
+        self,
+        images: Sequence,
+        texts: Sequence[str],
+        pairs: torch.Tensor | Sequence[tuple[int, int]],
+        mode: Mode = "i2t",
+        samples: int = 10,
+        seed: int = 0,
+        noise: NoiseBank | None = None,
+        batch_size: int | None = None,
+        schedule: Schedule = "uniform",
+    ) -> torch.Tensor:
+        """Scores float32 [P] of (images[i], texts[j]) for each (i, j) of `pairs` ([P, 2])."""
+
+    def __call__(
+        self,
+        images: Sequence,
+        texts: Sequence[str],
+        mode: Mode = "i2t",
+        samples: int = 10,
+        seed: int = 0,
+        noise: NoiseBank | None = None,
+        batch_size: int | None = None,
+        schedule: Schedule = "uniform",
+    ) -> torch.Tensor:
+        """Score every image against every text: float32 Tensor [n_images, n_texts], higher = better.
+
+        Args:
+            mode: "i2t" (compare texts for an image) or "t2i" (compare images for a text).
+            samples, seed, schedule: the noise bank to draw; `noise` gives one and overrides them.
+            batch_size: work items per model call for this call (default: the scorer's).
+        """
+        check_list(images, "images")
+        check_list(texts, "texts")
+        pairs = torch.cartesian_prod(torch.arange(len(images)), torch.arange(len(texts)))
+        scores = self.score_pairs(images, texts, pairs, mode, samples, seed, noise, batch_size, schedule)
+        return scores.view(len(images), len(texts))
+
+    def score_candidates(
+        self,
+        queries: Sequence,
+        candidates: Sequence[Sequence],
+        mode: Mode = "i2t",
+        samples: int = 10,
+        seed: int = 0,
+        noise: NoiseBank | None = None,
+        batch_size: int | None = None,
+        schedule: Schedule = "uniform",
+    ) -> torch.Tensor:
+        """Score each query against its own k candidates: float32 Tensor [n_queries, k].
+
+        mode "i2t": queries are images, candidates[q] is a list of k texts for image q.
+        mode "t2i": queries are texts, candidates[q] is a list of k images for text q.
+        Only the listed pairs are scored; a candidate shared between queries is encoded once.
+        """
+        check_list(queries, "queries")
+        check_mode(mode)
+        if len(candidates) != len(queries):
+            raise ValueError(f"got {len(queries)} queries but {len(candidates)} candidate lists")
+        k = len(candidates[0])
+        for q, cands in enumerate(candidates):
+            check_list(cands, f"candidates[{q}]")
+            if len(cands) != k:
+                raise ValueError(f"candidates[{q}] has {len(cands)} entries, candidates[0] has {k}: all need the same k")
+        flat = [c for cands in candidates for c in cands]
+        query_idx = torch.arange(len(queries)).repeat_interleave(k)
+        flat_idx = torch.arange(len(flat))
+        if mode == "i2t":
+            images, texts, pairs = queries, flat, torch.stack([query_idx, flat_idx], dim=1)
+        else:
+            images, texts, pairs = flat, queries, torch.stack([flat_idx, query_idx], dim=1)
+        scores = self.score_pairs(images, texts, pairs, mode, samples, seed, noise, batch_size, schedule)
+        return scores.view(len(queries), k)
