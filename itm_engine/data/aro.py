@@ -53,11 +53,6 @@ class _VisualGenome(Task):
     annotations: str = ""   # file name at the root
     group_field: str = ""   # "relation_name" or "attributes"
 
-    def __init__(self, root, skip_missing: bool = False, **options: Any) -> None:
-        super().__init__(root, skip_missing, **options)
-        if options:
-            raise ValueError(f"{self.name}: unknown option(s) {', '.join(sorted(options))}; this task takes none")
-
     def load_examples(self) -> Iterable[Example]:
         rows = self.read_json(self.annotations)
         if not isinstance(rows, list):
@@ -356,13 +351,10 @@ class _Order(Task):
     modes = ("i2t",)
     annotation_files: tuple[str, ...] = ()  # tried in order; the first present is read
     image_dirs: tuple[str, ...] = ()
-    _known_options = ("seed", "limit_captions", "max_words", "image_dir")
+    option_names = ("seed", "limit_captions", "max_words", "image_dir")
 
     def __init__(self, root, skip_missing: bool = False, **options: Any) -> None:
         super().__init__(root, skip_missing, **options)
-        unknown = sorted(set(options) - set(self._known_options))
-        if unknown:
-            raise ValueError(f"{self.name}: unknown option(s) {', '.join(unknown)}; known: {', '.join(self._known_options)}")
         self.seed = options.get("seed", 0)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"{self.name}: option seed must be an integer, got {self.seed!r}")

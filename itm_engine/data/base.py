@@ -77,8 +77,13 @@ class Task(abc.ABC):
     name: str = ""
     modes: tuple[str, ...] = ("i2t",)  # the score matrices `metrics` needs: "i2t" and/or "t2i"
     description: str = ""
+    option_names: tuple[str, ...] = ()  # the options the task takes; any other is a ValueError
 
     def __init__(self, root: str | os.PathLike, skip_missing: bool = False, **options: Any) -> None:
+        unknown = sorted(set(options) - set(self.option_names))
+        if unknown:
+            known = ", ".join(self.option_names) if self.option_names else "this task takes none"
+            raise ValueError(f"{self.name}: unknown option(s) {', '.join(unknown)}; known: {known}")
         self.root = Path(root).expanduser().resolve()
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.name}: data root {str(self.root)!r} is not a folder")

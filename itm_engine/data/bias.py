@@ -79,13 +79,10 @@ class Bias(Task):
     name = "bias"
     modes = ("i2t",)
     description = "MMBias: pleasant vs unpleasant association, effect size and p-value per group pair"
-    _known_options = ("groups", "pairs", "permutations", "seed")
+    option_names = ("groups", "pairs", "permutations", "seed")
 
     def __init__(self, root, skip_missing: bool = False, **options: Any) -> None:
         super().__init__(root, skip_missing, **options)
-        unknown = sorted(set(options) - set(self._known_options))
-        if unknown:
-            raise ValueError(f"{self.name}: unknown option(s) {', '.join(unknown)}; known: {', '.join(self._known_options)}")
         groups = self._names(options.get("groups"), "groups")
         chosen = GROUPS if groups is None else {self._group(g, "groups") for g in groups}
         self.groups = tuple(g for g in GROUPS if g in chosen)  # in the canonical order

@@ -43,13 +43,10 @@ class CLEVR(Task):
     name = "clevr"
     modes = ("i2t",)
     description = "CLEVR: positive vs minimally edited caption, accuracy per subtask and overall"
-    _known_options = ("subtasks",)
+    option_names = ("subtasks",)
 
     def __init__(self, root, skip_missing: bool = False, **options: Any) -> None:
         super().__init__(root, skip_missing, **options)
-        unknown = sorted(set(options) - set(self._known_options))
-        if unknown:
-            raise ValueError(f"{self.name}: unknown option(s) {', '.join(unknown)}; known: {', '.join(self._known_options)}")
         chosen = options.get("subtasks")
         self.explicit = chosen is not None
         if chosen is None:

@@ -56,13 +56,10 @@ class _Flickr30K(Task):
     """
 
     direction: str = ""  # "i2t" or "t2i", set by the registered subclasses
-    _known_options = ("split", "image_dir", "candidates", "prefilter", "topk")
+    option_names = ("split", "image_dir", "candidates", "prefilter", "topk")
 
     def __init__(self, root, skip_missing: bool = False, **options: Any) -> None:
         super().__init__(root, skip_missing, **options)
-        unknown = sorted(set(options) - set(self._known_options))
-        if unknown:
-            raise ValueError(f"{self.name}: unknown option(s) {', '.join(unknown)}; known: {', '.join(self._known_options)}")
         self.split = options.get("split", "test")
         if not isinstance(self.split, str) or not self.split:
             raise ValueError(f"{self.name}: option split must be a split name such as 'test', got {self.split!r}")

@@ -50,13 +50,10 @@ class Pets(Task):
     name = "pets"
     modes = ("i2t",)
     description = "Oxford-IIIT Pet: 37-way zero-shot breed classification, accuracy"
-    _known_options = ("split",)
+    option_names = ("split",)
 
     def __init__(self, root, skip_missing: bool = False, **options: Any) -> None:
         super().__init__(root, skip_missing, **options)
-        unknown = sorted(set(options) - set(self._known_options))
-        if unknown:
-            raise ValueError(f"{self.name}: unknown option(s) {', '.join(unknown)}; known: {', '.join(self._known_options)}")
         self.split = options.get("split", "all")
         if self.split not in SPLITS:
             raise ValueError(f"{self.name}: option split must be one of {', '.join(SPLITS)}, got {self.split!r}")

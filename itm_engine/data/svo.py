@@ -44,11 +44,6 @@ class SVOProbes(Task):
     modes = ("t2i",)
     description = "SVO-Probes text->image accuracy, overall and per negation type (subj/verb/obj)"
 
-    def __init__(self, root, skip_missing: bool = False, **options: Any) -> None:
-        super().__init__(root, skip_missing, **options)
-        if options:
-            raise ValueError(f"{self.name}: unknown option(s) {', '.join(sorted(options))}; this task takes none")
-
     def _rows(self) -> list[tuple[str, Any]]:
         file = next((f for f in FILES if (self.root / f).is_file()), FILES[0])
         if file.endswith(".jsonl"):

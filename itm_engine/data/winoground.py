@@ -34,11 +34,6 @@ class Winoground(Task):
     modes = ("i2t", "t2i")
     description = "Winoground: text, image and group scores, overall and per collapsed tag"
 
-    def __init__(self, root, skip_missing: bool = False, **options: Any) -> None:
-        super().__init__(root, skip_missing, **options)
-        if options:
-            raise ValueError(f"{self.name}: unknown option(s) {', '.join(sorted(options))}; this task takes none")
-
     def _rows(self) -> list[tuple[str, Any]]:
         if (self.root / "examples.jsonl").is_file() or not (self.root / "data.json").is_file():
             return self.read_jsonl("examples.jsonl")
