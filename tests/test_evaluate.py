@@ -180,3 +180,18 @@ def test_two_processes_through_accelerate_match_one(tmp_path):
     two, two_rows = read(sharded / "diffusion")
     assert two["counts"]["processes"] == 2
     assert two_rows == one_rows and two["metrics"] == one["metrics"]
+
+
+def test_flickr_with_the_clip_prefilter(tmp_path):
+    from test_prefilter import NAME, TINY
+
+    config = tmp_path / f"{NAME}.json"
+    config.write_text(json.dumps(TINY))
+    root = test_data_a.write_flickr30k(tmp_path / "data")
+    out = tmp_path / "out"
+    assert run_eval("--task", "flickr30k_i2t", "--data-root", root, "--out", out, "--prefilter", "clip", "--topk", "3",
+                    "--clip-model", NAME, "--clip-config", config, *FAST) == 0
+    results, rows = read(out / "diffusion")
+    assert results["config"]["prefilter"] == "clip"
+    assert all(len(row["scores"]["i2t"][0]) == 3 for row in rows)  # each image against its top-3 captions
+    assert set(results["metrics"]) == {"R@1", "R@5", "R@10"}

@@ -12,7 +12,6 @@ import torch
 import transformers
 
 from itm_engine.models import (
-    ARCHITECTURES,
     SDComponents,
     _architecture_configs,
     _clip_bpe,

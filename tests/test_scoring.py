@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from itm_engine import DiffusionITM, NoiseBank
+from itm_engine import DiffusionITM
 from itm_engine.models import build_random_components, load_components, save_random_model
 from itm_engine.naive import batched_pair_scores, naive_scores
 
