@@ -166,7 +166,8 @@ def evaluate(config: EvalConfig, out: Path, resume: bool = False, device: str = 
     torch_device = state.device if device == "auto" else torch.device(device)
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    _check_config(out / "config.json", config, resume, state.is_main_process)
+    if state.is_main_process:  # one process checks and writes, so the others cannot race it
+        _check_config(out / "config.json", config, resume)
     state.wait_for_everyone()
 
     task = load_task(config, torch_device)
@@ -218,7 +219,7 @@ def evaluate(config: EvalConfig, out: Path, resume: bool = False, device: str = 
     return results
 
 
-def _check_config(path: Path, config: EvalConfig, resume: bool, main: bool) -> None:
+def _check_config(path: Path, config: EvalConfig, resume: bool) -> None:
     """Refuse to mix runs: an existing output folder needs --resume and the same configuration."""
     if path.exists():
         stored = json.loads(path.read_text())
@@ -227,7 +228,7 @@ def _check_config(path: Path, config: EvalConfig, resume: bool, main: bool) -> N
         if stored != config.identity():
             changed = sorted(k for k in set(stored) | set(config.identity()) if stored.get(k) != config.identity().get(k))
             raise ValueError(f"--resume with a different configuration than {path} (changed: {', '.join(changed)})")
-    elif main:
+    else:
         path.write_text(json.dumps(config.identity(), indent=2) + "\n")
 
 

@@ -60,9 +60,10 @@ def test_topk_dispatch_checks_arguments():
 
 @pytest.mark.parametrize("chunk", [1, 7, 100, 4096])
 def test_reference_topk_streams_to_the_same_answer(chunk):
-    q, g = torch.randn(3, 16), torch.randn(100, 16)
+    gen = torch.Generator().manual_seed(chunk)
+    q, g = torch.randn(3, 16, generator=gen), torch.nn.functional.normalize(torch.randn(100, 16, generator=gen), dim=1)
     g[50] = g[20]  # a tie: index 20 must come first
-    q[0] = g[20]
+    q[0] = g[20]  # unit gallery rows: nothing beats the row equal to the query
     values, indices = kernels.reference.topk_similarity(q, g, 5, chunk_size=chunk)
     full = q @ g.T
     assert torch.allclose(values, full.topk(5).values)
