@@ -1,4 +1,4 @@
-"""Console entry points: `itm-bench` (and, as they land, `itm-eval` and `itm-train`).
+"""Console entry points: `itm-bench`, `itm-eval` and `itm-train`.
 
 Also runnable as `python -m itm_engine.cli bench ...`, which is how `accelerate launch -m
 itm_engine.cli ...` starts the distributed commands.
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = {"bench": "itm_engine.bench", "eval": "itm_engine.evaluate"}
+COMMANDS = {"bench": "itm_engine.bench", "eval": "itm_engine.evaluate", "train": "itm_engine.train"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +28,12 @@ def bench_command() -> int:
 
 def eval_command() -> int:
     from itm_engine import evaluate as module
+
+    return module.main()
+
+
+def train_command() -> int:
+    from itm_engine import train as module
 
     return module.main()
 

@@ -41,6 +41,8 @@ class EvalConfig:
     task: str
     data_root: str
     model: str = "tiny"
+    lora: str | None = None
+    lora_scale: float = 1.0
     scorer: str = "diffusion"
     mode: str = "auto"
     samples: int = 10
@@ -111,7 +113,8 @@ def build_scorer(config: EvalConfig, device: torch.device, batch_size: int | str
         return _clip_model(config, device, dtype).scorer()
     from itm_engine.scoring import DiffusionITM
 
-    return DiffusionITM.from_pretrained(config.model, device=device, dtype=dtype, batch_size=batch_size, kernels=kernels)
+    return DiffusionITM.from_pretrained(config.model, device=device, dtype=dtype, lora=config.lora,
+                                        lora_scale=config.lora_scale, batch_size=batch_size, kernels=kernels)
 
 
 def _clip_model(config: EvalConfig, device: torch.device, dtype: torch.dtype):
@@ -256,6 +259,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--task", required=True, help="a GDBench task name (an unknown name lists them)")
     parser.add_argument("--data-root", required=True)
     parser.add_argument("--model", default="tiny", help="diffusers folder, cached hub id, or tiny|sd15-arch|sd21-arch")
+    parser.add_argument("--lora", default=None, metavar="DIR",
+                        help="LoRA for the UNet: a folder (diffusers safetensors or the research code's .bin) or file")
+    parser.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (0: the base model)")
     parser.add_argument("--scorer", default="diffusion", help="diffusion, clip, or both: diffusion,clip")
     parser.add_argument("--mode", default="auto", choices=["auto", "i2t", "t2i"],
                         help="auto: the modes the task's metrics are defined on; i2t/t2i: force one for all")
@@ -312,11 +318,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"itm-eval: error: {err}", file=sys.stderr)
         return 2
     batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+    lora = str(Path(args.lora).expanduser().resolve()) if args.lora else None
     results = []
     try:
         for scorer in scorers:
             config = EvalConfig(
                 task=args.task, data_root=str(Path(args.data_root).expanduser().resolve()), model=args.model,
+                lora=lora if scorer == "diffusion" else None, lora_scale=args.lora_scale if scorer == "diffusion" else 1.0,
                 scorer=scorer, mode=args.mode, samples=args.samples, seed=args.seed, schedule=args.schedule,
                 candidates=args.candidates, prefilter=args.prefilter, topk=args.topk, clip_model=args.clip_model,
                 clip_pretrained=args.clip_pretrained, clip_config=args.clip_config, limit=args.limit,

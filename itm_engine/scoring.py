@@ -84,11 +84,23 @@ class DiffusionITM(PairScorer):
         source: str | os.PathLike,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        lora: str | os.PathLike | None = None,
+        lora_scale: float = 1.0,
         **options,
     ) -> "DiffusionITM":
         """Load from a diffusers folder, a hub id in the local HF cache, or a built-in
-        architecture ("tiny", "sd15-arch", "sd21-arch"); `options` go to `__init__`."""
-        return cls(load_components(source, device=device, dtype=dtype), **options)
+        architecture ("tiny", "sd15-arch", "sd21-arch"); `options` go to `__init__`.
+
+        lora: a LoRA checkpoint for the UNet (a folder or file: the diffusers format
+        `pytorch_lora_weights.safetensors`, or the research code's legacy `pytorch_lora_weights.bin`),
+        applied at `lora_scale` (0: the base model, 1: the fine-tuned one); see `itm_engine.lora`.
+        """
+        components = load_components(source, device=device, dtype=dtype)
+        if lora is not None:
+            from itm_engine.lora import load_lora  # imports peft: only when asked for
+
+            load_lora(components.unet, lora, lora_scale)
+        return cls(components, **options)
 
     def clear_cache(self) -> None:
         """Forget every cached latent and text embedding."""
