@@ -134,6 +134,7 @@ class Trainer:
         self.num_train_timesteps = self.components.scheduler.config.num_train_timesteps
         self.step = 0  # optimiser steps done
         self.log_file = out / "log.jsonl"
+        self.tensorboard = _tensorboard_writer(out / "tensorboard") if self.accelerator.is_main_process else None
 
     # -- data order -----------------------------------------------------------------------
 
@@ -260,9 +261,15 @@ class Trainer:
         return metrics.accuracy(scores, [0] * len(examples))
 
     def log(self, row: dict) -> None:
+        """Append the step's row to OUT/log.jsonl (and to TensorBoard when it is installed)."""
         if self.accelerator.is_main_process:
             with open(self.log_file, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
+            if self.tensorboard is not None:
+                for key, value in row.items():
+                    if key != "step":
+                        self.tensorboard.add_scalar(key, value, row["step"])
+                self.tensorboard.flush()
 
     def save_checkpoint(self) -> None:
         """Accelerate state (LoRA weights, optimiser, RNG) + step and config, atomically named."""
@@ -293,6 +300,17 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return None
         return save_lora(self.accelerator.unwrap_model(self.unet), self.out / "lora")
+
+
+def _tensorboard_writer(folder: Path):
+    """A TensorBoard SummaryWriter when the tensorboard package is installed, else None."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(folder))
 
 
 def parse_args(argv: list[str] | None) -> tuple[TrainConfig, Path, bool]:

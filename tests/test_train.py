@@ -166,3 +166,17 @@ def test_itm_train_then_itm_eval_with_the_lora(tmp_path):
                      "--samples", "2", "--no-progress", "--lora", str(out / "lora")]) == 0
     results = json.loads((tmp_path / "eval" / "diffusion" / "results.json").read_text())
     assert results["config"]["lora"] == str(out / "lora")
+
+
+def test_hard_image_negatives_from_clip_neighbours(tmp_path):
+    from test_prefilter import NAME, TINY
+
+    clip_config = tmp_path / f"{NAME}.json"
+    clip_config.write_text(json.dumps(TINY))
+    trainer = Trainer(config(write_pairs(tmp_path / "data"), negatives="hard-image", clip_neighbours=1, max_steps=1,
+                             clip_model=NAME, clip_config=str(clip_config)), tmp_path / "out")
+    negative = trainer.sampler.negative(0, epoch=0)
+    assert negative.kind == "hard-image" and negative.image != trainer.pairs[0].image
+    assert negative.caption == trainer.pairs[0].caption
+    rows = trainer.train()
+    assert rows[0]["loss"] < rows[0]["l_pos"]  # the negative term was subtracted
