@@ -364,17 +364,7 @@ class _Order(Task):
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{self.name}: option {key} must be a positive integer, got {value!r}")
-        self.image_dir = self._image_dir(options.get("image_dir"))
-
-    def _image_dir(self, value: Any) -> str:
-        if value is None:
-            return next((d for d in self.image_dirs if (self.root / d).is_dir()), self.image_dirs[0])
-        if not isinstance(value, (str, Path)):
-            raise ValueError(f"{self.name}: option image_dir must be a folder path, got {value!r}")
-        folder = (self.root / value).resolve()
-        if not folder.is_relative_to(self.root) or not folder.is_dir():
-            raise ValueError(f"{self.name}: option image_dir {str(value)!r} is not a folder inside {self.root}")
-        return str(folder.relative_to(self.root))
+        self.image_dir = self.image_folder(options.get("image_dir"), self.image_dirs)
 
     def _images(self) -> list[tuple[str, str, list[str]]]:
         """(where, image file name, captions) per image, in file order, from the first annotation

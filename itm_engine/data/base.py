@@ -130,6 +130,18 @@ class Task(abc.ABC):
             raise MissingData(f"{self.name}: {where}: missing image file {str(full)!r}")
         return str(full)
 
+    def image_folder(self, value: Any, defaults: Sequence[str]) -> str:
+        """The image folder, relative to the root: option `value` (checked to be a folder inside
+        the root), else the first of `defaults` that exists (else the first of them)."""
+        if value is None:
+            return next((d for d in defaults if (self.root / d).is_dir()), defaults[0])
+        if not isinstance(value, (str, os.PathLike)):
+            raise ValueError(f"{self.name}: option image_dir must be a folder path, got {value!r}")
+        folder = (self.root / value).resolve()
+        if not folder.is_relative_to(self.root) or not folder.is_dir():
+            raise ValueError(f"{self.name}: option image_dir {str(value)!r} is not a folder inside {self.root}")
+        return str(folder.relative_to(self.root))
+
     def examples_from(self, rows: Iterable[tuple[str, Any]], build) -> Iterable[Example]:
         """Yield `build(row)` for each (where, row); a row whose files are missing stops the run
         with a DataError, or with `skip_missing` is skipped and recorded in `self.skipped`."""

@@ -63,7 +63,7 @@ class _Flickr30K(Task):
         self.split = options.get("split", "test")
         if not isinstance(self.split, str) or not self.split:
             raise ValueError(f"{self.name}: option split must be a split name such as 'test', got {self.split!r}")
-        self.image_dir = self._image_dir(options.get("image_dir"))
+        self.image_dir = self.image_folder(options.get("image_dir"), IMAGE_DIRS)
         self.candidates, self.candidates_file = self._candidates(options.get("candidates", "all"))
         self.prefilter = options.get("prefilter")
         method = "topk_texts" if self.direction == "i2t" else "topk_images"
@@ -77,16 +77,6 @@ class _Flickr30K(Task):
         if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
             raise ValueError(f"{self.name}: option topk must be a positive integer, got {topk!r}")
         self.topk = {"all": None, "clip": topk or 10, "file": topk}[self.candidates]
-
-    def _image_dir(self, value: Any) -> str:
-        if value is None:
-            return next((d for d in IMAGE_DIRS if (self.root / d).is_dir()), IMAGE_DIRS[0])
-        if not isinstance(value, (str, Path)):
-            raise ValueError(f"{self.name}: option image_dir must be a folder path, got {value!r}")
-        folder = (self.root / value).resolve()
-        if not folder.is_relative_to(self.root) or not folder.is_dir():
-            raise ValueError(f"{self.name}: option image_dir {str(value)!r} is not a folder inside {self.root}")
-        return str(folder.relative_to(self.root))
 
     def _candidates(self, value: Any) -> tuple[str, Path | None]:
         if value in ("all", "clip"):
