@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -180,3 +181,24 @@ def test_hard_image_negatives_from_clip_neighbours(tmp_path):
     assert negative.caption == trainer.pairs[0].caption
     rows = trainer.train()
     assert rows[0]["loss"] < rows[0]["l_pos"]  # the negative term was subtracted
+
+
+def test_gradient_checkpointing_gives_the_same_step(tmp_path):
+    data = write_pairs(tmp_path / "data")
+    plain = Trainer(config(data, max_steps=2), tmp_path / "plain").train()
+    checkpointed = Trainer(config(data, max_steps=2, gradient_checkpointing=True), tmp_path / "ckpt").train()
+    for a, b in zip(plain, checkpointed):
+        assert b["l_pos"] == pytest.approx(a["l_pos"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
+def test_bf16_mixed_precision_runs_and_stays_close(tmp_path):
+    """Accelerate's state is one per process: the bf16 run gets its own process."""
+    data = write_pairs(tmp_path / "data")
+    full = Trainer(config(data, max_steps=1), tmp_path / "fp32").train()
+    subprocess.run([sys.executable, "-m", "itm_engine.cli", "train", "--data", str(data), "--out", str(tmp_path / "bf16"),
+                    "--max-steps", "1", "--batch-size", "4", "--grad-accum", "1", "--lr", "0.001", "--negatives", "hard-text",
+                    "--checkpoint-every", "1000", "--val-every", "1000", "--epochs", "100", "--mixed-precision", "bf16"],
+                   check=True, capture_output=True)
+    mixed = [json.loads(line) for line in (tmp_path / "bf16" / "log.jsonl").read_text().splitlines()]
+    assert math.isfinite(mixed[0]["loss"]) and mixed[0]["l_pos"] == pytest.approx(full[0]["l_pos"], rel=3e-2)
