@@ -472,22 +472,7 @@ def _coco_captions(task: str, file: str, data: dict) -> list[tuple[str, str, lis
     return [r for r in rows.values() if r[2]]
 
 
-@register
-class COCOOrder(_Order):
-    """ARO COCO-Order: the caption against four word-order perturbations of it.
-
-    Layout::
-
-        ROOT/coco_karpathy_test.json   ARO's file (Karpathy test split, 5,000 images):
-                                       [{"image": "val2014/COCO_val2014_...jpg",
-                                         "caption": [...]}], or
-        ROOT/dataset_coco.json         Karpathy's split file (its "test" images), or
-        ROOT/captions_val2014.json     the COCO captions file (or ROOT/annotations/...):
-                                       {"images": [{"id", "file_name"}],
-                                        "annotations": [{"image_id", "caption"}]}
-                                       (every image in it: 40,504 for val2014)
-        ROOT/val2014/                  the images, by file name (or ROOT/images/)
-
+_ORDER_DOC = """
     The first annotation file present is read. Example (one per caption, id = "{image file
     name}#{caption index}"): images = (the image,), texts = (the caption, then its four
     perturbations in ARO's order: shuffle_nouns_and_adj, shuffle_allbut_nouns_and_adj,
@@ -508,8 +493,28 @@ class COCOOrder(_Order):
         max_words: truncate captions to this many words (default 30, as ARO).
         image_dir: the image folder, relative to ROOT (default: the first of the layout's
             image folders that exists).
+"""
+
+
+@register
+class COCOOrder(_Order):
+    """ARO COCO-Order: the caption against four word-order perturbations of it.
+
+    Layout::
+
+        ROOT/coco_karpathy_test.json   ARO's file (Karpathy test split, 5,000 images):
+                                       [{"image": "val2014/COCO_val2014_...jpg",
+                                         "caption": [...]}], or
+        ROOT/dataset_coco.json         Karpathy's split file (its "test" images), or
+        ROOT/captions_val2014.json     the COCO captions file (or ROOT/annotations/...):
+                                       {"images": [{"id", "file_name"}],
+                                        "annotations": [{"image_id", "caption"}]}
+                                       (every image in it: 40,504 for val2014)
+        ROOT/val2014/                  the images, by file name (or ROOT/images/)
+
     """
 
+    __doc__ += _ORDER_DOC
     name = "coco_order"
     description = "ARO COCO-Order: caption vs four word-order perturbations, accuracy"
     annotation_files = ("coco_karpathy_test.json", "dataset_coco.json", "captions_val2014.json",
@@ -528,28 +533,9 @@ class Flickr30KOrder(_Order):
         ROOT/dataset_flickr30k.json    Karpathy's split file (its "test" images)
         ROOT/flickr30k-images/         the images, by file name (or ROOT/images/)
 
-    The first annotation file present is read. Example (one per caption, id = "{image file
-    name}#{caption index}"): images = (the image,), texts = (the caption, then its four
-    perturbations in ARO's order: shuffle_nouns_and_adj, shuffle_allbut_nouns_and_adj,
-    shuffle_within_trigrams, shuffle_trigrams), label 0. Metric: "accuracy" (ARO's
-    Precision@1; a tie with a perturbation counts as wrong).
-
-    Captions are normalised as ARO does (lower case, . ! " ( ) * # : ; ~ removed, single spaces,
-    at most `max_words` words), then perturbed; words are the space-separated tokens (a comma
-    stays attached to its word), so every perturbation is a permutation of the caption's words.
-    ARO perturbs spaCy/NLTK tokens of the raw caption, then normalises; the part-of-speech tags
-    here come from a built-in lexicon (see `word_class`). The perturbations of a caption depend
-    on (option seed, example id) only (see `perturbations`); one that cannot differ from the
-    caption (e.g. a single noun to shuffle) is kept equal to it.
-
-    Options:
-        seed: the perturbation seed (default 0).
-        limit_captions: use only the first N captions of each image (default: all, as ARO).
-        max_words: truncate captions to this many words (default 30, as ARO).
-        image_dir: the image folder, relative to ROOT (default: the first of the layout's
-            image folders that exists).
     """
 
+    __doc__ += _ORDER_DOC
     name = "flickr30k_order"
     description = "ARO Flickr30K-Order: caption vs four word-order perturbations, accuracy"
     annotation_files = ("flickr30k_test.json", "dataset_flickr30k.json")
