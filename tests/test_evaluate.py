@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 
 from itm_engine import cli
 from itm_engine.data import get_task
+from itm_engine.data.shapes import write_shapesworld
 
 import test_data_a
 import test_data_b
@@ -36,6 +38,9 @@ TASKS = {
     "clevr": (test_data_b.write_clevr, ["--task-option", "subtasks=spatial,recognition_color"]),
     "pets": (test_data_b.write_pets, []),
     "bias": (test_data_b.write_bias, []),
+    "shapes": (partial(write_shapesworld, n=1, size=32), []),
+    "shapes_t2i": (partial(write_shapesworld, n=1, size=32), []),
+    "shapes_retrieval": (partial(write_shapesworld, n=1, size=32), []),
 }
 
 

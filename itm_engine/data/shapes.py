@@ -1,0 +1,398 @@
+"""ShapesWorld: a procedural image-caption world with the compositional structure of GDBench's
+CLEVR subtasks, generated from a seed (nothing to download), and its evaluation tasks.
+
+World. An image (default 64 x 64 px, grey background, no anti-aliasing) holds one or two objects;
+an object has a colour (`COLORS`, named RGB), a shape (`SHAPES`), a size (`SIZES`: small/large)
+and a centre in pixels. Two objects are separated along one axis and nearly aligned on the other,
+so exactly one relation (`RELATIONS`: left of / right of / above / below) holds between them.
+
+Captions (a small grammar, one form per subtask; the negatives edit exactly one attribute)::
+
+    recognition_color / recognition_shape   "a small red circle"          neg: other colour / shape
+    binding_color_shape                     "a red circle and a blue square"      neg: colours swapped
+    binding_shape_color                     "a circle that is red and a square that is blue"
+                                                                                 neg: shapes swapped
+    pair_binding_color / pair_binding_size  "a large red circle and a small blue circle"
+                                                                         neg: colours / sizes swapped
+    spatial                                 "a red circle left of a blue square"   neg: relation flipped
+
+Every negative caption is the caption of a negative *scene* (the positive scene with that one
+attribute edited; a flipped relation swaps the two objects' positions), so the same example
+serves image->text (one image, k captions) and text->image (one caption, k images).
+
+Splits (disjoint by construction, not by chance):
+    - seeds: split `s` with seed `k` draws from `random.Random(SPLIT_SEEDS[s] + k)`;
+    - images: a scene's *placement bucket* is crc32 of its sorted object centres mod 10; "train"
+      keeps scenes in buckets 0-6, "val" in 7, "test" in 8, "compositional" in 9. Edits (colour,
+      shape, size, swapped positions) keep the set of centres, so no image of one split, negatives
+      included, can equal an image of another;
+    - compositional: the colour-shape combinations in `HELD_OUT_COMBOS` never appear in the
+      "train" split (not in positives, negative captions or negative images); in the
+      "compositional" split every object of every positive scene has a held-out combination
+      (its negatives may use any). Report it separately: it measures generalisation.
+
+On disk (`write_shapesworld`, or `python -m itm_engine.data.shapes --out DIR`)::
+
+    ROOT/examples.json   {"split", "seed", "size", "held_out_combos", "examples": [{"id",
+                         "subtask", "image", "caption", "objects", "negatives": [{"image",
+                         "caption", "objects"}, ...]}, ...]}
+    ROOT/images/*.png    the positive and negative scenes, by the paths named above
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import zlib
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import PIL.Image
+import PIL.ImageDraw
+import torch
+
+from itm_engine.data import register
+from itm_engine.data.base import DataError, Example, Task, require
+from itm_engine.metrics import grouped_accuracy, is_correct, macro_accuracy, recall_at_k
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 230),
+    "yellow": (240, 220, 30), "purple": (140, 40, 190), "orange": (245, 130, 20),
+}
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+SIZES = {"small": 0.2, "large": 0.36}  # diameter as a fraction of the image side
+RELATIONS = ("left of", "right of", "above", "below")
+BACKGROUND = (128, 128, 128)
+SUBTASKS = ("recognition_color", "recognition_shape", "binding_color_shape", "binding_shape_color",
+            "pair_binding_color", "pair_binding_size", "spatial")
+# never in "train"; each colour keeps 4 training shapes, and two shapes (triangle, circle) are held
+# out in two colours each so that the pair subtasks exist in the compositional split
+HELD_OUT_COMBOS = frozenset({("red", "triangle"), ("blue", "triangle"), ("green", "circle"),
+                             ("yellow", "circle"), ("purple", "square"), ("orange", "diamond")})
+SPLIT_SEEDS = {"train": 0, "val": 1_000_003, "test": 2_000_003, "compositional": 3_000_017}
+SPLIT_BUCKETS = {"train": range(0, 7), "val": range(7, 8), "test": range(8, 9), "compositional": range(9, 10)}
+
+
+@dataclass(frozen=True)
+class Obj:
+    """One object: attributes and its centre in pixels."""
+
+    color: str
+    shape: str
+    size: str
+    x: int
+    y: int
+
+
+Scene = tuple[Obj, ...]
+
+
+# -- rendering and captions --------------------------------------------------------------------
+
+def render(scene: Scene, size: int = 64) -> PIL.Image.Image:
+    """The scene as an RGB image [size x size], drawn without anti-aliasing (exact colours)."""
+    image = PIL.Image.new("RGB", (size, size), BACKGROUND)
+    draw = PIL.ImageDraw.Draw(image)
+    for o in scene:
+        r, fill, x, y = SIZES[o.size] * size / 2, COLORS[o.color], o.x, o.y
+        if o.shape == "circle":
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+        elif o.shape == "square":
+            s = r * 0.85
+            draw.rectangle((x - s, y - s, x + s, y + s), fill=fill)
+        elif o.shape == "triangle":
+            draw.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=fill)
+        elif o.shape == "diamond":
+            draw.polygon([(x, y - r), (x + r, y), (x, y + r), (x - r, y)], fill=fill)
+        else:  # cross
+            t = r / 3
+            draw.rectangle((x - r, y - t, x + r, y + t), fill=fill)
+            draw.rectangle((x - t, y - r, x + t, y + r), fill=fill)
+    return image
+
+
+def relation(a: Obj, b: Obj) -> str:
+    """Where `a` is relative to `b`, along the axis on which they are further apart."""
+    dx, dy = a.x - b.x, a.y - b.y
+    if abs(dx) >= abs(dy):
+        return "left of" if dx < 0 else "right of"
+    return "above" if dy < 0 else "below"
+
+
+def caption(scene: Scene, subtask: str) -> str:
+    """The caption of `scene` in the grammar form of `subtask` (see the module docstring)."""
+    a = scene[0]
+    if subtask.startswith("recognition"):
+        return f"a {a.size} {a.color} {a.shape}"
+    b = scene[1]
+    if subtask == "binding_color_shape":
+        return f"a {a.color} {a.shape} and a {b.color} {b.shape}"
+    if subtask == "binding_shape_color":
+        return f"a {a.shape} that is {a.color} and a {b.shape} that is {b.color}"
+    if subtask.startswith("pair_binding"):
+        return f"a {a.size} {a.color} {a.shape} and a {b.size} {b.color} {b.shape}"
+    if subtask == "spatial":
+        return f"a {a.color} {a.shape} {relation(a, b)} a {b.color} {b.shape}"
+    raise ValueError(f"unknown subtask {subtask!r}; known: {', '.join(SUBTASKS)}")
+
+
+# -- sampling ----------------------------------------------------------------------------------
+
+def bucket(scene: Scene) -> int:
+    """Placement bucket 0-9: a hash of the (unordered) object centres; edits keep it."""
+    return zlib.crc32(repr(sorted((o.x, o.y) for o in scene)).encode()) % 10
+
+
+def _centres(rng: random.Random, n: int, size: int) -> list[tuple[int, int]]:
+    """n centres that keep any object (small or large) inside the image; two objects are >= 0.42
+    of the side apart on one axis and <= 0.12 apart on the other (one clear relation, no overlap)."""
+    lo, hi = int(SIZES["large"] * size / 2) + 1, size - int(SIZES["large"] * size / 2) - 2
+    if n == 1:
+        return [(rng.randint(lo, hi), rng.randint(lo, hi))]
+    gap, slack = round(0.42 * size), round(0.12 * size)
+    main0 = rng.randint(lo, hi - gap)
+    main1 = rng.randint(main0 + gap, hi)
+    cross0 = rng.randint(lo, hi)
+    cross1 = min(hi, max(lo, cross0 + rng.randint(-slack, slack)))
+    pair = [(main0, cross0), (main1, cross1)]
+    rng.shuffle(pair)
+    if rng.random() < 0.5:  # vertical instead of horizontal
+        pair = [(c, m) for m, c in pair]
+    return pair
+
+
+def _combos(rng: random.Random, split: str, n: int, same_shape: bool) -> list[tuple[str, str]]:
+    """n distinct colour-shape combos allowed as positives in `split` (distinct colours; shapes
+    equal when `same_shape`, else distinct for two objects)."""
+    pool = sorted(HELD_OUT_COMBOS) if split == "compositional" else \
+        [(c, s) for c in COLORS for s in SHAPES if (c, s) not in HELD_OUT_COMBOS]
+    while True:
+        picked = rng.sample(pool, n)
+        if n == 1 or (picked[0][0] != picked[1][0] and (picked[0][1] == picked[1][1]) == same_shape):
+            return picked
+
+
+def _negatives(scene: Scene, subtask: str) -> list[Scene]:
+    """The scenes that differ from `scene` in exactly the attribute `subtask` probes."""
+    a = scene[0]
+    if subtask == "recognition_color":
+        return [(replace(a, color=c),) for c in COLORS if c != a.color]
+    if subtask == "recognition_shape":
+        return [(replace(a, shape=s),) for s in SHAPES if s != a.shape]
+    b = scene[1]
+    if subtask in ("binding_color_shape", "pair_binding_color"):
+        return [(replace(a, color=b.color), replace(b, color=a.color))]
+    if subtask == "binding_shape_color":
+        return [(replace(a, shape=b.shape), replace(b, shape=a.shape))]
+    if subtask == "pair_binding_size":
+        return [(replace(a, size=b.size), replace(b, size=a.size))]
+    return [(replace(a, x=b.x, y=b.y), replace(b, x=a.x, y=a.y))]  # spatial: the relation flips
+
+
+def sample_example(rng: random.Random, subtask: str, split: str = "train", size: int = 64) -> tuple[Scene, list[Scene]]:
+    """A positive scene of `split` for `subtask` and its negative scenes (rejection sampling)."""
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLIT_SEEDS)}")
+    two = not subtask.startswith("recognition")
+    while True:
+        combos = _combos(rng, split, 2 if two else 1, same_shape=subtask.startswith("pair_binding"))
+        sizes = ["small", "large"] if subtask.startswith("pair_binding") else \
+            [rng.choice(list(SIZES)) for _ in combos]
+        rng.shuffle(sizes)
+        scene = tuple(Obj(c, s, z, x, y) for (c, s), z, (x, y) in zip(combos, sizes, _centres(rng, len(combos), size)))
+        if bucket(scene) not in SPLIT_BUCKETS[split]:
+            continue
+        negatives = _negatives(scene, subtask)
+        if split == "train":  # a held-out combination never appears in training, not even as a negative
+            negatives = [n for n in negatives if all((o.color, o.shape) not in HELD_OUT_COMBOS for o in n)]
+        if negatives and all(caption(n, subtask) != caption(scene, subtask) for n in negatives):
+            return scene, negatives
+
+
+def write_shapesworld(root, split: str = "test", n: int = 50, seed: int = 0, size: int = 64,
+                      subtasks: Sequence[str] = SUBTASKS) -> Path:
+    """Generate `n` examples per subtask of `split` into `root` (images/ + examples.json); returns root.
+
+    The same (split, n, seed, size, subtasks) always writes the same files."""
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLIT_SEEDS)}")
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(SPLIT_SEEDS[split] + seed)
+
+    def save(scene: Scene, name: str) -> str:
+        relative = f"images/{name}.png"
+        render(scene, size).save(root / relative)
+        return relative
+
+    examples = []
+    for subtask in subtasks:
+        for k in range(n):
+            scene, negatives = sample_example(rng, subtask, split, size)
+            stem = f"{subtask}_{k:05d}"
+            examples.append({
+                "id": f"{subtask}/{k:05d}", "subtask": subtask, "image": save(scene, stem),
+                "caption": caption(scene, subtask), "objects": [asdict(o) for o in scene],
+                "negatives": [{"image": save(neg, f"{stem}_neg{j}"), "caption": caption(neg, subtask),
+                               "objects": [asdict(o) for o in neg]} for j, neg in enumerate(negatives)],
+            })
+    meta = {"split": split, "seed": seed, "size": size, "held_out_combos": sorted(HELD_OUT_COMBOS),
+            "examples": examples}
+    (root / "examples.json").write_text(json.dumps(meta, indent=1))
+    return root
+
+
+# -- tasks -------------------------------------------------------------------------------------
+
+class _Shapes(Task):
+    """Reads ROOT/examples.json written by `write_shapesworld` (layout: module docstring).
+
+    Options:
+        subtasks: the subtasks to load, a list or a comma-separated string (default: all present).
+    """
+
+    option_names = ("subtasks",)
+
+    def __init__(self, root, skip_missing: bool = False, **options: Any) -> None:
+        super().__init__(root, skip_missing, **options)
+        chosen = options.get("subtasks")
+        names = [s.strip() for s in chosen.split(",")] if isinstance(chosen, str) else chosen
+        if names is not None and (not isinstance(names, (list, tuple)) or not names
+                                  or any(s not in SUBTASKS for s in names)):
+            raise ValueError(f"{self.name}: option subtasks must name some of {', '.join(SUBTASKS)}, got {chosen!r}")
+        self.subtasks = tuple(names) if names else SUBTASKS
+
+    def rows(self) -> list[tuple[str, dict]]:
+        """(where, row) of each example of the chosen subtasks, validated (files not checked)."""
+        data = self.read_json("examples.json")
+        if not isinstance(data, dict) or not isinstance(data.get("examples"), list):
+            raise DataError(f"{self.name}: examples.json: expected an object with an 'examples' list")
+        rows = []
+        for i, row in enumerate(data["examples"]):
+            where = f"examples.json examples[{i}]"
+            require(row, ("id", "subtask", "image", "caption", "negatives"), where, self.name)
+            if not isinstance(row["negatives"], list) or not row["negatives"]:
+                raise DataError(f"{self.name}: {where}: malformed row: negatives must be a non-empty list")
+            for j, neg in enumerate(row["negatives"]):
+                require(neg, ("image", "caption"), f"{where} negatives[{j}]", self.name)
+            if row["subtask"] in self.subtasks:
+                rows.append((where, row))
+        return rows
+
+    def load_examples(self) -> Iterable[Example]:
+        return list(self.examples_from(self.rows(), self.build))  # `build`: one Example per row
+
+    def metrics(self, examples: Sequence[Example], scores: dict[str, Sequence[torch.Tensor]]) -> dict[str, float]:
+        """"accuracy" (micro), "accuracy/macro" (mean over subtasks), "accuracy/<subtask>"; the
+        correct candidate must score strictly highest (a tie is wrong)."""
+        matrices = scores[self.modes[0]]
+        if len(matrices) != len(examples) or not examples:
+            raise ValueError(f"{self.name}: {len(matrices)} score matrices for {len(examples)} examples")
+        correct = [is_correct(s.reshape(-1), ex.label) for ex, s in zip(examples, matrices)]
+        subtasks = [ex.meta["subtask"] for ex in examples]
+        out = {"accuracy": sum(correct) / len(correct), "accuracy/macro": macro_accuracy(correct, subtasks)}
+        out.update({f"accuracy/{s}": v for s, v in grouped_accuracy(correct, subtasks).items()})
+        return out
+
+
+@register
+class ShapesI2T(_Shapes):
+    """ShapesWorld image->text: one image against its positive and hard-negative captions.
+
+    Example (id = the row's id): images = (scene,), texts = (positive, *negatives), label 0,
+    meta {"subtask"}. Chance: 1/(1 + #negatives) (1/6 or 1/5 for recognition, 1/2 otherwise).
+    """
+
+    name = "shapes"
+    modes = ("i2t",)
+    description = "ShapesWorld: image vs positive and hard-negative captions, accuracy per subtask"
+
+    def build(self, row: dict) -> Example:
+        return Example(id=row["id"], images=(self.path(row["image"], row["id"]),),
+                       texts=(row["caption"], *(n["caption"] for n in row["negatives"])), label=0,
+                       meta={"subtask": row["subtask"]})
+
+
+@register
+class ShapesT2I(_Shapes):
+    """ShapesWorld text->image: the positive caption against the positive image and the negative
+    scenes' images (each differs from it in the one attribute the subtask probes).
+
+    Example (id = the row's id): images = (scene, *negative scenes), texts = (caption,), label 0,
+    meta {"subtask"}.
+    """
+
+    name = "shapes_t2i"
+    modes = ("t2i",)
+    description = "ShapesWorld: caption vs images differing in one attribute, accuracy per subtask"
+
+    def build(self, row: dict) -> Example:
+        images = [self.path(row["image"], row["id"])]
+        images += [self.path(n["image"], f"{row['id']} negatives[{j}]") for j, n in enumerate(row["negatives"])]
+        return Example(id=row["id"], images=tuple(images), texts=(row["caption"],), label=0,
+                       meta={"subtask": row["subtask"]})
+
+
+@register
+class ShapesRetrieval(_Shapes):
+    """ShapesWorld retrieval, like Flickr30K: the positive images of the first `pool` examples
+    (taking the subtasks in turn) against their distinct positive captions, all candidates, both directions.
+
+    One example (id "pool{n}"): images = the n images, texts = the distinct captions; label
+    {"i2t": [[caption index] per image], "t2i": [[indices of the images with that caption] per
+    caption]}. Options: subtasks, pool (default 100). Metrics: "i2t/R@1", "i2t/R@5", "t2i/R@1",
+    "t2i/R@5" (`metrics.recall_at_k`, ties count against).
+    """
+
+    name = "shapes_retrieval"
+    modes = ("i2t", "t2i")
+    description = "ShapesWorld: N images x N captions, R@1/R@5 image->text and text->image"
+    option_names = ("subtasks", "pool")
+    ks = (1, 5)
+
+    def __init__(self, root, skip_missing: bool = False, **options: Any) -> None:
+        super().__init__(root, skip_missing, **options)
+        self.pool = options.get("pool", 100)
+        if isinstance(self.pool, bool) or not isinstance(self.pool, int) or self.pool < 2:
+            raise ValueError(f"{self.name}: option pool must be an integer >= 2, got {self.pool!r}")
+
+    def load_examples(self) -> Iterable[Example]:
+        turn: dict[str, int] = {}  # the k-th example of each subtask comes before any (k+1)-th
+        keyed = []
+        for item in self.rows():
+            subtask = item[1]["subtask"]
+            keyed.append((turn.get(subtask, 0), item))
+            turn[subtask] = turn.get(subtask, 0) + 1
+        rows = [item for _, item in sorted(keyed, key=lambda k: k[0])][: self.pool]
+        rows = list(self.examples_from(rows, lambda r: (self.path(r["image"], r["id"]), r["caption"])))
+        texts = list(dict.fromkeys(text for _, text in rows))
+        label = {"i2t": [[texts.index(text)] for _, text in rows],
+                 "t2i": [[i for i, (_, t) in enumerate(rows) if t == text] for text in texts]}
+        return [Example(id=f"pool{len(rows)}", images=tuple(image for image, _ in rows), texts=tuple(texts),
+                        label=label)]
+
+    def metrics(self, examples: Sequence[Example], scores: dict[str, Sequence[torch.Tensor]]) -> dict[str, float]:
+        if len(examples) != 1 or any(len(scores[m]) != 1 for m in self.modes):
+            raise ValueError(f"{self.name}: expected one example with one matrix per mode")
+        label = examples[0].label
+        out = {f"i2t/{k}": v for k, v in recall_at_k(scores["i2t"][0], label["i2t"], self.ks).items()}
+        out.update({f"t2i/{k}": v for k, v in recall_at_k(scores["t2i"][0].T, label["t2i"], self.ks).items()})
+        return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m itm_engine.data.shapes --out DIR [--split test] [--n 50] [--seed 0] [--size 64]`."""
+    parser = argparse.ArgumentParser(description="Generate a ShapesWorld split for itm-eval --task shapes*")
+    parser.add_argument("--out", required=True, help="the data root to write (images/ + examples.json)")
+    parser.add_argument("--split", default="test", choices=list(SPLIT_SEEDS))
+    parser.add_argument("--n", type=int, default=50, help="examples per subtask")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
+    args = parser.parse_args(argv)
+    root = write_shapesworld(args.out, args.split, args.n, args.seed, args.size)
+    print(f"wrote {args.n * len(SUBTASKS)} {args.split} examples to {root}")
+
+
+if __name__ == "__main__":
+    main()

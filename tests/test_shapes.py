@@ -1,0 +1,182 @@
+"""ShapesWorld: the generator (seeded, splits disjoint, captions true to the pixels, one-attribute
+negatives) and its tasks (loading, metrics on hand-made scores)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from itm_engine.data import get_task
+from itm_engine.data import shapes
+from itm_engine.data.shapes import COLORS, HELD_OUT_COMBOS, RELATIONS, SHAPES, SIZES, SUBTASKS, write_shapesworld
+
+PROBED = {"recognition_color": "color", "recognition_shape": "shape", "binding_color_shape": "color",
+          "binding_shape_color": "shape", "pair_binding_color": "color", "pair_binding_size": "size",
+          "spatial": "position"}
+VOCAB = {"color": set(COLORS), "shape": set(SHAPES), "size": set(SIZES),
+         "position": {w for r in RELATIONS for w in r.split()}}
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory) -> dict[str, dict]:
+    base = tmp_path_factory.mktemp("shapes")
+    out = {}
+    for split in ("train", "test", "compositional"):
+        root = write_shapesworld(base / split, split=split, n=12, seed=0, size=48)
+        out[split] = {"root": root, **json.loads((root / "examples.json").read_text())}
+    return out
+
+
+def digests(root: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((root / "images").iterdir())}
+
+
+def combos(objects) -> set[tuple[str, str]]:
+    return {(o["color"], o["shape"]) for o in objects}
+
+
+def test_the_same_seed_writes_the_same_files_and_another_seed_does_not(tmp_path, splits):
+    again = write_shapesworld(tmp_path / "a", split="test", n=12, seed=0, size=48)
+    assert (again / "examples.json").read_text() == (splits["test"]["root"] / "examples.json").read_text()
+    assert digests(again) == digests(splits["test"]["root"])
+    other = write_shapesworld(tmp_path / "b", split="test", n=12, seed=1, size=48)
+    assert digests(other) != digests(again)
+
+
+def test_train_and_held_out_splits_share_no_image(splits):
+    train = set(digests(splits["train"]["root"]).values())
+    for split in ("test", "compositional"):
+        assert not train & set(digests(splits[split]["root"]).values())
+    # structurally, not by luck: every scene, negatives included, sits in its split's placement buckets
+    for split, buckets in (("train", range(7)), ("test", range(8, 9)), ("compositional", range(9, 10))):
+        for ex in splits[split]["examples"]:
+            for objects in [ex["objects"], *(n["objects"] for n in ex["negatives"])]:
+                assert shapes.bucket(tuple(shapes.Obj(**o) for o in objects)) in buckets
+
+
+def test_compositional_split_uses_only_held_out_combos_and_train_never_does(splits):
+    seen = set()
+    for ex in splits["compositional"]["examples"]:
+        assert combos(ex["objects"]) <= HELD_OUT_COMBOS
+        seen |= combos(ex["objects"])
+    assert len(seen) > 3
+    for ex in splits["train"]["examples"]:
+        for objects in [ex["objects"], *(n["objects"] for n in ex["negatives"])]:
+            assert not combos(objects) & HELD_OUT_COMBOS
+        assert not any(f"{c} {s}" in text or f"{s} that is {c}" in text for c, s in HELD_OUT_COMBOS
+                       for text in [ex["caption"], *(n["caption"] for n in ex["negatives"])])
+
+
+def test_captions_match_the_drawn_pixels(splits):
+    root = splits["test"]["root"]
+    for ex in splits["test"]["examples"]:
+        image = PIL.Image.open(root / ex["image"]).convert("RGB")
+        array = np.asarray(image)
+        pixels = Counter(map(tuple, array.reshape(-1, 3).tolist()))
+        pixels.pop(shapes.BACKGROUND)
+        drawn = {rgb for rgb, _ in pixels.most_common()}
+        assert drawn == {COLORS[o["color"]] for o in ex["objects"]}  # no anti-aliasing: exact colours only
+        if ex["subtask"].startswith("recognition"):
+            colour, shape = ex["caption"].split()[2:]
+            assert pixels.most_common(1)[0][0] == COLORS[colour] and shape == ex["objects"][0]["shape"]
+        if ex["subtask"] == "pair_binding_size":  # the caption's large object covers more pixels
+            words = ex["caption"].split()
+            large, small = (words[2], words[7]) if words[1] == "large" else (words[7], words[2])
+            assert pixels[COLORS[large]] > pixels[COLORS[small]]
+        if ex["subtask"] == "spatial":  # the caption's relation holds between the colours' centroids
+            a, b = (ex["objects"][0]["color"], ex["objects"][1]["color"])
+            (ay, ax), (by, bx) = (np.argwhere((array == COLORS[c]).all(-1)).mean(0) for c in (a, b))
+            relation = next(r for r in RELATIONS if f" {r} " in ex["caption"])
+            holds = {"left of": ax < bx, "right of": ax > bx, "above": ay < by, "below": ay > by}[relation]
+            assert holds and (abs(ax - bx) > abs(ay - by)) == relation.endswith(" of")
+
+
+def test_each_negative_differs_from_the_positive_in_exactly_the_probed_attribute(splits):
+    for split in ("train", "test", "compositional"):
+        for ex in splits[split]["examples"]:
+            probed = PROBED[ex["subtask"]]
+            for neg in ex["negatives"]:
+                pos_words, neg_words = ex["caption"].split(), neg["caption"].split()
+                changed = [(p, n) for p, n in zip(pos_words, neg_words) if p != n]
+                assert len(pos_words) == len(neg_words) and changed
+                assert all(p in VOCAB[probed] and n in VOCAB[probed] for p, n in changed), (ex, neg)
+                for p, n in zip(ex["objects"], neg["objects"]):  # the scenes too
+                    keys = {"position": ("x", "y")}.get(probed, (probed,))
+                    assert {k: v for k, v in p.items() if k not in keys} == {k: v for k, v in n.items() if k not in keys}
+        assert {ex["subtask"] for ex in splits[split]["examples"]} == set(SUBTASKS)
+
+
+def test_recognition_negatives_cover_every_other_value_outside_train(splits):
+    for ex in splits["test"]["examples"]:
+        if ex["subtask"] == "recognition_color":
+            assert len(ex["negatives"]) == len(COLORS) - 1
+        if ex["subtask"] == "recognition_shape":
+            assert len(ex["negatives"]) == len(SHAPES) - 1
+
+
+def test_image_size_is_an_option(tmp_path):
+    root = write_shapesworld(tmp_path, n=1, size=32, subtasks=("spatial",))
+    assert PIL.Image.open(next((root / "images").iterdir())).size == (32, 32)
+    with pytest.raises(ValueError, match="unknown split"):
+        write_shapesworld(tmp_path, split="nope")
+    with pytest.raises(ValueError, match="unknown split"):
+        shapes.sample_example(random.Random(0), "spatial", "nope")
+
+
+def test_tasks_load_and_score_hand_made_matrices(splits):
+    root = splits["test"]["root"]
+    i2t = get_task("shapes", root)
+    assert len(i2t.examples) == 12 * len(SUBTASKS)
+    first = i2t.examples[0]
+    assert first.label == 0 and len(first.images) == 1 and first.texts[0] == splits["test"]["examples"][0]["caption"]
+    # right on recognition_color (positive highest), a tie on spatial (wrong), wrong elsewhere
+    scores = []
+    for ex in i2t.examples:
+        s = torch.zeros(1, len(ex.texts))
+        if ex.meta["subtask"] == "recognition_color":
+            s[0, 0] = 1.0
+        elif ex.meta["subtask"] != "spatial":
+            s[0, -1] = 1.0
+        scores.append(s)
+    metrics = i2t.metrics(i2t.examples, {"i2t": scores})
+    assert metrics["accuracy/recognition_color"] == 1.0 and metrics["accuracy/spatial"] == 0.0
+    assert metrics["accuracy"] == pytest.approx(1 / 7) and metrics["accuracy/macro"] == pytest.approx(1 / 7)
+    assert set(metrics) == {"accuracy", "accuracy/macro", *(f"accuracy/{s}" for s in SUBTASKS)}
+
+    t2i = get_task("shapes_t2i", root, subtasks="spatial,recognition_shape")
+    assert {ex.meta["subtask"] for ex in t2i.examples} == {"spatial", "recognition_shape"}
+    ex = t2i.examples[0]
+    assert len(ex.texts) == 1 and len(ex.images) == 5 and len(set(ex.images)) == 5
+    t2i_scores = [torch.arange(len(e.images), 0, -1).float().reshape(-1, 1) for e in t2i.examples]
+    assert t2i.metrics(t2i.examples, {"t2i": t2i_scores})["accuracy"] == 1.0
+    with pytest.raises(ValueError, match="subtasks"):
+        get_task("shapes", root, subtasks="colour")
+
+
+def test_retrieval_recall_on_hand_made_scores(splits):
+    task = get_task("shapes_retrieval", splits["test"]["root"], pool=20)
+    (ex,) = task.examples
+    assert len(ex.images) == 20 and len(set(ex.texts)) == len(ex.texts)
+    assert {Path(image).stem.rsplit("_", 1)[0] for image in ex.images[:7]} == set(SUBTASKS)  # taken in turn
+    truth = torch.zeros(len(ex.images), len(ex.texts))
+    for i, (j,) in enumerate(ex.label["i2t"]):
+        truth[i, j] = 1.0 + i / 100  # distinct, so images sharing a caption do not tie
+    assert task.metrics([ex], {"i2t": [truth], "t2i": [truth]}) == {
+        "i2t/R@1": 1.0, "i2t/R@5": 1.0, "t2i/R@1": 1.0, "t2i/R@5": 1.0}
+    flat = torch.zeros_like(truth)  # all ties: never retrieved at k below the number of candidates
+    metrics = task.metrics([ex], {"i2t": [flat], "t2i": [flat]})
+    assert metrics["i2t/R@1"] == 0.0 and metrics["t2i/R@5"] == 0.0
+
+
+def test_cli_writes_a_data_root(tmp_path, capsys):
+    shapes.main(["--out", str(tmp_path), "--n", "1", "--split", "val", "--size", "32"])
+    data = json.loads((tmp_path / "examples.json").read_text())
+    assert data["split"] == "val" and data["size"] == 32 and len(data["examples"]) == len(SUBTASKS)
+    assert "wrote 7 val examples" in capsys.readouterr().out
