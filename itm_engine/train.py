@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from itm_engine.cache import LatentCache, TextCache
 from itm_engine.models import SDComponents, load_components
+from itm_engine.train_data import NEGATIVE_KINDS
 
 def hardneg_loss(l_pos: torch.Tensor, l_neg: torch.Tensor, factor: float, has_neg: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over the batch of L_pos - clamp(L_neg, max = factor * L_pos.detach()).
@@ -90,7 +91,7 @@ class Trainer:
         from accelerate import Accelerator
 
         from itm_engine.lora import add_lora, lora_parameters
-        from itm_engine.train_data import NEGATIVE_KINDS, NegativeSampler, clip_nearest_images, read_pairs
+        from itm_engine.train_data import NegativeSampler, clip_nearest_images, read_pairs
 
         if config.negatives not in NEGATIVE_KINDS:
             raise ValueError(f"negatives must be one of {NEGATIVE_KINDS}, got {config.negatives!r}")
@@ -313,6 +314,13 @@ def _tensorboard_writer(folder: Path):
     return SummaryWriter(str(folder))
 
 
+CHOICES = {
+    "negatives": NEGATIVE_KINDS,
+    "attention": ("cross", "all"),
+    "mixed_precision": ("no", "fp16", "bf16"),
+}
+
+
 def parse_args(argv: list[str] | None) -> tuple[TrainConfig, Path, bool]:
     defaults = TrainConfig(data="")
     parser = argparse.ArgumentParser(prog="itm-train", description=__doc__.splitlines()[0])
@@ -327,7 +335,7 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, Path, bool]:
             parser.add_argument(flag, action="store_true")
         else:
             kind = type(value) if value is not None else (float if name == "alpha" else int if "limit" in name or "steps" in name else str)
-            parser.add_argument(flag, type=kind, default=value)
+            parser.add_argument(flag, type=kind, default=value, choices=CHOICES.get(name))
     args = vars(parser.parse_args(argv))
     out, resume = Path(args.pop("out")), args.pop("resume")
     return TrainConfig(**args), out, resume
