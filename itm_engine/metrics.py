@@ -48,6 +48,17 @@ def macro_accuracy(correct: Sequence[bool], groups: Sequence[str]) -> float:
     return sum(per_group.values()) / len(per_group)
 
 
+def accuracy_by_group(correct: Sequence[bool], groups: Sequence[str]) -> dict[str, float]:
+    """{"accuracy": over all examples (micro), "accuracy/macro": mean over groups,
+    "accuracy/<group>": per group}."""
+    if len(correct) == 0:
+        raise ValueError("accuracy of no examples")
+    per_group = grouped_accuracy(correct, groups)
+    out = {"accuracy": sum(map(bool, correct)) / len(correct), "accuracy/macro": sum(per_group.values()) / len(per_group)}
+    out.update({f"accuracy/{g}": v for g, v in per_group.items()})
+    return out
+
+
 def ranks(scores: torch.Tensor, positives: Sequence[Sequence[int]]) -> torch.Tensor:
     """1-based rank of each query's best positive candidate, float64 [Q] (integral values).
 

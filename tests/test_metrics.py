@@ -72,3 +72,10 @@ def test_permutation_p_value():
     same = torch.randn(40, generator=gen)
     assert 0.05 < metrics.permutation_p_value(same[:20], same[20:], permutations=2000) < 0.95
     assert metrics.permutation_p_value(x, y, 500, seed=1) == metrics.permutation_p_value(x, y, 500, seed=1)
+
+
+def test_accuracy_by_group_micro_macro_and_per_group():
+    result = metrics.accuracy_by_group([True, True, True, False], ["a", "a", "a", "b"])
+    assert result == {"accuracy": 0.75, "accuracy/macro": 0.5, "accuracy/a": 1.0, "accuracy/b": 0.0}
+    with pytest.raises(ValueError):
+        metrics.accuracy_by_group([], [])

@@ -13,7 +13,7 @@ import torch
 
 from itm_engine.data import register
 from itm_engine.data.base import Crop, DataError, Example, Task, require
-from itm_engine.metrics import accuracy, is_correct, macro_accuracy
+from itm_engine.metrics import macro_accuracy
 
 # -- VG-Relation / VG-Attribution -----------------------------------------------------------------
 
@@ -81,12 +81,6 @@ class _VisualGenome(Task):
     def _meta(self, value: Any, where: str) -> dict:
         raise NotImplementedError
 
-    def _correct(self, examples: Sequence[Example], scores: dict[str, Sequence[torch.Tensor]]) -> list[bool]:
-        matrices = scores["i2t"]
-        if len(matrices) != len(examples) or not examples:
-            raise ValueError(f"{self.name}: {len(matrices)} score matrices for {len(examples)} examples")
-        return [is_correct(s.reshape(-1), ex.label) for ex, s in zip(examples, matrices)]
-
 
 def _pixels(value: Any, key: str, where: str, task: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -134,7 +128,7 @@ class VGRelation(_VisualGenome):
         return {"relation": value}
 
     def metrics(self, examples: Sequence[Example], scores: dict[str, Sequence[torch.Tensor]]) -> dict[str, float]:
-        correct = self._correct(examples, scores)
+        correct = self.correct(examples, scores)
         relations = [ex.meta["relation"] for ex in examples]
         kept = [(c, r) for c, r in zip(correct, relations) if r not in SYMMETRIC_RELATIONS]
         macro_all = macro_accuracy(correct, relations)
@@ -179,7 +173,7 @@ class VGAttribution(_VisualGenome):
         return {"attributes": list(value)}
 
     def metrics(self, examples: Sequence[Example], scores: dict[str, Sequence[torch.Tensor]]) -> dict[str, float]:
-        correct = self._correct(examples, scores)
+        correct = self.correct(examples, scores)
         out = {"accuracy": sum(correct) / len(correct)}
         pairs = ["_".join(ex.meta["attributes"]) for ex in examples]
         counts = Counter(pairs)
@@ -393,10 +387,8 @@ class _Order(Task):
         return Example(id=example_id, images=(path,), texts=(text, *perturbations(text, example_id, self.seed)), label=0)
 
     def metrics(self, examples: Sequence[Example], scores: dict[str, Sequence[torch.Tensor]]) -> dict[str, float]:
-        matrices = scores["i2t"]
-        if len(matrices) != len(examples) or not examples:
-            raise ValueError(f"{self.name}: {len(matrices)} score matrices for {len(examples)} examples")
-        return {"accuracy": accuracy([s.reshape(-1) for s in matrices], [ex.label for ex in examples])}
+        correct = self.correct(examples, scores)
+        return {"accuracy": sum(correct) / len(correct)}
 
 
 def _caption_text(value: Any, where: str, task: str) -> str:

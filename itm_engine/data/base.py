@@ -21,6 +21,8 @@ from typing import Any, Iterable, Sequence, Union
 import PIL.Image
 import torch
 
+from itm_engine.metrics import is_correct
+
 
 class DataError(ValueError):
     """Bad or missing data; the message names the file and the row."""
@@ -114,6 +116,22 @@ class Task(abc.ABC):
     def metrics(self, examples: Sequence[Example], scores: dict[str, Sequence[torch.Tensor]]) -> dict[str, float]:
         """Metrics from `scores[mode][k]`, the [n_images, n_texts] matrix of `examples[k]`
         (higher = better match). Keys are metric names ("accuracy", "R@1", "text/overall", ...)."""
+
+    # -- helpers for metrics ----------------------------------------------------------------
+
+    def score_matrices(self, examples: Sequence[Example], scores: dict[str, Sequence[torch.Tensor]],
+                       mode: str | None = None) -> Sequence[torch.Tensor]:
+        """`scores[mode]` (default: the task's first mode), checked to hold one matrix per example."""
+        matrices = scores[mode or self.modes[0]]
+        if len(matrices) != len(examples) or not examples:
+            raise ValueError(f"{self.name}: {len(matrices)} score matrices for {len(examples)} examples")
+        return matrices
+
+    def correct(self, examples: Sequence[Example], scores: dict[str, Sequence[torch.Tensor]],
+                mode: str | None = None) -> list[bool]:
+        """Per example: does candidate `label` score strictly highest in its (flattened) matrix?"""
+        matrices = self.score_matrices(examples, scores, mode)
+        return [is_correct(s.reshape(-1), ex.label) for ex, s in zip(examples, matrices)]
 
     # -- helpers for loaders ----------------------------------------------------------------
 

@@ -207,9 +207,7 @@ class Bias(Task):
     # -- metrics -----------------------------------------------------------------------------
 
     def metrics(self, examples: Sequence[Example], scores: dict[str, Sequence[torch.Tensor]]) -> dict[str, float]:
-        matrices = scores["i2t"]
-        if len(matrices) != len(examples) or not examples:
-            raise ValueError(f"{self.name}: {len(matrices)} score matrices for {len(examples)} examples")
+        matrices = self.score_matrices(examples, scores)
         phis: dict[str, list[torch.Tensor]] = {}
         for ex, s in zip(examples, matrices):
             phis.setdefault(ex.meta["group"], []).append(bias_phi(s.reshape(1, -1), ex.meta["n_pleasant"]))

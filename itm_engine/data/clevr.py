@@ -8,7 +8,7 @@ import torch
 
 from itm_engine.data import register
 from itm_engine.data.base import DataError, Example, Task
-from itm_engine.metrics import grouped_accuracy, is_correct, macro_accuracy
+from itm_engine.metrics import accuracy_by_group
 
 SUBTASKS = ("pair_binding_size", "pair_binding_color", "recognition_color", "recognition_shape", "spatial",
             "binding_color_shape", "binding_shape_color")
@@ -99,11 +99,4 @@ class CLEVR(Task):
                        meta={"subtask": subtask})
 
     def metrics(self, examples: Sequence[Example], scores: dict[str, Sequence[torch.Tensor]]) -> dict[str, float]:
-        matrices = scores["i2t"]
-        if len(matrices) != len(examples) or not examples:
-            raise ValueError(f"{self.name}: {len(matrices)} score matrices for {len(examples)} examples")
-        correct = [is_correct(s.reshape(-1), ex.label) for ex, s in zip(examples, matrices)]
-        subtasks = [ex.meta["subtask"] for ex in examples]
-        out = {"accuracy": sum(correct) / len(correct), "accuracy/macro": macro_accuracy(correct, subtasks)}
-        out.update({f"accuracy/{s}": v for s, v in grouped_accuracy(correct, subtasks).items()})
-        return out
+        return accuracy_by_group(self.correct(examples, scores), [ex.meta["subtask"] for ex in examples])

@@ -8,7 +8,7 @@ import torch
 
 from itm_engine.data import register
 from itm_engine.data.base import DataError, Example, Task
-from itm_engine.metrics import accuracy, is_correct, macro_accuracy
+from itm_engine.metrics import macro_accuracy
 
 PROMPT = "a photo of a {breed}, a type of pet."
 _IMAGE_NAME = re.compile(r"^(?P<breed>.+)_(?P<n>\d+)$")  # Breed_Name_123 (cats capitalised, dogs lower case)
@@ -123,11 +123,6 @@ class Pets(Task):
         return list(self.examples_from(((r[0], r) for r in rows), build))
 
     def metrics(self, examples: Sequence[Example], scores: dict[str, Sequence[torch.Tensor]]) -> dict[str, float]:
-        matrices = scores["i2t"]
-        if len(matrices) != len(examples) or not examples:
-            raise ValueError(f"{self.name}: {len(matrices)} score matrices for {len(examples)} examples")
-        vectors = [s.reshape(-1) for s in matrices]
-        labels = [ex.label for ex in examples]
-        correct = [is_correct(v, y) for v, y in zip(vectors, labels)]
-        return {"accuracy": accuracy(vectors, labels),
+        correct = self.correct(examples, scores)
+        return {"accuracy": sum(correct) / len(correct),
                 "accuracy/per_class_mean": macro_accuracy(correct, [ex.meta["breed"] for ex in examples])}

@@ -54,7 +54,7 @@ import torch
 
 from itm_engine.data import register
 from itm_engine.data.base import DataError, Example, Task, require
-from itm_engine.metrics import grouped_accuracy, is_correct, macro_accuracy, recall_at_k
+from itm_engine.metrics import accuracy_by_group, recall_at_k
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 230),
@@ -286,14 +286,7 @@ class _Shapes(Task):
     def metrics(self, examples: Sequence[Example], scores: dict[str, Sequence[torch.Tensor]]) -> dict[str, float]:
         """"accuracy" (micro), "accuracy/macro" (mean over subtasks), "accuracy/<subtask>"; the
         correct candidate must score strictly highest (a tie is wrong)."""
-        matrices = scores[self.modes[0]]
-        if len(matrices) != len(examples) or not examples:
-            raise ValueError(f"{self.name}: {len(matrices)} score matrices for {len(examples)} examples")
-        correct = [is_correct(s.reshape(-1), ex.label) for ex, s in zip(examples, matrices)]
-        subtasks = [ex.meta["subtask"] for ex in examples]
-        out = {"accuracy": sum(correct) / len(correct), "accuracy/macro": macro_accuracy(correct, subtasks)}
-        out.update({f"accuracy/{s}": v for s, v in grouped_accuracy(correct, subtasks).items()})
-        return out
+        return accuracy_by_group(self.correct(examples, scores), [ex.meta["subtask"] for ex in examples])
 
 
 @register
