@@ -96,6 +96,14 @@ def check_list(values: Sequence, what: str) -> None:
         raise ValueError(f"{what} is empty: give at least one")
 
 
+def check_texts(texts: Sequence[str]) -> None:
+    """Raise ValueError unless `texts` is a non-empty list of strings (naming the culprit)."""
+    check_list(texts, "texts")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(f"texts[{i}] is a {type(text).__name__}, not a string")
+
+
 def preprocess_images(
     components: SDComponents, images: Sequence[PIL.Image.Image], resize_mode: ResizeMode = "crop"
 ) -> torch.Tensor:
@@ -232,10 +240,7 @@ class TextCache:
         self._store.clear()
 
     def get(self, texts: Sequence[str], stats: RunStats | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        check_list(texts, "texts")
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise ValueError(f"texts[{i}] is a {type(text).__name__}, not a string")
+        check_texts(texts)
         stats = stats if stats is not None else RunStats()
         missing = list(dict.fromkeys(t for t in texts if t not in self._store))
         warn_if_truncated(self.components, missing)

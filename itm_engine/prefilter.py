@@ -33,7 +33,7 @@ from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from tqdm.auto import tqdm
 
 from itm_engine import kernels
-from itm_engine.cache import ImageInput, check_list, content_key, load_rgb
+from itm_engine.cache import ImageInput, check_list, check_texts, content_key, load_rgb
 from itm_engine.data.base import Crop
 from itm_engine.noise import NoiseBank, Schedule
 from itm_engine.pairs import Mode, PairScorer, check_mode, check_pairs
@@ -196,10 +196,7 @@ class ClipModel:
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str], stats: RunStats | None = None) -> torch.Tensor:
         """Captions -> float32 [n_texts, D], unit rows (longer than the context: truncated)."""
-        check_list(texts, "texts")
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise ValueError(f"texts[{i}] is a {type(text).__name__}, not a string")
+        check_texts(texts)
         stats = stats if stats is not None else RunStats()
         missing = list(dict.fromkeys(t for t in texts if t not in self._texts))
         with tqdm(total=len(missing), desc="CLIP texts", unit="text", disable=self._bar_disabled(len(missing))) as bar:
