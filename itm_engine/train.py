@@ -125,6 +125,7 @@ class Trainer:
         # so a resumed run (with cold caches) sees bit-identical latents and text embeddings.
         self.latents = LatentCache(self.components, batch_size=1)
         self.texts = TextCache(self.components, batch_size=1)
+        self._latent_by_path: dict[str, torch.Tensor] = {}
         if len(self.pairs) < config.batch_size * self.accelerator.num_processes:
             raise ValueError(f"{config.data}: {len(self.pairs)} pairs, fewer than one global batch "
                              f"({config.batch_size} x {self.accelerator.num_processes} processes)")
@@ -181,10 +182,16 @@ class Trainer:
         return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
 
     def encode(self, images: list[str], captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cached latents [B, C, h, w] and text embeddings [B, L, D] (frozen encoders, cached once)."""
-        latents, rows = self.latents.get(images)
+        """Cached latents [B, C, h, w] and text embeddings [B, L, D] (frozen encoders, cached once).
+
+        Latents are also remembered by file path, so an image file is read and hashed for the
+        content-keyed cache once, not at every step it appears in."""
+        new = list(dict.fromkeys(p for p in images if p not in self._latent_by_path))
+        if new:
+            latents, rows = self.latents.get(new)
+            self._latent_by_path.update(zip(new, latents[rows]))
         embeddings, text_rows = self.texts.get(captions)
-        return latents[rows].clone(), embeddings[text_rows].clone()
+        return torch.stack([self._latent_by_path[p] for p in images]).clone(), embeddings[text_rows].clone()
 
     def micro_step(self, micro: int) -> dict[str, float]:
         """Forward + backward of one micro-batch; returns its local losses (means)."""
