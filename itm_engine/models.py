@@ -3,7 +3,7 @@
 Three kinds of source, all offline (nothing is ever downloaded):
 
 - a built-in architecture with random weights (``"tiny"``, ``"sd15-arch"``, ``"sd21-arch"``), for
-  tests and benchmarks without checkpoints;
+  tests and benchmarks without checkpoints, or the bundled trained ShapesWorld model (``"shapes"``);
 - a local diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ...);
 - a Hugging Face hub id (``"stabilityai/stable-diffusion-2-1-base"``), resolved only from the local
   HF cache.
@@ -26,6 +26,8 @@ import torch
 import transformers
 from huggingface_hub.errors import HFValidationError, IncompleteSnapshotError, LocalEntryNotFoundError
 
+from itm_engine import bundled
+
 ARCHITECTURES: tuple[str, ...] = ("tiny", "sd15-arch", "sd21-arch")
 _PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction")
 _COMPONENTS: tuple[str, ...] = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -38,7 +40,7 @@ class SDComponents:
     vae: diffusers.AutoencoderKL
     unet: diffusers.UNet2DConditionModel
     text_encoder: transformers.CLIPTextModel
-    tokenizer: transformers.CLIPTokenizer
+    tokenizer: transformers.PreTrainedTokenizerBase  # CLIP BPE, or any tokenizer saved in the folder
     scheduler: diffusers.DDPMScheduler
     source: str  # folder path, hub id or "builtin:NAME"
 
@@ -221,7 +223,12 @@ def save_random_model(
 ) -> Path:
     """Write ``build_random_components(arch, seed, prediction_type)`` as a complete diffusers
     StableDiffusionPipeline folder (safetensors weights); returns the folder's path."""
-    components = build_random_components(arch, seed, prediction_type)
+    return save_components(build_random_components(arch, seed, prediction_type), path)
+
+
+def save_components(components: SDComponents, path: str | os.PathLike) -> Path:
+    """Write ``components`` as a complete diffusers StableDiffusionPipeline folder (safetensors
+    weights, no safety checker); returns the folder's path."""
     path = Path(path)
     index: dict[str, Any] = {
         "_class_name": "StableDiffusionPipeline",
@@ -273,7 +280,7 @@ def _load_folder(folder: Path, source: str) -> SDComponents:
             vae=weights(diffusers.AutoencoderKL, "vae"),
             unet=weights(diffusers.UNet2DConditionModel, "unet"),
             text_encoder=weights(transformers.CLIPTextModel, "text_encoder"),
-            tokenizer=transformers.CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+            tokenizer=transformers.AutoTokenizer.from_pretrained(folder, subfolder="tokenizer"),
             scheduler=diffusers.DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
             source=source,
         )
@@ -317,7 +324,8 @@ def load_components(
 
     ``source`` is tried as, in order:
 
-    1. one of ``ARCHITECTURES``: random weights from ``build_random_components(source)``;
+    1. one of ``ARCHITECTURES``: random weights from ``build_random_components(source)``; or
+       ``"shapes"``, the trained ShapesWorld model shipped in the package (`itm_engine.bundled`);
     2. an existing local diffusers folder with ``unet/``, ``vae/``, ``text_encoder/``,
        ``tokenizer/`` and ``scheduler/`` subfolders. Weights are read from ``*.safetensors`` when
        a subfolder has them, else from PyTorch ``.bin`` files, which diffusers 0.42 and
@@ -335,6 +343,8 @@ def load_components(
     name = os.fspath(source)
     if name in ARCHITECTURES:
         return _frozen(build_random_components(name), device, dtype)
+    if name in bundled.MODELS:
+        return _frozen(_load_folder(bundled.model_folder(name), f"builtin:{name}"), device, dtype)
     folder = Path(name).expanduser()
     if folder.is_dir():
         return _frozen(_load_folder(folder, name), device, dtype)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from tqdm.auto import tqdm
 
-from itm_engine import kernels
+from itm_engine import bundled, kernels
 from itm_engine.cache import ImageInput, check_list, check_texts, content_key, load_rgb
 from itm_engine.data.base import Crop
 from itm_engine.noise import NoiseBank, Schedule
@@ -108,6 +108,8 @@ class ClipModel:
                 or one defined by `model_config`.
             pretrained: a pretrained tag of `name` ("laion2b_s34b_b79k", "openai", ...) found in
                 the local cache, a checkpoint file path, or None for random weights (warns).
+                The bundled ShapesWorld CLIP: name "shapes-clip", pretrained "bundled"
+                (`itm_engine.bundled`; its config is registered automatically).
             dtype: float32, float16 or bfloat16 (open_clip's "fp32" / "fp16" / "bf16" precision).
             model_config: a JSON model config file, or a folder of them, registered with
                 `open_clip.add_model_config` (the file name without ".json" is the model name).
@@ -120,6 +122,8 @@ class ClipModel:
         """
         if dtype not in PRECISIONS:
             raise ValueError(f"dtype must be one of {list(PRECISIONS)}, got {dtype}")
+        if model_config is None and name in bundled.CLIP_MODELS:
+            model_config = bundled.clip_files(name)[0]
         if model_config is not None:
             config_path = Path(model_config).expanduser()
             if not config_path.exists():
@@ -316,6 +320,8 @@ def _resolve_pretrained(
     """
     if pretrained is None:
         return None, {}
+    if name in bundled.CLIP_MODELS and str(pretrained) == bundled.CLIP_TAG:
+        return str(bundled.clip_files(name)[1]), {}
     tag_cfg = open_clip.get_pretrained_cfg(name, str(pretrained))
     if tag_cfg:
         options = {

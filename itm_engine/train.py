@@ -348,7 +348,16 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, Path, bool]:
     return TrainConfig(**args), out, resume
 
 
+PRETRAIN_COMMANDS = {"pretrain": "itm_engine.pretrain", "pretrain-clip": "itm_engine.pretrain_clip"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """`itm-train [options]` (HardNeg LoRA), or `itm-train pretrain|pretrain-clip --world shapes ...`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in PRETRAIN_COMMANDS:
+        import importlib
+
+        return importlib.import_module(PRETRAIN_COMMANDS[argv[0]]).main(argv[1:])
     config, out, resume = parse_args(argv)
     try:
         trainer = Trainer(config, out)

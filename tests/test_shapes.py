@@ -15,7 +15,8 @@ import torch
 
 from itm_engine.data import get_task
 from itm_engine.data import shapes
-from itm_engine.data.shapes import COLORS, HELD_OUT_COMBOS, RELATIONS, SHAPES, SIZES, SUBTASKS, write_shapesworld
+from itm_engine.data.shapes import (ALL_SUBTASKS, COLORS, COMPLEXITY, HELD_OUT_COMBOS, RELATIONS, SHAPES, SIZES,
+                                    SUBTASKS, write_shapesworld)
 
 PROBED = {"recognition_color": "color", "recognition_shape": "shape", "binding_color_shape": "color",
           "binding_shape_color": "shape", "pair_binding_color": "color", "pair_binding_size": "size",
@@ -101,6 +102,8 @@ def test_captions_match_the_drawn_pixels(splits):
 def test_each_negative_differs_from_the_positive_in_exactly_the_probed_attribute(splits):
     for split in ("train", "test", "compositional"):
         for ex in splits[split]["examples"]:
+            if ex["subtask"] == COMPLEXITY:
+                continue
             probed = PROBED[ex["subtask"]]
             for neg in ex["negatives"]:
                 pos_words, neg_words = ex["caption"].split(), neg["caption"].split()
@@ -110,7 +113,24 @@ def test_each_negative_differs_from_the_positive_in_exactly_the_probed_attribute
                 for p, n in zip(ex["objects"], neg["objects"]):  # the scenes too
                     keys = {"position": ("x", "y")}.get(probed, (probed,))
                     assert {k: v for k, v in p.items() if k not in keys} == {k: v for k, v in n.items() if k not in keys}
-        assert {ex["subtask"] for ex in splits[split]["examples"]} == set(SUBTASKS)
+        assert {ex["subtask"] for ex in splits[split]["examples"]} == set(ALL_SUBTASKS)
+
+
+def test_complexity_pairs_one_object_with_two_sharing_no_colour_or_shape(splits):
+    for split in ("train", "test", "compositional"):
+        rows = [ex for ex in splits[split]["examples"] if ex["subtask"] == COMPLEXITY]
+        assert len(rows) == 12
+        for ex in rows:
+            (neg,) = ex["negatives"]
+            assert {len(ex["objects"]), len(neg["objects"])} == {1, 2}
+            for key in ("color", "shape"):
+                assert not {o[key] for o in ex["objects"]} & {o[key] for o in neg["objects"]}
+            for row in (ex, neg):  # captions in the recognition / binding forms of their scenes
+                objs = row["objects"]
+                expected = (f"a {objs[0]['size']} {objs[0]['color']} {objs[0]['shape']}" if len(objs) == 1 else
+                            f"a {objs[0]['color']} {objs[0]['shape']} and a {objs[1]['color']} {objs[1]['shape']}")
+                assert row["caption"] == expected
+        assert {len(ex["objects"]) for ex in rows} == {1, 2}  # the positive is the simpler image or not
 
 
 def test_recognition_negatives_cover_every_other_value_outside_train(splits):
@@ -150,6 +170,7 @@ def test_tasks_load_and_score_hand_made_matrices(splits):
     assert metrics["accuracy"] == pytest.approx(1 / 7) and metrics["accuracy/macro"] == pytest.approx(1 / 7)
     assert set(metrics) == {"accuracy", "accuracy/macro", *(f"accuracy/{s}" for s in SUBTASKS)}
 
+    assert {ex.meta["subtask"] for ex in get_task("shapes_t2i", root).examples} == set(ALL_SUBTASKS)
     t2i = get_task("shapes_t2i", root, subtasks="spatial,recognition_shape")
     assert {ex.meta["subtask"] for ex in t2i.examples} == {"spatial", "recognition_shape"}
     ex = t2i.examples[0]
@@ -178,5 +199,5 @@ def test_retrieval_recall_on_hand_made_scores(splits):
 def test_cli_writes_a_data_root(tmp_path, capsys):
     shapes.main(["--out", str(tmp_path), "--n", "1", "--split", "val", "--size", "32"])
     data = json.loads((tmp_path / "examples.json").read_text())
-    assert data["split"] == "val" and data["size"] == 32 and len(data["examples"]) == len(SUBTASKS)
-    assert "wrote 7 val examples" in capsys.readouterr().out
+    assert data["split"] == "val" and data["size"] == 32 and len(data["examples"]) == len(ALL_SUBTASKS)
+    assert "wrote 8 val examples" in capsys.readouterr().out

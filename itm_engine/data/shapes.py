@@ -15,6 +15,8 @@ Captions (a small grammar, one form per subtask; the negatives edit exactly one 
     pair_binding_color / pair_binding_size  "a large red circle and a small blue circle"
                                                                          neg: colours / sizes swapped
     spatial                                 "a red circle left of a blue square"   neg: relation flipped
+    complexity (for text->image)            one object or two (recognition / binding form)
+                                                   neg: the other count, no colour or shape shared
 
 Every negative caption is the caption of a negative *scene* (the positive scene with that one
 attribute edited; a flipped relation swaps the two objects' positions), so the same example
@@ -66,6 +68,9 @@ RELATIONS = ("left of", "right of", "above", "below")
 BACKGROUND = (128, 128, 128)
 SUBTASKS = ("recognition_color", "recognition_shape", "binding_color_shape", "binding_shape_color",
             "pair_binding_color", "pair_binding_size", "spatial")
+# built for text->image: one candidate image has one object, the other two (see `_complexity_example`)
+COMPLEXITY = "complexity"
+ALL_SUBTASKS = SUBTASKS + (COMPLEXITY,)
 # never in "train"; each colour keeps 4 training shapes, and two shapes (triangle, circle) are held
 # out in two colours each so that the pair subtasks exist in the compositional split
 HELD_OUT_COMBOS = frozenset({("red", "triangle"), ("blue", "triangle"), ("green", "circle"),
@@ -123,10 +128,10 @@ def relation(a: Obj, b: Obj) -> str:
 def caption(scene: Scene, subtask: str) -> str:
     """The caption of `scene` in the grammar form of `subtask` (see the module docstring)."""
     a = scene[0]
-    if subtask.startswith("recognition"):
+    if subtask.startswith("recognition") or (subtask == COMPLEXITY and len(scene) == 1):
         return f"a {a.size} {a.color} {a.shape}"
     b = scene[1]
-    if subtask == "binding_color_shape":
+    if subtask in ("binding_color_shape", COMPLEXITY):
         return f"a {a.color} {a.shape} and a {b.color} {b.shape}"
     if subtask == "binding_shape_color":
         return f"a {a.shape} that is {a.color} and a {b.shape} that is {b.color}"
@@ -134,7 +139,7 @@ def caption(scene: Scene, subtask: str) -> str:
         return f"a {a.size} {a.color} {a.shape} and a {b.size} {b.color} {b.shape}"
     if subtask == "spatial":
         return f"a {a.color} {a.shape} {relation(a, b)} a {b.color} {b.shape}"
-    raise ValueError(f"unknown subtask {subtask!r}; known: {', '.join(SUBTASKS)}")
+    raise ValueError(f"unknown subtask {subtask!r}; known: {', '.join(ALL_SUBTASKS)}")
 
 
 # -- sampling ----------------------------------------------------------------------------------
@@ -190,10 +195,28 @@ def _negatives(scene: Scene, subtask: str) -> list[Scene]:
     return [(replace(a, x=b.x, y=b.y), replace(b, x=a.x, y=a.y))]  # spatial: the relation flips
 
 
+def _complexity_example(rng: random.Random, split: str, size: int) -> tuple[Scene, list[Scene]]:
+    """One scene with one object and one with two, in random order (positive first); the
+    negative shares no colour and no shape with the positive, so the caption fits one image only.
+
+    Built to show text->image's modality bias: the raw denoising error of the simpler image is
+    lower whatever the caption, so raw T2I scores pick it; null-normalisation removes that."""
+    kinds = ["recognition_color", "binding_color_shape"]
+    rng.shuffle(kinds)
+    positive = sample_example(rng, kinds[0], split, size)[0]
+    while True:
+        negative = sample_example(rng, kinds[1], split, size)[0]
+        if not ({o.color for o in negative} & {o.color for o in positive}
+                or {o.shape for o in negative} & {o.shape for o in positive}):
+            return positive, [negative]
+
+
 def sample_example(rng: random.Random, subtask: str, split: str = "train", size: int = 64) -> tuple[Scene, list[Scene]]:
     """A positive scene of `split` for `subtask` and its negative scenes (rejection sampling)."""
     if split not in SPLIT_SEEDS:
         raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLIT_SEEDS)}")
+    if subtask == COMPLEXITY:
+        return _complexity_example(rng, split, size)
     two = not subtask.startswith("recognition")
     while True:
         combos = _combos(rng, split, 2 if two else 1, same_shape=subtask.startswith("pair_binding"))
@@ -210,8 +233,30 @@ def sample_example(rng: random.Random, subtask: str, split: str = "train", size:
             return scene, negatives
 
 
+VOCABULARY: tuple[str, ...] = tuple(dict.fromkeys(
+    ["a", "and", "that", "is", "of", "left", "right", "above", "below", *SIZES, *COLORS, *SHAPES]))
+
+
+def training_captions(scene: Scene) -> dict[str, list[str]]:
+    """Every true caption of `scene`, grouped by grammar form (for pretraining a model on the world).
+
+    One object: "recognition" ("a small red circle"). Two objects: "binding" (both orders of
+    "a red circle and a blue square" and "a circle that is red and ..."), "pair" (with sizes,
+    both orders) and "spatial" ("a red circle left of a blue square" and its converse
+    "a blue square right of a red circle")."""
+    if len(scene) == 1:
+        return {"recognition": [caption(scene, "recognition_color")]}
+    a, b = scene
+    both = [(a, b), (b, a)]
+    return {
+        "binding": [caption(s, t) for s in both for t in ("binding_color_shape", "binding_shape_color")],
+        "pair": [caption(s, "pair_binding_size") for s in both],
+        "spatial": [caption(s, "spatial") for s in both],
+    }
+
+
 def write_shapesworld(root, split: str = "test", n: int = 50, seed: int = 0, size: int = 64,
-                      subtasks: Sequence[str] = SUBTASKS) -> Path:
+                      subtasks: Sequence[str] = ALL_SUBTASKS) -> Path:
     """Generate `n` examples per subtask of `split` into `root` (images/ + examples.json); returns root.
 
     The same (split, n, seed, size, subtasks) always writes the same files."""
@@ -249,19 +294,21 @@ class _Shapes(Task):
     """Reads ROOT/examples.json written by `write_shapesworld` (layout: module docstring).
 
     Options:
-        subtasks: the subtasks to load, a list or a comma-separated string (default: all present).
+        subtasks: the subtasks to load, a list or a comma-separated string (default: the seven
+            CLEVR-style `SUBTASKS`; for `shapes_t2i` also `complexity`).
     """
 
     option_names = ("subtasks",)
+    default_subtasks: tuple[str, ...] = SUBTASKS
 
     def __init__(self, root, skip_missing: bool = False, **options: Any) -> None:
         super().__init__(root, skip_missing, **options)
         chosen = options.get("subtasks")
         names = [s.strip() for s in chosen.split(",")] if isinstance(chosen, str) else chosen
         if names is not None and (not isinstance(names, (list, tuple)) or not names
-                                  or any(s not in SUBTASKS for s in names)):
-            raise ValueError(f"{self.name}: option subtasks must name some of {', '.join(SUBTASKS)}, got {chosen!r}")
-        self.subtasks = tuple(names) if names else SUBTASKS
+                                  or any(s not in ALL_SUBTASKS for s in names)):
+            raise ValueError(f"{self.name}: option subtasks must name some of {', '.join(ALL_SUBTASKS)}, got {chosen!r}")
+        self.subtasks = tuple(names) if names else self.default_subtasks
 
     def rows(self) -> list[tuple[str, dict]]:
         """(where, row) of each example of the chosen subtasks, validated (files not checked)."""
@@ -318,6 +365,7 @@ class ShapesT2I(_Shapes):
 
     name = "shapes_t2i"
     modes = ("t2i",)
+    default_subtasks = ALL_SUBTASKS  # with COMPLEXITY, built for text->image
     description = "ShapesWorld: caption vs images differing in one attribute, accuracy per subtask"
 
     def build(self, row: dict) -> Example:
@@ -384,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
     args = parser.parse_args(argv)
     root = write_shapesworld(args.out, args.split, args.n, args.seed, args.size)
-    print(f"wrote {args.n * len(SUBTASKS)} {args.split} examples to {root}")
+    print(f"wrote {args.n * len(ALL_SUBTASKS)} {args.split} examples to {root}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,413 @@
+"""`itm-train pretrain --world shapes`: train ShapesWorld's small latent diffusion model from scratch.
+
+Three stages, one seed, all on the training split of `itm_engine.data.shapes` (held-out colour-shape
+combinations never shown):
+
+1. **VAE** (`diffusers.AutoencoderKL`, 32x32 RGB -> 4x8x8): reconstruction MSE + a small KL term on
+   a fixed set of rendered scenes; afterwards the latent scaling factor is set to 1/std of the
+   posterior means, as Stable Diffusion's 0.18215 was.
+2. **Text encoder + UNet, jointly** (`transformers.CLIPTextModel` over a word-level tokenizer,
+   `diffusers.UNet2DConditionModel`, DDPM scaled-linear schedule, epsilon prediction): the
+   denoising loss of latents under one of their true captions (`shapes.training_captions`, the
+   grammar form drawn with `form_weights`), the caption replaced by the empty prompt with
+   probability `caption_dropout` so the unconditional prediction exists (T2I normalisation needs
+   it). AdamW, cosine schedule with warm-up, an exponential moving average of the weights (saved).
+3. **Save**: a diffusers StableDiffusionPipeline folder (`models.save_components`), loadable with
+   `DiffusionITM.from_pretrained(out)`, plus `training.json` (the config, wall times, losses and
+   the validation accuracies).
+
+Every random choice is derived from (seed, stage, step), so a run killed and restarted with the same
+arguments (it resumes from `OUT/checkpoint.pt`, written every `checkpoint_every` steps) ends with
+the weights of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import diffusers
+import torch
+import torch.nn.functional as F
+import transformers
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from itm_engine.cache import encode_pixels, preprocess_images
+from itm_engine.data import shapes
+from itm_engine.models import SDComponents, _scheduler, save_components
+
+NULL_PROMPT = ""
+SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>", "<unk>")
+
+
+@dataclass
+class PretrainConfig:
+    """Recipe of the bundled ShapesWorld model (saved in `training.json`; a resumed run must match)."""
+
+    seed: int = 0
+    render_size: int = 64            # scenes are drawn at this size, then resized like at scoring time
+    image_size: int = 32             # model resolution (latents image_size / 4)
+    scenes: int = 40_000             # training scenes (positives of the training split)
+    vae_steps: int = 1_000
+    vae_batch: int = 32
+    vae_lr: float = 2e-3
+    kl_weight: float = 1e-6
+    steps: int = 8_000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 200
+    weight_decay: float = 0.01
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    # how often each grammar form is drawn for a two-object scene (one-object scenes have one form)
+    form_weights: dict = field(default_factory=lambda: {"binding": 0.3, "pair": 0.2, "spatial": 0.5})
+    # the scene kinds drawn (sample_example's subtasks); spatial scenes are binding scenes
+    scene_kinds: tuple = ("recognition_color", "binding_color_shape", "pair_binding_size", "spatial")
+    unet_channels: tuple = (32, 64)
+    text_width: int = 64
+    text_layers: int = 2
+    checkpoint_every: int = 500
+    eval_every: int = 1_000          # 0: only at the end
+    eval_examples: int = 24          # per subtask, validation split
+    eval_samples: int = 10
+
+
+# -- architecture ------------------------------------------------------------------------------
+
+def word_tokenizer(max_length: int = 16) -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer over ShapesWorld's vocabulary (`shapes.VOCABULARY`), CLIP-style:
+    lower-cased, "<|startoftext|> words <|endoftext|>", padded with "<|endoftext|>"; unknown
+    words map to "<unk>". Saved and loaded like any Hugging Face tokenizer."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + shapes.VOCABULARY)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    bos, eos = SPECIAL_TOKENS[:2]
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}", special_tokens=[(bos, vocab[bos]), (eos, vocab[eos])])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token=eos, unk_token="<unk>",
+        model_max_length=max_length)
+
+
+def build_components(config: PretrainConfig) -> SDComponents:
+    """Freshly initialised (seeded) VAE, text encoder, UNet, tokenizer and DDPM schedule."""
+    tokenizer = word_tokenizer()
+    latent = config.image_size // 4
+    width = config.text_width
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        vae = diffusers.AutoencoderKL(
+            sample_size=config.image_size, in_channels=3, out_channels=3, latent_channels=4,
+            block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, norm_num_groups=8,
+            scaling_factor=1.0)
+        text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width,
+            num_hidden_layers=config.text_layers, num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length, projection_dim=width, hidden_act="gelu",
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id))
+        c1, c2 = config.unet_channels
+        unet = diffusers.UNet2DConditionModel(
+            sample_size=latent, in_channels=4, out_channels=4, block_out_channels=(c1, c2),
+            down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
+            layers_per_block=1, cross_attention_dim=width, norm_num_groups=16,
+            attention_head_dim=(c1 // 16, c2 // 16))  # diffusers' name for the head count: 16-wide heads
+    return SDComponents(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
+                        scheduler=_scheduler("epsilon"), source="shapes-pretrain")
+
+
+# -- data --------------------------------------------------------------------------------------
+
+@dataclass
+class SceneSet:
+    """The training scenes: pixels [N, 3, R, R] in [-1, 1] and, per scene, its captions by form."""
+
+    pixels: torch.Tensor
+    captions: list[dict[str, list[str]]]
+
+
+def scene_list(n: int, seed: int, kinds: Sequence[str], size: int) -> list[shapes.Scene]:
+    """`n` positive scenes of the training split (the scene kinds in turn), reproducible from `seed`."""
+    rng = random.Random(shapes.SPLIT_SEEDS["train"] + seed)
+    return [shapes.sample_example(rng, kinds[i % len(kinds)], "train", size)[0] for i in range(n)]
+
+
+def training_scenes(config: PretrainConfig, components: SDComponents) -> SceneSet:
+    """`config.scenes` training scenes (`scene_list`), rendered and resized exactly as the scorer
+    resizes its inputs (`cache.preprocess_images`)."""
+    scenes = scene_list(config.scenes, config.seed, config.scene_kinds, config.render_size)
+    pixels = torch.cat([preprocess_images(components, [shapes.render(s, config.render_size) for s in chunk])
+                        for chunk in _chunks(scenes, 1024)])
+    return SceneSet(pixels, [shapes.training_captions(s) for s in scenes])
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _step_rng(config: PretrainConfig, stage: int, step: int) -> tuple[torch.Generator, random.Random]:
+    """The generators of one step: everything random in it comes from (seed, stage, step)."""
+    key = (config.seed * 1_000_003 + stage) * 10_000_019 + step
+    return torch.Generator().manual_seed(key), random.Random(key)
+
+
+def draw_captions(config: PretrainConfig, scene_captions: Sequence[dict[str, list[str]]], rng: random.Random) -> list[str]:
+    """One caption per scene: a grammar form drawn with `form_weights`, then one of its captions;
+    the empty (null) prompt with probability `caption_dropout`."""
+    out = []
+    for forms in scene_captions:
+        if rng.random() < config.caption_dropout:
+            out.append(NULL_PROMPT)
+            continue
+        names = list(forms)
+        weights = [config.form_weights.get(n, 1.0) for n in names]
+        out.append(rng.choice(forms[rng.choices(names, weights)[0]]))
+    return out
+
+
+# -- training ----------------------------------------------------------------------------------
+
+class Pretrainer:
+    """Runs the stages of the module docstring into `out`, resuming from `out/checkpoint.pt`."""
+
+    def __init__(self, config: PretrainConfig, out: str | os.PathLike, progress: bool | None = None) -> None:
+        self.config, self.out, self.progress = config, Path(out), progress
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.components = build_components(config)
+        self.report: dict = {"config": asdict(config), "vae": {}, "diffusion": {}, "validation": []}
+        self.step = 0  # diffusion steps done
+        self.vae_done = False
+        self.latents: torch.Tensor | None = None
+
+    # stage 1
+    def train_vae(self, data: SceneSet) -> None:
+        c, vae = self.config, self.components.vae
+        vae.train().requires_grad_(True)
+        optimiser = torch.optim.AdamW(vae.parameters(), lr=c.vae_lr)
+        schedule = get_scheduler("cosine", optimiser, num_warmup_steps=100, num_training_steps=c.vae_steps)
+        start, bar = time.perf_counter(), tqdm(range(c.vae_steps), desc="VAE", disable=self._quiet())
+        for step in bar:
+            gen, _ = _step_rng(c, 1, step)
+            x = data.pixels[torch.randint(len(data.pixels), (c.vae_batch,), generator=gen)]
+            posterior = vae.encode(x).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+            recon = F.mse_loss(vae.decode(z).sample, x)
+            loss = recon + c.kl_weight * posterior.kl().mean()
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            if step % 50 == 0:
+                bar.set_postfix(mse=f"{recon.item():.4f}")
+                self._log({"stage": "vae", "step": step, "mse": recon.item()})
+        vae.eval().requires_grad_(False)
+        with torch.no_grad():
+            means = torch.cat([encode_pixels(self.components, chunk) for chunk in data.pixels.split(1024)])
+        vae.register_to_config(scaling_factor=float(1.0 / means.std()))
+        self.report["vae"] = {"seconds": round(time.perf_counter() - start, 1), "final_mse": recon.item(),
+                              "scaling_factor": vae.config.scaling_factor}
+        self.vae_done = True
+
+    # stage 2
+    def train_diffusion(self, data: SceneSet) -> None:
+        c, comp = self.config, self.components
+        with torch.no_grad():
+            latents = torch.cat([encode_pixels(comp, chunk) for chunk in data.pixels.split(1024)])
+        params = list(comp.unet.parameters()) + list(comp.text_encoder.parameters())
+        for net in (comp.unet, comp.text_encoder):
+            net.train().requires_grad_(True)
+        optimiser = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        schedule = get_scheduler("cosine", optimiser, num_warmup_steps=c.warmup, num_training_steps=c.steps)
+        ema = EMAModel(params, decay=c.ema_decay)
+        if self.step:
+            state = torch.load(self.out / "checkpoint.pt", map_location="cpu", weights_only=True)
+            optimiser.load_state_dict(state["optimiser"])
+            schedule.load_state_dict(state["schedule"])
+            ema.load_state_dict(state["ema"])
+        alphas = comp.scheduler.alphas_cumprod
+        start = time.perf_counter() - self.report["diffusion"].get("seconds", 0.0)
+        bar = tqdm(range(self.step, c.steps), desc="UNet + text", disable=self._quiet(),
+                   initial=self.step, total=c.steps)
+        running = self.report["diffusion"].get("loss", 0.0)
+        for step in bar:
+            gen, rng = _step_rng(c, 2, step)
+            idx = torch.randint(len(latents), (c.batch_size,), generator=gen)
+            texts = draw_captions(c, [data.captions[i] for i in idx.tolist()], rng)
+            ids = comp.tokenizer(texts, padding="max_length", max_length=comp.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids
+            z0 = latents[idx]
+            noise = torch.randn(z0.shape, generator=gen)
+            t = torch.randint(0, len(alphas), (c.batch_size,), generator=gen)
+            a = alphas[t].view(-1, 1, 1, 1)
+            zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+            pred = comp.unet(zt, t, encoder_hidden_states=comp.text_encoder(ids)[0]).sample
+            loss = F.mse_loss(pred, noise)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimiser.step()
+            schedule.step()
+            ema.step(params)
+            running = loss.item() if step == 0 else 0.99 * running + 0.01 * loss.item()
+            self.step = step + 1
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{running:.4f}")
+            if step % 100 == 0:
+                self._log({"stage": "diffusion", "step": step, "loss": running, "lr": schedule.get_last_lr()[0]})
+            self.report["diffusion"].update(seconds=round(time.perf_counter() - start, 1), loss=running, steps=self.step)
+            last = self.step == c.steps
+            if c.eval_every and self.step % c.eval_every == 0 and not last:
+                with _ema_weights(ema, params):
+                    self.report["validation"].append({"step": self.step, **self.validate()})
+                self._log({"stage": "validation", **self.report["validation"][-1]})
+            if self.step % c.checkpoint_every == 0 or last:
+                self._save_checkpoint(optimiser, schedule, ema)
+        ema.copy_to(params)
+        for net in (comp.unet, comp.text_encoder):
+            net.eval().requires_grad_(False)
+
+    def validate(self) -> dict[str, float]:
+        """Image->text accuracy per subtask on `eval_examples` validation examples each."""
+        from itm_engine.scoring import DiffusionITM
+
+        nets = (self.components.unet, self.components.text_encoder)
+        modes = [net.training for net in nets]
+        for net in nets:
+            net.eval()
+        try:
+            with torch.no_grad():
+                return validation_accuracy(DiffusionITM(self.components, progress=False), self.config.eval_examples,
+                                           self.config.eval_samples, self.config.render_size)
+        finally:
+            for net, mode in zip(nets, modes):
+                net.train(mode)
+
+    def run(self, resume: bool = False) -> Path:
+        """All stages (with `resume`, from where a previous run stopped); returns the model folder."""
+        if resume:
+            self._resume()
+        elif (self.out / "checkpoint.pt").exists():
+            raise FileExistsError(f"{self.out} already holds checkpoint.pt: pass --resume or choose another --out")
+        data = training_scenes(self.config, self.components)
+        if not self.vae_done:
+            self.train_vae(data)
+            self._save_checkpoint()
+        self.train_diffusion(data)
+        self.report["validation"].append({"step": self.step, **self.validate()})
+        model = save_components(self.components, self.out / "model")
+        (self.out / "training.json").write_text(json.dumps(self.report, indent=1) + "\n")
+        return model
+
+    def _log(self, row: dict) -> None:
+        """Append `row` (with the wall clock) to OUT/log.jsonl: progress readable from another shell."""
+        with open(self.out / "log.jsonl", "a") as handle:
+            handle.write(json.dumps({"time": round(time.time(), 1), **row}) + "\n")
+
+    def _quiet(self) -> bool | None:
+        return None if self.progress is None else not self.progress
+
+    def _save_checkpoint(self, optimiser=None, schedule=None, ema=None) -> None:
+        comp = self.components
+        state = {"config": json.dumps(asdict(self.config)), "report": json.dumps(self.report),
+                 "step": self.step, "vae": comp.vae.state_dict(), "unet": comp.unet.state_dict(),
+                 "text_encoder": comp.text_encoder.state_dict(),
+                 "scaling_factor": float(comp.vae.config.scaling_factor)}
+        if optimiser is not None:
+            state.update(optimiser=optimiser.state_dict(), schedule=schedule.state_dict(), ema=ema.state_dict())
+        tmp = self.out / "checkpoint.pt.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.out / "checkpoint.pt")
+
+    def _resume(self) -> None:
+        path = self.out / "checkpoint.pt"
+        if not path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if json.loads(state["config"]) != json.loads(json.dumps(asdict(self.config))):
+            raise ValueError(f"{path} was written with another config; use another --out or the same options")
+        comp = self.components
+        comp.vae.load_state_dict(state["vae"])
+        comp.vae.register_to_config(scaling_factor=state["scaling_factor"])
+        comp.unet.load_state_dict(state["unet"])
+        comp.text_encoder.load_state_dict(state["text_encoder"])
+        comp.vae.eval().requires_grad_(False)
+        self.report, self.step, self.vae_done = json.loads(state["report"]), state["step"], True
+        print(f"resuming from {path} at diffusion step {self.step}", file=sys.stderr)
+
+
+class _ema_weights:
+    """Context manager: the EMA weights in `params` inside, the training weights restored after."""
+
+    def __init__(self, ema: EMAModel, params: list[torch.nn.Parameter]) -> None:
+        self.ema, self.params = ema, params
+
+    def __enter__(self) -> None:
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+
+    def __exit__(self, *exc) -> None:
+        self.ema.restore(self.params)
+
+
+def validation_accuracy(scorer, n: int, samples: int, size: int = 64, split: str = "val", seed: int = 0) -> dict[str, float]:
+    """Image->text accuracy of `scorer` per ShapesWorld subtask: `n` examples of `split` each,
+    `samples` stratified noise draws per pair; the positive must score strictly highest."""
+    out = {}
+    rng = random.Random(shapes.SPLIT_SEEDS[split] + seed)
+    for subtask in shapes.SUBTASKS:
+        examples = [shapes.sample_example(rng, subtask, split, size) for _ in range(n)]
+        images = [shapes.render(scene, size) for scene, _ in examples]
+        captions = [[shapes.caption(s, subtask) for s in (scene, *negs)] for scene, negs in examples]
+        k = min(len(c) for c in captions)
+        scores = scorer.score_candidates(images, [c[:k] for c in captions], mode="i2t", samples=samples,
+                                         seed=seed, schedule="stratified")
+        out[subtask] = round(float((scores[:, 0:1] > scores[:, 1:]).all(1).float().mean()), 4)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`itm-train pretrain --world shapes --out DIR [--steps N] [--seed S] ...`."""
+    defaults = PretrainConfig()
+    parser = argparse.ArgumentParser(prog="itm-train pretrain", description=__doc__.splitlines()[0])
+    parser.add_argument("--world", choices=["shapes"], default="shapes", help="the world to train on")
+    parser.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.jsonl, training.json, model/")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    for name in ("seed", "scenes", "vae_steps", "steps", "batch_size", "eval_every", "eval_examples",
+                 "checkpoint_every"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    for name in ("lr", "vae_lr", "caption_dropout", "ema_decay"):
+        parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
+    parser.add_argument("--unet-channels", default=",".join(map(str, defaults.unet_channels)),
+                        help="UNet block widths, two comma-separated integers")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    fields = {k: v for k, v in vars(args).items() if k in PretrainConfig.__dataclass_fields__}
+    fields["unet_channels"] = tuple(int(v) for v in args.unet_channels.split(","))
+    if len(fields["unet_channels"]) != 2:
+        parser.error("--unet-channels takes two integers")
+    try:
+        model = Pretrainer(PretrainConfig(**fields), args.out).run(resume=args.resume)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"itm-train pretrain: error: {err}", file=sys.stderr)
+        return 2
+    print(f"model written to {model}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""`itm-train pretrain-clip --world shapes`: a tiny open_clip CLIP trained contrastively on ShapesWorld.
+
+The CLIP baseline of the bundled ShapesWorld model: the same training scenes and captions as the
+diffusion model (`pretrain.scene_list`, `pretrain.draw_captions` without dropout), open_clip's
+symmetric InfoNCE loss (`open_clip.ClipLoss`) over in-batch negatives, AdamW with a cosine schedule.
+No augmentation: a flip or crop would change what a caption says (left of / right of, sizes).
+
+Architecture (`CLIP_CONFIG`, registered with open_clip as "shapes-clip"): a 2-layer ViT on 32x32
+images (4x4 patches) and a 2-layer text transformer over open_clip's own BPE tokenizer (16 tokens),
+64-d joint embedding. Output: `OUT/shapes-clip.json` (the config) and `OUT/shapes-clip.safetensors`
+(fp16 weights), loadable with `ClipModel.from_name("shapes-clip", pretrained=..., model_config=...)`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+from diffusers.optimization import get_scheduler
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from itm_engine.data import shapes
+from itm_engine.pretrain import PretrainConfig, draw_captions, scene_list
+
+CLIP_NAME = "shapes-clip"
+CLIP_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 16, "patch_size": 4},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
+}
+
+
+@dataclass
+class ClipPretrainConfig:
+    """Recipe of the bundled ShapesWorld CLIP (saved in `clip-training.json`)."""
+
+    seed: int = 0
+    scenes: int = 40_000
+    steps: int = 3_000
+    batch_size: int = 256
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.1
+
+
+def train_clip(config: ClipPretrainConfig, out: str | Path, progress: bool | None = None) -> Path:
+    """Train the ShapesWorld CLIP into `out`; returns the checkpoint path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config_file = out / f"{CLIP_NAME}.json"
+    config_file.write_text(json.dumps(CLIP_CONFIG, indent=1) + "\n")
+    open_clip.add_model_config(config_file)
+    recipe = PretrainConfig(seed=config.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model, _, preprocess = open_clip.create_model_and_transforms(CLIP_NAME, pretrained_image=False,
+                                                                      pretrained_text=False)
+    tokenizer = open_clip.get_tokenizer(CLIP_NAME)
+    scenes = scene_list(config.scenes, config.seed, recipe.scene_kinds, recipe.render_size)
+    pixels = torch.stack([preprocess(shapes.render(s, recipe.render_size)) for s in scenes])
+    captions = [shapes.training_captions(s) for s in scenes]
+    no_dropout = PretrainConfig(seed=config.seed, caption_dropout=0.0)
+    loss_fn = open_clip.ClipLoss()
+    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = get_scheduler("cosine", optimiser, num_warmup_steps=config.warmup, num_training_steps=config.steps)
+    model.train()
+    start = time.perf_counter()
+    bar = tqdm(range(config.steps), desc="CLIP", disable=None if progress is None else not progress)
+    log = []
+    for step in bar:
+        key = (config.seed * 1_000_003 + 3) * 10_000_019 + step
+        gen, rng = torch.Generator().manual_seed(key), random.Random(key)
+        idx = torch.randint(len(scenes), (config.batch_size,), generator=gen)
+        texts = draw_captions(no_dropout, [captions[i] for i in idx.tolist()], rng)
+        image_features, text_features, logit_scale = model(pixels[idx], tokenizer(texts))
+        loss = loss_fn(image_features, text_features, logit_scale)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, 4.6052)  # at most 100, as in CLIP
+        if step % 100 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            log.append({"step": step, "loss": loss.item()})
+    model.eval()
+    weights = out / f"{CLIP_NAME}.safetensors"
+    save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()}, weights)
+    report = {"config": asdict(config), "architecture": CLIP_CONFIG, "seconds": round(time.perf_counter() - start, 1),
+              "final_loss": loss.item(), "log": log}
+    (out / "clip-training.json").write_text(json.dumps(report, indent=1) + "\n")
+    return weights
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`itm-train pretrain-clip --world shapes --out DIR [--steps N] [--seed S] ...`."""
+    defaults = ClipPretrainConfig()
+    parser = argparse.ArgumentParser(prog="itm-train pretrain-clip", description=__doc__.splitlines()[0])
+    parser.add_argument("--world", choices=["shapes"], default="shapes", help="the world to train on")
+    parser.add_argument("--out", required=True, help="folder for shapes-clip.json/.safetensors")
+    for name in ("seed", "scenes", "steps", "batch_size"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    fields = {k: v for k, v in vars(args).items() if k in ClipPretrainConfig.__dataclass_fields__}
+    print(f"CLIP written to {train_clip(ClipPretrainConfig(**fields), args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

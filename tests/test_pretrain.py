@@ -1,0 +1,136 @@
+"""Pretraining the ShapesWorld models (`itm-train pretrain` / `pretrain-clip`) at toy scale: the
+word tokenizer, the caption draw, a full run that saves a loadable diffusers folder, resume after a
+crash equal to an uninterrupted run, and the tiny CLIP loading through the prefilter."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+import transformers
+
+from itm_engine import pretrain
+from itm_engine.data import shapes
+from itm_engine.pretrain import PretrainConfig, Pretrainer, draw_captions, word_tokenizer
+from itm_engine.prefilter import ClipModel
+from itm_engine.scoring import DiffusionITM
+from itm_engine.train import main as train_main
+
+TOY = dict(scenes=48, vae_steps=3, vae_batch=8, steps=4, batch_size=8, warmup=1, eval_every=0, eval_examples=1,
+           eval_samples=1, checkpoint_every=2, unet_channels=(16, 32), text_width=32)
+
+
+def test_word_tokenizer_round_trips_through_a_folder(tmp_path):
+    tok = word_tokenizer()
+    ids = tok(["a red circle left of a blue square", "A ZEBRA"], padding="max_length", max_length=16).input_ids
+    assert ids[0][0] == tok.bos_token_id and len(ids[0]) == 16
+    words = tok.convert_ids_to_tokens(ids[0][1:9])
+    assert words == "a red circle left of a blue square".split()
+    assert ids[0][9] == tok.eos_token_id and ids[0][10:] == [tok.pad_token_id] * 6
+    assert tok.convert_ids_to_tokens(ids[1][1:3]) == ["a", "<unk>"]  # lower-cased; unknown words kept visible
+    assert all(w in tok.get_vocab() for w in shapes.VOCABULARY)
+    tok.save_pretrained(tmp_path)
+    again = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert again("a small red circle").input_ids == tok("a small red circle").input_ids
+    assert again.model_max_length == 16
+
+
+def test_training_captions_are_true_of_their_scene():
+    rng = random.Random(0)
+    for _ in range(20):
+        scene, _ = shapes.sample_example(rng, "spatial", "train")
+        forms = shapes.training_captions(scene)
+        a, b = scene
+        assert set(forms) == {"binding", "pair", "spatial"}
+        assert forms["spatial"] == [f"a {a.color} {a.shape} {shapes.relation(a, b)} a {b.color} {b.shape}",
+                                    f"a {b.color} {b.shape} {shapes.relation(b, a)} a {a.color} {a.shape}"]
+        converse = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+        assert shapes.relation(b, a) == converse[shapes.relation(a, b)]
+    one, _ = shapes.sample_example(rng, "recognition_shape", "train")
+    assert shapes.training_captions(one) == {"recognition": [shapes.caption(one, "recognition_color")]}
+
+
+def test_caption_draw_follows_weights_and_dropout():
+    scene, _ = shapes.sample_example(random.Random(1), "spatial", "train")
+    forms = shapes.training_captions(scene)
+    config = PretrainConfig(caption_dropout=0.25, form_weights={"binding": 0.0, "pair": 0.0, "spatial": 1.0})
+    drawn = draw_captions(config, [forms] * 2000, random.Random(0))
+    assert set(drawn) == {"", *forms["spatial"]}
+    assert drawn.count("") / len(drawn) == pytest.approx(0.25, abs=0.03)
+    assert draw_captions(config, [forms] * 50, random.Random(3)) == draw_captions(config, [forms] * 50, random.Random(3))
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    components = DiffusionITM.from_pretrained(folder).components
+    return {f"{name}.{k}": v for name in ("vae", "unet", "text_encoder")
+            for k, v in getattr(components, name).state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pretrain")
+    folder = Pretrainer(PretrainConfig(**TOY), out, progress=False).run()
+    return out, folder
+
+
+def test_a_run_writes_a_model_the_scorer_loads(toy_run):
+    out, folder = toy_run
+    scorer = DiffusionITM.from_pretrained(folder)
+    comp = scorer.components
+    assert comp.latent_shape == (4, 8, 8) and comp.image_size == 32 and comp.prediction_type == "epsilon"
+    image = shapes.render(shapes.sample_example(random.Random(0), "spatial", "test")[0])
+    scores = scorer([image], ["a red circle left of a blue square", "a red circle"], samples=2)
+    assert scores.shape == (1, 2) and torch.isfinite(scores).all()
+    # the scaling factor makes the training latents unit-variance
+    data = pretrain.training_scenes(PretrainConfig(**TOY), comp)
+    from itm_engine.cache import encode_pixels
+    assert encode_pixels(comp, data.pixels).std().item() == pytest.approx(1.0, rel=1e-3)
+    report = json.loads((out / "training.json").read_text())
+    assert report["diffusion"]["steps"] == TOY["steps"] and report["config"]["scenes"] == TOY["scenes"]
+    assert set(report["validation"][-1]) == {"step", *shapes.SUBTASKS}
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in rows} == {"vae", "diffusion"}
+
+
+def test_resume_after_a_crash_ends_with_the_uninterrupted_weights(toy_run, tmp_path, monkeypatch):
+    _, uninterrupted = toy_run
+    real_save = Pretrainer._save_checkpoint
+
+    def crash_after_step_two(self, *args):
+        real_save(self, *args)
+        if self.step == 2:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(Pretrainer, "_save_checkpoint", crash_after_step_two)
+    with pytest.raises(KeyboardInterrupt):
+        Pretrainer(PretrainConfig(**TOY), tmp_path, progress=False).run()
+    monkeypatch.setattr(Pretrainer, "_save_checkpoint", real_save)
+    with pytest.raises(FileExistsError, match="--resume"):
+        Pretrainer(PretrainConfig(**TOY), tmp_path, progress=False).run()
+    with pytest.raises(ValueError, match="another config"):
+        Pretrainer(PretrainConfig(**{**TOY, "lr": 0.5}), tmp_path, progress=False).run(resume=True)
+    resumed = Pretrainer(PretrainConfig(**TOY), tmp_path, progress=False).run(resume=True)
+    a, b = _weights(uninterrupted), _weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_cli_reports_bad_resume(tmp_path, capsys):
+    assert train_main(["pretrain", "--world", "shapes", "--out", str(tmp_path), "--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_tiny_clip_trains_and_loads_through_the_prefilter(tmp_path):
+    from itm_engine.pretrain_clip import CLIP_NAME, ClipPretrainConfig, train_clip
+
+    weights = train_clip(ClipPretrainConfig(scenes=64, steps=3, batch_size=16), tmp_path, progress=False)
+    clip = ClipModel.from_name(CLIP_NAME, pretrained=weights, model_config=tmp_path / f"{CLIP_NAME}.json")
+    saved = __import__("safetensors.torch").torch.load_file(weights)
+    state = clip.model.state_dict()
+    assert set(saved) == set(state)
+    torch.testing.assert_close(state["text_projection"], saved["text_projection"].float())
+    image = shapes.render(shapes.sample_example(random.Random(0), "spatial", "test")[0])
+    scores = clip.scorer()([image], ["a red circle", "a blue square left of a green cross"])
+    assert scores.shape == (1, 2) and scores.abs().max() <= 1.0 + 1e-5
