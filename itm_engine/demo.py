@@ -1,80 +1,135 @@
-"""`make demo` / `python -m itm_engine.demo`: the engine and the naive loop on the same work.
+"""`make demo` / `python -m itm_engine.demo`: ShapesWorld with the bundled model, on the CPU.
 
-Scores a few generated images against a few captions with the built-in `tiny` model (random
-weights: the scores are meaningless, the agreement and the speed are not), in both modes, and
-checks that engine and naive reference agree.
+Scores held-out ShapesWorld examples with the bundled latent diffusion model ("shapes") and the
+bundled tiny CLIP ("shapes-clip"), both trained by this project (`itm_engine.bundled`), and prints
+per subtask: DiffusionITM image->text, text->image by raw error and null-normalised, CLIP both
+ways, and chance; then the compositional split (colour-shape combinations never seen in
+training); then the engine against the naive research loop on the same work (same noise: the
+scores must agree); and writes a figure of a few examples with their candidates' scores.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from pathlib import Path
 
-import PIL.Image
-import PIL.ImageDraw
 import torch
 
-from itm_engine.naive import naive_scores
+from itm_engine import shapes_eval
+from itm_engine.data import shapes
+from itm_engine.naive import naive_pair_scores
 from itm_engine.scoring import DiffusionITM
 
-COLOURS = {"red": (220, 40, 40), "blue": (40, 70, 220), "green": (40, 170, 60), "yellow": (235, 210, 40)}
-SHAPES = ("circle", "square")
+COLUMNS = (("DiffusionITM", "i2t"), ("DiffusionITM", "t2i-raw"), ("DiffusionITM", "t2i"), ("CLIP", "i2t"),
+           ("CLIP", "t2i"))
+HEADERS = ("I2T", "T2I raw", "T2I norm", "CLIP I2T", "CLIP T2I", "chance")
 
 
-def draw_shape(colour: str, shape: str, size: int = 64) -> PIL.Image.Image:
-    """A centred filled `shape` ("circle" | "square") of `colour` on white, size x size RGB."""
-    image = PIL.Image.new("RGB", (size, size), "white")
-    box = (size // 5, size // 5, size - size // 5, size - size // 5)
-    draw = PIL.ImageDraw.Draw(image)
-    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLOURS[colour])
-    return image
+def accuracy_table(scorers: dict, examples: shapes_eval.Examples, samples: int, seed: int) -> dict[str, dict]:
+    """{column header: {subtask: accuracy}} for `COLUMNS` (+ chance)."""
+    table = {}
+    for header, (name, direction) in zip(HEADERS, COLUMNS):
+        table[header] = shapes_eval.accuracy(scorers[name], examples, direction, samples, seed)
+    table["chance"] = shapes_eval.chance(examples)
+    return table
 
 
-def print_matrix(title: str, scores: torch.Tensor, texts: list[str]) -> None:
-    print(f"\n{title}  (rows: images, columns: captions; higher = better match)")
-    print(" " * 16 + "".join(f"{t[:14]:>16}" for t in texts))
-    for i, row in enumerate(scores.tolist()):
-        print(f"{'image ' + str(i):<16}" + "".join(f"{v:16.5f}" for v in row))
+def print_table(title: str, table: dict[str, dict]) -> None:
+    rows = list(next(iter(table.values())))
+    print(f"\n{title}")
+    print(f"{'subtask':<22}" + "".join(f"{h:>10}" for h in table))
+    for row in rows:
+        print(f"{row:<22}" + "".join(f"{100 * table[h][row]:>9.1f}%" if row in table[h] else f"{'':>10}" for h in table))
+    means = {h: sum(v.values()) / len(v) for h, v in table.items()}
+    print(f"{'mean':<22}" + "".join(f"{100 * means[h]:>9.1f}%" for h in table))
+
+
+def speed_check(scorer: DiffusionITM, examples: shapes_eval.Examples, samples: int, seed: int) -> bool:
+    """Engine vs naive loop on the image->text work of the first examples of each subtask."""
+    images, texts, pairs = [], [], []
+    for subtask, rows in examples.items():
+        for scene, negatives in rows[:2]:
+            images.append(shapes.render(scene))
+            for candidate in (scene, *negatives):
+                pairs.append((len(images) - 1, len(texts)))
+                texts.append(shapes.caption(candidate, subtask))
+    bank = scorer.noise_bank(samples, seed=seed, schedule="stratified")
+    scorer.clear_cache()
+    start = time.perf_counter()
+    engine = scorer.score_pairs(images, texts, pairs, noise=bank)
+    engine_s = time.perf_counter() - start
+    start = time.perf_counter()
+    naive = naive_pair_scores(scorer.components, images, texts, pairs, bank)
+    naive_s = time.perf_counter() - start
+    items = len(pairs) * len(bank)
+    rel = ((engine - naive).abs().max() / naive.abs().max()).item()
+    print(f"\nspeed on the same work ({len(pairs)} image-caption pairs x {len(bank)} noise draws = {items} UNet items):")
+    print(f"  engine {engine_s:6.2f} s = {items / engine_s:7.1f} items/s   naive loop {naive_s:6.2f} s = "
+          f"{items / naive_s:7.1f} items/s   speed-up {naive_s / engine_s:.1f}x")
+    print(f"  max difference engine vs naive, relative to the error scale: {rel:.1e} -> "
+          f"{'agree' if rel <= 1e-5 else 'DISAGREE'}")
+    return rel <= 1e-5
+
+
+def write_figure(path: Path, scorer: DiffusionITM, examples: shapes_eval.Examples, samples: int, seed: int) -> None:
+    """One example per subtask: the image, its candidate captions and their I2T scores."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    subtasks = list(examples)
+    fig, axes = plt.subplots(2, (len(subtasks) + 1) // 2, figsize=(3.2 * ((len(subtasks) + 1) // 2), 7.4))
+    for ax, subtask in zip(axes.flat, subtasks):
+        rows = examples[subtask][:1]
+        scores = shapes_eval.candidate_scores(scorer, rows, subtask, "i2t", samples, seed)[0]
+        scene, negatives = rows[0]
+        ax.imshow(shapes.render(scene))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        best = int(scores.argmax())
+        lines = [("* " if j == best else "  ") + f"{shapes.caption(c, subtask)}  {s:+.4f}"
+                 for j, (c, s) in enumerate(zip((scene, *negatives), scores.tolist()))]
+        ax.set_title(subtask, fontsize=9)
+        ax.set_xlabel("\n".join(lines), fontsize=6, family="monospace", loc="left")
+    for ax in list(axes.flat)[len(subtasks):]:
+        ax.axis("off")
+    fig.suptitle("bundled ShapesWorld model, image->text: candidate captions (first = true) and scores "
+                 "(-denoising error; * = chosen)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny", help="diffusers folder, cached hub id or built-in arch")
-    parser.add_argument("--samples", type=int, default=4, help="noise draws per pair")
+    parser.add_argument("--model", default="shapes", help="diffusers folder, cached hub id or built-in name")
+    parser.add_argument("--n", type=int, default=20, help="held-out examples per subtask")
+    parser.add_argument("--samples", type=int, default=10, help="noise draws per pair")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--figure", default="runs/demo/shapes-examples.png", help="where to write the PNG")
     args = parser.parse_args(argv)
 
-    pairs = [("red", "circle"), ("blue", "square"), ("green", "circle"), ("yellow", "square")]
-    images = [draw_shape(c, s) for c, s in pairs]
-    texts = [f"a {c} {s}" for c, s in pairs]
-    scorer = DiffusionITM.from_pretrained(args.model, batch_size=64)
-    print(f"model: {scorer.components.source}  latents {scorer.components.latent_shape}  "
-          f"prediction: {scorer.components.prediction_type}  samples: {args.samples}")
+    from itm_engine.prefilter import ClipModel
 
-    scorer(images[:1], texts[:1], samples=1)  # warm-up: first-call costs stay out of the timings
-    ok, error_scale = True, None
-    for mode in ("i2t", "t2i"):
-        bank = scorer.noise_bank(args.samples, seed=args.seed)
-        scorer.clear_cache()
-        start = time.perf_counter()
-        engine = scorer(images, texts, mode=mode, noise=bank)
-        engine_s = time.perf_counter() - start
-        engine_items = scorer.last_stats.unet_items
-        start = time.perf_counter()
-        naive = naive_scores(scorer.components, images, texts, bank, mode=mode)
-        naive_s = time.perf_counter() - start
-        naive_items = len(images) * len(texts) * len(bank) * (2 if mode == "t2i" else 1)
-        # Relative to the size of the denoising errors (|I2T score|): a T2I score is a small
-        # difference of two such errors, so that is the scale its rounding lives on.
-        error_scale = error_scale if error_scale is not None else naive.abs().max()
-        rel = ((engine - naive).abs().max() / error_scale).item()
-        ok &= rel <= 1e-5
-        print_matrix(f"[{mode}] engine scores", engine, texts)
-        print(f"[{mode}] engine: {engine_items:4d} UNet items in {engine_s:6.2f} s = {engine_items / engine_s:7.1f} items/s")
-        print(f"[{mode}] naive : {naive_items:4d} UNet items in {naive_s:6.2f} s = {naive_items / naive_s:7.1f} items/s")
-        print(f"[{mode}] speed-up {naive_s / engine_s:.1f}x; max difference engine vs naive, relative to the "
-              f"error scale: {rel:.1e} -> {'agree' if rel <= 1e-5 else 'DISAGREE'}")
-    print("\nrandom weights: the scores carry no meaning; the agreement and the speed do.")
+    start = time.perf_counter()
+    scorers = {"DiffusionITM": DiffusionITM.from_pretrained(args.model, progress=False),
+               "CLIP": ClipModel.from_name("shapes-clip", pretrained="bundled").scorer()}
+    comp = scorers["DiffusionITM"].components
+    print(f"model: {comp.source}  latents {comp.latent_shape}  samples per pair: {args.samples} (stratified), "
+          f"seed {args.seed}; CLIP: bundled shapes-clip")
+    test = shapes_eval.world_examples("test", args.n, args.seed)
+    print_table(f"ShapesWorld test split, {args.n} examples per subtask: accuracy (the true candidate must "
+                "score strictly highest)", accuracy_table(scorers, test, args.samples, args.seed))
+    held_out = shapes_eval.world_examples("compositional", args.n, args.seed, subtasks=shapes.SUBTASKS)
+    print_table("compositional split (colour-shape combinations never seen in training)",
+                accuracy_table(scorers, held_out, args.samples, args.seed))
+    ok = speed_check(scorers["DiffusionITM"], test, args.samples, args.seed)
+    figure = Path(args.figure)
+    write_figure(figure, scorers["DiffusionITM"], test, args.samples, args.seed)
+    print(f"\nfigure: {figure}   total {time.perf_counter() - start:.0f} s")
     return 0 if ok else 1
 
 

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from itm_engine.cache import encode_pixels, preprocess_images
 from itm_engine.data import shapes
 from itm_engine.models import SDComponents, _scheduler, save_components
+from itm_engine.shapes_eval import accuracy, world_examples
 
 NULL_PROMPT = ""
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>", "<unk>")
@@ -288,9 +289,12 @@ class Pretrainer:
         for net in nets:
             net.eval()
         try:
+            c = self.config
+            examples = world_examples("val", c.eval_examples, size=c.render_size, subtasks=shapes.SUBTASKS)
             with torch.no_grad():
-                return validation_accuracy(DiffusionITM(self.components, progress=False), self.config.eval_examples,
-                                           self.config.eval_samples, self.config.render_size)
+                scores = accuracy(DiffusionITM(self.components, progress=False), examples, "i2t", c.eval_samples,
+                                  size=c.render_size)
+            return {k: round(v, 4) for k, v in scores.items()}
         finally:
             for net, mode in zip(nets, modes):
                 net.train(mode)
@@ -360,22 +364,6 @@ class _ema_weights:
 
     def __exit__(self, *exc) -> None:
         self.ema.restore(self.params)
-
-
-def validation_accuracy(scorer, n: int, samples: int, size: int = 64, split: str = "val", seed: int = 0) -> dict[str, float]:
-    """Image->text accuracy of `scorer` per ShapesWorld subtask: `n` examples of `split` each,
-    `samples` stratified noise draws per pair; the positive must score strictly highest."""
-    out = {}
-    rng = random.Random(shapes.SPLIT_SEEDS[split] + seed)
-    for subtask in shapes.SUBTASKS:
-        examples = [shapes.sample_example(rng, subtask, split, size) for _ in range(n)]
-        images = [shapes.render(scene, size) for scene, _ in examples]
-        captions = [[shapes.caption(s, subtask) for s in (scene, *negs)] for scene, negs in examples]
-        k = min(len(c) for c in captions)
-        scores = scorer.score_candidates(images, [c[:k] for c in captions], mode="i2t", samples=samples,
-                                         seed=seed, schedule="stratified")
-        out[subtask] = round(float((scores[:, 0:1] > scores[:, 1:]).all(1).float().mean()), 4)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

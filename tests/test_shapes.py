@@ -201,3 +201,21 @@ def test_cli_writes_a_data_root(tmp_path, capsys):
     data = json.loads((tmp_path / "examples.json").read_text())
     assert data["split"] == "val" and data["size"] == 32 and len(data["examples"]) == len(ALL_SUBTASKS)
     assert "wrote 8 val examples" in capsys.readouterr().out
+
+
+def test_negclip_tsv_reads_as_hardneg_training_data(splits):
+    from itm_engine.train_data import read_pairs
+
+    path = shapes.write_negclip_tsv(splits["train"]["root"])
+    pairs = read_pairs(path)
+    examples = splits["train"]["examples"]
+    assert len(pairs) == sum(1 + len(ex["negatives"]) for ex in examples)
+    row = 0
+    for ex in examples:
+        positive = pairs[row]
+        assert positive.caption == ex["caption"] and positive.image.endswith(ex["image"])
+        assert list(positive.neg_captions) == [n["caption"] for n in ex["negatives"]]
+        assert [pairs[j].caption for j in positive.neg_images] == [n["caption"] for n in ex["negatives"]]
+        for j in positive.neg_images:
+            assert pairs[j].neg_images == (row,) and pairs[j].neg_captions == (ex["caption"],)
+        row += 1 + len(ex["negatives"])

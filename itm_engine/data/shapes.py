@@ -288,6 +288,30 @@ def write_shapesworld(root, split: str = "test", n: int = 50, seed: int = 0, siz
     return root
 
 
+def write_negclip_tsv(root) -> Path:
+    """Write ROOT/negclip.tsv from ROOT/examples.json: HardNeg training data in NegCLIP's format
+    (`itm-train --data ROOT/negclip.tsv`). Every positive and negative scene is a row (title =
+    its caption, filepath = its image); a positive's hard negatives are its negatives' captions and
+    rows, and each negative's are the positive's (so both caption and image negatives exist)."""
+    import csv
+
+    root = Path(root)
+    rows: list[dict] = []
+    for ex in json.loads((root / "examples.json").read_text())["examples"]:
+        first = len(rows)
+        negs = list(range(first + 1, first + 1 + len(ex["negatives"])))
+        rows.append({"title": ex["caption"], "filepath": ex["image"],
+                     "neg_caption": repr([n["caption"] for n in ex["negatives"]]), "neg_image": repr(negs)})
+        rows += [{"title": n["caption"], "filepath": n["image"], "neg_caption": repr([ex["caption"]]),
+                  "neg_image": repr([first])} for n in ex["negatives"]]
+    path = root / "negclip.tsv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["title", "filepath", "neg_caption", "neg_image"], delimiter="\t")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
 # -- tasks -------------------------------------------------------------------------------------
 
 class _Shapes(Task):
@@ -423,16 +447,20 @@ class ShapesRetrieval(_Shapes):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m itm_engine.data.shapes --out DIR [--split test] [--n 50] [--seed 0] [--size 64]`."""
+    """`python -m itm_engine.data.shapes --out DIR [--split test] [--n 50] [--seed 0] [--size 64] [--negclip]`."""
     parser = argparse.ArgumentParser(description="Generate a ShapesWorld split for itm-eval --task shapes*")
     parser.add_argument("--out", required=True, help="the data root to write (images/ + examples.json)")
     parser.add_argument("--split", default="test", choices=list(SPLIT_SEEDS))
     parser.add_argument("--n", type=int, default=50, help="examples per subtask")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--negclip", action="store_true",
+                        help="also write negclip.tsv (HardNeg training data for itm-train --data)")
     args = parser.parse_args(argv)
     root = write_shapesworld(args.out, args.split, args.n, args.seed, args.size)
     print(f"wrote {args.n * len(ALL_SUBTASKS)} {args.split} examples to {root}")
+    if args.negclip:
+        print(f"wrote {write_negclip_tsv(root)}")
 
 
 if __name__ == "__main__":
