@@ -21,30 +21,6 @@ from itm_engine.data import shapes
 from itm_engine.naive import naive_pair_scores
 from itm_engine.scoring import DiffusionITM
 
-COLUMNS = (("DiffusionITM", "i2t"), ("DiffusionITM", "t2i-raw"), ("DiffusionITM", "t2i"), ("CLIP", "i2t"),
-           ("CLIP", "t2i"))
-HEADERS = ("I2T", "T2I raw", "T2I norm", "CLIP I2T", "CLIP T2I", "chance")
-
-
-def accuracy_table(scorers: dict, examples: shapes_eval.Examples, samples: int, seed: int) -> dict[str, dict]:
-    """{column header: {subtask: accuracy}} for `COLUMNS` (+ chance)."""
-    table = {}
-    for header, (name, direction) in zip(HEADERS, COLUMNS):
-        table[header] = shapes_eval.accuracy(scorers[name], examples, direction, samples, seed)
-    table["chance"] = shapes_eval.chance(examples)
-    return table
-
-
-def print_table(title: str, table: dict[str, dict]) -> None:
-    rows = list(next(iter(table.values())))
-    print(f"\n{title}")
-    print(f"{'subtask':<22}" + "".join(f"{h:>10}" for h in table))
-    for row in rows:
-        print(f"{row:<22}" + "".join(f"{100 * table[h][row]:>9.1f}%" if row in table[h] else f"{'':>10}" for h in table))
-    means = {h: sum(v.values()) / len(v) for h, v in table.items()}
-    print(f"{'mean':<22}" + "".join(f"{100 * means[h]:>9.1f}%" for h in table))
-
-
 def speed_check(scorer: DiffusionITM, examples: shapes_eval.Examples, samples: int, seed: int) -> bool:
     """Engine vs naive loop on the image->text work of the first examples of each subtask."""
     images, texts, pairs = [], [], []
@@ -120,12 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     comp = scorers["DiffusionITM"].components
     print(f"model: {comp.source}  latents {comp.latent_shape}  samples per pair: {args.samples} (stratified), "
           f"seed {args.seed}; CLIP: bundled shapes-clip")
+    diffusion, clip = scorers["DiffusionITM"], scorers["CLIP"]
+    columns = {"I2T": (diffusion, "i2t"), "T2I raw": (diffusion, "t2i-raw"), "T2I norm": (diffusion, "t2i"),
+               "CLIP I2T": (clip, "i2t"), "CLIP T2I": (clip, "t2i")}
     test = shapes_eval.world_examples("test", args.n, args.seed)
-    print_table(f"ShapesWorld test split, {args.n} examples per subtask: accuracy (the true candidate must "
-                "score strictly highest)", accuracy_table(scorers, test, args.samples, args.seed))
+    print("\n" + shapes_eval.format_table(
+        f"ShapesWorld test split, {args.n} examples per subtask: accuracy (the true candidate must score strictly "
+        "highest)", shapes_eval.accuracy_table(columns, test, args.samples, args.seed)))
     held_out = shapes_eval.world_examples("compositional", args.n, args.seed, subtasks=shapes.SUBTASKS)
-    print_table("compositional split (colour-shape combinations never seen in training)",
-                accuracy_table(scorers, held_out, args.samples, args.seed))
+    print("\n" + shapes_eval.format_table(
+        "compositional split (colour-shape combinations never seen in training)",
+        shapes_eval.accuracy_table(columns, held_out, args.samples, args.seed)))
     ok = speed_check(scorers["DiffusionITM"], test, args.samples, args.seed)
     figure = Path(args.figure)
     write_figure(figure, scorers["DiffusionITM"], test, args.samples, args.seed)

@@ -3,8 +3,9 @@
 Three stages, one seed, all on the training split of `itm_engine.data.shapes` (held-out colour-shape
 combinations never shown):
 
-1. **VAE** (`diffusers.AutoencoderKL`, 32x32 RGB -> 4x8x8): reconstruction MSE + a small KL term on
-   a fixed set of rendered scenes; afterwards the latent scaling factor is set to 1/std of the
+1. **VAE** (`diffusers.AutoencoderKL`, 32x32 RGB -> 8x8x8): reconstruction MSE (object pixels
+   weighted `foreground_weight` times the plain background: small shapes are a few pixels) + a
+   small KL term on a fixed set of rendered scenes; afterwards the latent scaling factor is set to 1/std of the
    posterior means, as Stable Diffusion's 0.18215 was.
 2. **Text encoder + UNet, jointly** (`transformers.CLIPTextModel` over a word-level tokenizer,
    `diffusers.UNet2DConditionModel`, DDPM scaled-linear schedule, epsilon prediction): the
@@ -58,26 +59,29 @@ class PretrainConfig:
     render_size: int = 64            # scenes are drawn at this size, then resized like at scoring time
     image_size: int = 32             # model resolution (latents image_size / 4)
     scenes: int = 40_000             # training scenes (positives of the training split)
-    vae_steps: int = 1_000
+    vae_steps: int = 1_500
     vae_batch: int = 32
     vae_lr: float = 2e-3
     kl_weight: float = 1e-6
-    steps: int = 8_000
+    foreground_weight: float = 10.0  # reconstruction weight of object pixels vs background (objects are small)
+    latent_channels: int = 8
+    steps: int = 10_000
     batch_size: int = 64
     lr: float = 1e-3
     warmup: int = 200
     weight_decay: float = 0.01
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
-    # how often each grammar form is drawn for a two-object scene (one-object scenes have one form)
-    form_weights: dict = field(default_factory=lambda: {"binding": 0.3, "pair": 0.2, "spatial": 0.5})
+    # relative odds of the caption forms of a scene (`shapes.training_captions`; absent forms skipped)
+    form_weights: dict = field(default_factory=lambda: {"recognition": 0.4, "binding": 0.25, "pair": 0.15,
+                                                        "spatial": 0.4, "position": 0.2})
     # the scene kinds drawn (sample_example's subtasks); spatial scenes are binding scenes
     scene_kinds: tuple = ("recognition_color", "binding_color_shape", "pair_binding_size", "spatial")
     unet_channels: tuple = (32, 64)
     text_width: int = 64
     text_layers: int = 2
     checkpoint_every: int = 500
-    eval_every: int = 1_000          # 0: only at the end
+    eval_every: int = 2_000          # 0: only at the end
     eval_examples: int = 24          # per subtask, validation split
     eval_samples: int = 10
 
@@ -110,7 +114,7 @@ def build_components(config: PretrainConfig) -> SDComponents:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         vae = diffusers.AutoencoderKL(
-            sample_size=config.image_size, in_channels=3, out_channels=3, latent_channels=4,
+            sample_size=config.image_size, in_channels=3, out_channels=3, latent_channels=config.latent_channels,
             block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
             up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, norm_num_groups=8,
             scaling_factor=1.0)
@@ -122,7 +126,8 @@ def build_components(config: PretrainConfig) -> SDComponents:
             pad_token_id=tokenizer.pad_token_id))
         c1, c2 = config.unet_channels
         unet = diffusers.UNet2DConditionModel(
-            sample_size=latent, in_channels=4, out_channels=4, block_out_channels=(c1, c2),
+            sample_size=latent, in_channels=config.latent_channels, out_channels=config.latent_channels,
+            block_out_channels=(c1, c2),
             down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
             layers_per_block=1, cross_attention_dim=width, norm_num_groups=16,
             attention_head_dim=(c1 // 16, c2 // 16))  # diffusers' name for the head count: 16-wide heads
@@ -152,7 +157,7 @@ def training_scenes(config: PretrainConfig, components: SDComponents) -> SceneSe
     scenes = scene_list(config.scenes, config.seed, config.scene_kinds, config.render_size)
     pixels = torch.cat([preprocess_images(components, [shapes.render(s, config.render_size) for s in chunk])
                         for chunk in _chunks(scenes, 1024)])
-    return SceneSet(pixels, [shapes.training_captions(s) for s in scenes])
+    return SceneSet(pixels, [shapes.training_captions(s, config.render_size) for s in scenes])
 
 
 def _chunks(items: list, size: int) -> list[list]:
@@ -197,6 +202,7 @@ class Pretrainer:
     def train_vae(self, data: SceneSet) -> None:
         c, vae = self.config, self.components.vae
         vae.train().requires_grad_(True)
+        background = preprocess_images(self.components, [shapes.render((), c.render_size)])[0, :, :1, :1]  # [3, 1, 1]
         optimiser = torch.optim.AdamW(vae.parameters(), lr=c.vae_lr)
         schedule = get_scheduler("cosine", optimiser, num_warmup_steps=100, num_training_steps=c.vae_steps)
         start, bar = time.perf_counter(), tqdm(range(c.vae_steps), desc="VAE", disable=self._quiet())
@@ -205,7 +211,9 @@ class Pretrainer:
             x = data.pixels[torch.randint(len(data.pixels), (c.vae_batch,), generator=gen)]
             posterior = vae.encode(x).latent_dist
             z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
-            recon = F.mse_loss(vae.decode(z).sample, x)
+            squared = (vae.decode(z).sample - x).square()
+            weight = 1 + (c.foreground_weight - 1) * (x != background).any(1, keepdim=True)
+            recon = (weight * squared).mean() / weight.mean()
             loss = recon + c.kl_weight * posterior.kl().mean()
             optimiser.zero_grad(set_to_none=True)
             loss.backward()

@@ -65,7 +65,7 @@ def train_clip(config: ClipPretrainConfig, out: str | Path, progress: bool | Non
     tokenizer = open_clip.get_tokenizer(CLIP_NAME)
     scenes = scene_list(config.scenes, config.seed, recipe.scene_kinds, recipe.render_size)
     pixels = torch.stack([preprocess(shapes.render(s, recipe.render_size)) for s in scenes])
-    captions = [shapes.training_captions(s) for s in scenes]
+    captions = [shapes.training_captions(s, recipe.render_size) for s in scenes]
     no_dropout = PretrainConfig(seed=config.seed, caption_dropout=0.0)
     loss_fn = open_clip.ClipLoss()
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)

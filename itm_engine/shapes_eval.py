@@ -72,3 +72,24 @@ def accuracy(scorer: PairScorer, examples: Examples, direction: Direction, sampl
 def chance(examples: Examples) -> dict[str, float]:
     """Accuracy of a random ranking, per subtask: 1 / k."""
     return {subtask: 1.0 / min(1 + len(negatives) for _, negatives in rows) for subtask, rows in examples.items()}
+
+
+def accuracy_table(columns: dict[str, tuple[PairScorer, Direction]], examples: Examples, samples: int = 10,
+                   seed: int = 0) -> dict[str, dict[str, float]]:
+    """{header: {subtask: accuracy}} for each column (header -> (scorer, direction)), plus "chance"."""
+    table = {header: accuracy(scorer, examples, direction, samples, seed) for header, (scorer, direction) in columns.items()}
+    table["chance"] = chance(examples)
+    return table
+
+
+def format_table(title: str, table: dict[str, dict[str, float]]) -> str:
+    """`table` (from `accuracy_table`) as text: a row per subtask, percentages, and the mean row."""
+    rows = list(dict.fromkeys(row for column in table.values() for row in column))
+    width = max(10, *(len(h) + 2 for h in table))
+    lines = [title, f"{'subtask':<22}" + "".join(f"{h:>{width}}" for h in table)]
+    for row in rows:
+        lines.append(f"{row:<22}" + "".join(f"{100 * table[h][row]:>{width - 1}.1f}%" if row in table[h]
+                                             else " " * width for h in table))
+    means = {h: sum(v.values()) / len(v) for h, v in table.items()}
+    lines.append(f"{'mean':<22}" + "".join(f"{100 * means[h]:>{width - 1}.1f}%" for h in table))
+    return "\n".join(lines)

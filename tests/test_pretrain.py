@@ -42,19 +42,30 @@ def test_training_captions_are_true_of_their_scene():
         scene, _ = shapes.sample_example(rng, "spatial", "train")
         forms = shapes.training_captions(scene)
         a, b = scene
-        assert set(forms) == {"binding", "pair", "spatial"}
+        assert set(forms) - {"position"} == {"binding", "pair", "spatial"}
+        for text in forms.get("position", []):  # absolute places agree with the relation
+            first = scene[0] if text.startswith(f"a {a.color} {a.shape}") else scene[1]
+            assert shapes.place(first) in text.split(" and ")[0]
+        if shapes.relation(a, b) == "left of" and "position" in forms:
+            assert forms["position"][0].split(" and ")[0].endswith("on the left") or "at the" in forms["position"][0]
         assert forms["spatial"] == [f"a {a.color} {a.shape} {shapes.relation(a, b)} a {b.color} {b.shape}",
                                     f"a {b.color} {b.shape} {shapes.relation(b, a)} a {a.color} {a.shape}"]
         converse = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
         assert shapes.relation(b, a) == converse[shapes.relation(a, b)]
     one, _ = shapes.sample_example(rng, "recognition_shape", "train")
-    assert shapes.training_captions(one) == {"recognition": [shapes.caption(one, "recognition_color")]}
+    assert shapes.training_captions(one)["recognition"] == [shapes.caption(one, "recognition_color")]
+    o = shapes.Obj("red", "circle", "small", 10, 30)
+    assert shapes.training_captions((o,))["position"] == ["a small red circle on the left"]
+    assert shapes.place(shapes.Obj("red", "circle", "small", 33, 60)) == "at the bottom"
+    assert shapes.place(shapes.Obj("red", "circle", "small", 33, 36)) is None
+    assert "position" not in shapes.training_captions((shapes.Obj("red", "circle", "small", 33, 36),))
 
 
 def test_caption_draw_follows_weights_and_dropout():
     scene, _ = shapes.sample_example(random.Random(1), "spatial", "train")
     forms = shapes.training_captions(scene)
-    config = PretrainConfig(caption_dropout=0.25, form_weights={"binding": 0.0, "pair": 0.0, "spatial": 1.0})
+    config = PretrainConfig(caption_dropout=0.25, form_weights={"binding": 0.0, "pair": 0.0, "spatial": 1.0,
+                                                                "position": 0.0})
     drawn = draw_captions(config, [forms] * 2000, random.Random(0))
     assert set(drawn) == {"", *forms["spatial"]}
     assert drawn.count("") / len(drawn) == pytest.approx(0.25, abs=0.03)
@@ -78,7 +89,7 @@ def test_a_run_writes_a_model_the_scorer_loads(toy_run):
     out, folder = toy_run
     scorer = DiffusionITM.from_pretrained(folder)
     comp = scorer.components
-    assert comp.latent_shape == (4, 8, 8) and comp.image_size == 32 and comp.prediction_type == "epsilon"
+    assert comp.latent_shape == (8, 8, 8) and comp.image_size == 32 and comp.prediction_type == "epsilon"
     image = shapes.render(shapes.sample_example(random.Random(0), "spatial", "test")[0])
     scores = scorer([image], ["a red circle left of a blue square", "a red circle"], samples=2)
     assert scores.shape == (1, 2) and torch.isfinite(scores).all()

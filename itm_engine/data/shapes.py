@@ -234,25 +234,51 @@ def sample_example(rng: random.Random, subtask: str, split: str = "train", size:
 
 
 VOCABULARY: tuple[str, ...] = tuple(dict.fromkeys(
-    ["a", "and", "that", "is", "of", "left", "right", "above", "below", *SIZES, *COLORS, *SHAPES]))
+    ["a", "and", "that", "is", "of", "left", "right", "above", "below", "on", "the", "at", "top", "bottom",
+     *SIZES, *COLORS, *SHAPES]))
 
 
-def training_captions(scene: Scene) -> dict[str, list[str]]:
-    """Every true caption of `scene`, grouped by grammar form (for pretraining a model on the world).
+def place(obj: Obj, size: int = 64) -> str | None:
+    """Where `obj` is in the image, a phrase for training captions: "on the left" / "on the right" /
+    "at the top" / "at the bottom" along the axis it is further from the centre on, or None when
+    it is near the centre (within 0.15 of the side)."""
+    dx, dy = obj.x - size / 2, obj.y - size / 2
+    if max(abs(dx), abs(dy)) < 0.15 * size:
+        return None
+    if abs(dx) >= abs(dy):
+        return "on the left" if dx < 0 else "on the right"
+    return "at the top" if dy < 0 else "at the bottom"
 
-    One object: "recognition" ("a small red circle"). Two objects: "binding" (both orders of
-    "a red circle and a blue square" and "a circle that is red and ..."), "pair" (with sizes,
-    both orders) and "spatial" ("a red circle left of a blue square" and its converse
-    "a blue square right of a red circle")."""
+
+def training_captions(scene: Scene, size: int = 64) -> dict[str, list[str]]:
+    """Every true caption of `scene` (drawn at `size` px), grouped by form, for pretraining a model.
+
+    The evaluation grammar: one object, "recognition" ("a small red circle"); two objects,
+    "binding" (both orders of "a red circle and a blue square" and "a circle that is red and
+    ..."), "pair" (with sizes, both orders) and "spatial" ("a red circle left of a blue square" and
+    its converse "a blue square right of a red circle"). Plus, for training only, "position":
+    absolute places ("a small red circle on the left", "a red circle at the top and a blue square
+    at the bottom"), which ground the position words in the image (absent when an object is near
+    the centre)."""
+    places = [place(o, size) for o in scene]
     if len(scene) == 1:
-        return {"recognition": [caption(scene, "recognition_color")]}
+        a = scene[0]
+        forms = {"recognition": [caption(scene, "recognition_color")]}
+        if places[0]:
+            forms["position"] = [f"a {a.size} {a.color} {a.shape} {places[0]}"]
+        return forms
     a, b = scene
     both = [(a, b), (b, a)]
-    return {
+    forms = {
         "binding": [caption(s, t) for s in both for t in ("binding_color_shape", "binding_shape_color")],
         "pair": [caption(s, "pair_binding_size") for s in both],
         "spatial": [caption(s, "spatial") for s in both],
     }
+    if all(places):
+        pa, pb = places
+        forms["position"] = [f"a {a.color} {a.shape} {pa} and a {b.color} {b.shape} {pb}",
+                             f"a {b.color} {b.shape} {pb} and a {a.color} {a.shape} {pa}"]
+    return forms
 
 
 def write_shapesworld(root, split: str = "test", n: int = 50, seed: int = 0, size: int = 64,
