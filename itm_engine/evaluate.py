@@ -48,6 +48,7 @@ class EvalConfig:
     samples: int = 10
     seed: int = 0
     schedule: str = "uniform"
+    adaptive: str | None = None  # successive elimination policy, "2:5,10:1" or "auto:z=3" (itm_engine.adaptive)
     candidates: str | None = None
     prefilter: str | None = None
     topk: int = 10
@@ -140,8 +141,11 @@ def load_task(config: EvalConfig, device: torch.device) -> Task:
         raise ValueError(f"task {config.task!r} does not take --candidates/--prefilter ({err})") from None
 
 
-def score_chunk(scorer, examples: Sequence[Example], modes: Sequence[str], config: EvalConfig) -> list[dict]:
-    """Score every image against every text of each example: rows {id, scores: {mode: matrix}}."""
+def score_chunk(scorer, examples: Sequence[Example], modes: Sequence[str], config: EvalConfig) -> tuple[list[dict], int, int]:
+    """Score every image against every text of each example: rows {id, scores: {mode: matrix}},
+    with the UNet items run and the items the full budget takes (equal unless adaptive)."""
+    if config.adaptive:
+        return _score_chunk_adaptive(scorer, examples, modes, config)
     images, texts, pairs, spans = [], [], [], []
     for example in examples:
         i0, t0 = len(images), len(texts)
@@ -150,14 +154,51 @@ def score_chunk(scorer, examples: Sequence[Example], modes: Sequence[str], confi
         pairs += [(i0 + i, t0 + j) for i in range(len(example.images)) for j in range(len(example.texts))]
         spans.append((len(example.images), len(example.texts)))
     rows: list[dict] = [{"id": example.id, "scores": {}} for example in examples]
+    items = 0
     for mode in modes:
         flat = scorer.score_pairs(images, texts, pairs, mode=mode, samples=config.samples, seed=config.seed,
                                   schedule=config.schedule).tolist()
+        items += scorer.last_stats.unet_items
         start = 0
         for row, (n_img, n_txt) in zip(rows, spans):
             row["scores"][mode] = [flat[start + i * n_txt : start + (i + 1) * n_txt] for i in range(n_img)]
             start += n_img * n_txt
-    return rows
+    return rows, items, items
+
+
+def _score_chunk_adaptive(scorer, examples: Sequence[Example], modes: Sequence[str], config: EvalConfig) -> tuple[list[dict], int, int]:
+    """`score_chunk` with adaptive elimination: each example is one query (its image in "i2t",
+    its caption in "t2i") against its candidates; examples with the same number of candidates
+    share each round's scoring calls. Rows store the ranking scores (`AdaptiveResult.ranking_scores`,
+    so the task's metric ranks eliminated candidates last) under scores[mode], and the partial means
+    and draws per candidate under scores["adaptive/" + mode]."""
+    rows = {example.id: {"id": example.id, "scores": {}} for example in examples}
+    items = full = 0
+    for mode in modes:
+        groups: dict[int, list[Example]] = {}
+        for example in examples:
+            n_query = len(example.images) if mode == "i2t" else len(example.texts)
+            if n_query != 1:
+                raise ValueError(f"--adaptive needs one {'image' if mode == 'i2t' else 'caption'} per example in "
+                                 f"{mode} (the query); {example.id} has {n_query}")
+            k = len(example.texts) if mode == "i2t" else len(example.images)
+            groups.setdefault(k, []).append(example)
+        for group in groups.values():
+            if mode == "i2t":
+                queries = [load_image_ref(e.images[0]) for e in group]
+                candidates = [list(e.texts) for e in group]
+            else:
+                queries = [e.texts[0] for e in group]
+                candidates = [[load_image_ref(ref) for ref in e.images] for e in group]
+            result = scorer.score_adaptive(queries, candidates, config.adaptive, mode=mode, samples=config.samples,
+                                           seed=config.seed, schedule=config.schedule)
+            items, full = items + result.unet_items, full + result.full_items
+            for q, example in enumerate(group):
+                ranking = result.ranking_scores[q].tolist()
+                rows[example.id]["scores"][mode] = [ranking] if mode == "i2t" else [[v] for v in ranking]
+                rows[example.id]["scores"][f"adaptive/{mode}"] = {"scores": result.scores[q].tolist(),
+                                                                  "draws": result.draws[q].tolist()}
+    return list(rows.values()), items, full
 
 
 def evaluate(config: EvalConfig, out: Path, resume: bool = False, device: str = "auto",
@@ -185,12 +226,13 @@ def evaluate(config: EvalConfig, out: Path, resume: bool = False, device: str = 
     todo = [c for c in mine if not all(e.id in done and set(modes) <= set(done[e.id]) for e in c)]
 
     scorer = build_scorer(config, torch_device, batch_size, kernels) if todo else None
-    unet_items, scored = 0, 0
+    unet_items, full_items, scored = 0, 0, 0
     bar = tqdm(total=sum(map(len, mine)), initial=sum(map(len, mine)) - sum(map(len, todo)), unit="ex",
                desc=f"{config.task} [{config.scorer}] rank {state.process_index}", disable=progress is False)
     for chunk in todo:
-        store.append(score_chunk(scorer, chunk, modes, config))
-        unet_items += scorer.last_stats.unet_items * len(modes)
+        rows, items, full = score_chunk(scorer, chunk, modes, config)
+        store.append(rows)
+        unet_items, full_items = unet_items + items, full_items + full
         scored += len(chunk)
         bar.update(len(chunk))
         bar.set_postfix(unet_items_per_s=f"{unet_items / max(bar.format_dict['elapsed'], 1e-9):.1f}")
@@ -215,11 +257,30 @@ def evaluate(config: EvalConfig, out: Path, resume: bool = False, device: str = 
         "counts": {"examples": len(examples), "scored_now": scored, "resumed": len(examples) - scored,
                    "skipped_missing": len(task.skipped), "processes": state.num_processes},
         "skipped": task.skipped, "modes": list(modes), "unet_items_now": unet_items,
+        "full_budget_items_now": full_items, **_adaptive_draws(config, examples, stored),
         "seconds": time.perf_counter() - started, "versions": _versions(), "device": str(torch_device),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def _adaptive_draws(config: EvalConfig, examples: Sequence[Example], stored: dict) -> dict:
+    """For adaptive runs: noise draws spent on candidates over all examples (resumed ones
+    included) vs the full budget (every candidate on every draw), and their ratio."""
+    if not config.adaptive:
+        return {}
+    from itm_engine.adaptive import budget, parse_policy
+
+    per_candidate = budget(parse_policy(config.adaptive, config.samples))
+    used = full = 0
+    for example in examples:
+        for mode in [m for m in stored[example.id] if f"adaptive/{m}" in stored[example.id]]:
+            record = stored[example.id][f"adaptive/{mode}"]
+            used += sum(record["draws"])
+            full += per_candidate * len(record["draws"])
+    return {"adaptive": {"policy": config.adaptive, "candidate_draws": used, "full_budget_draws": full,
+                         "savings": full / max(used, 1)}}
 
 
 def _check_config(path: Path, config: EvalConfig, resume: bool) -> None:
@@ -268,6 +329,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--schedule", default="uniform", choices=["uniform", "stratified"])
+    parser.add_argument("--adaptive", default=None, metavar="POLICY",
+                        help="successive elimination: SAMPLES:KEEP rounds (e.g. 2:5,10:1; cumulative samples) or "
+                             "auto:z=Z[,step=N] (stop a query once its lead exceeds Z standard errors; budget --samples)")
     parser.add_argument("--candidates", default=None, help="retrieval tasks: all | clip | a candidates JSON file")
     parser.add_argument("--prefilter", default=None, choices=["clip"], help="CLIP top-k candidates for retrieval tasks")
     parser.add_argument("--topk", type=int, default=10)
@@ -326,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                 task=args.task, data_root=str(Path(args.data_root).expanduser().resolve()), model=args.model,
                 lora=lora if scorer == "diffusion" else None, lora_scale=args.lora_scale if scorer == "diffusion" else 1.0,
                 scorer=scorer, mode=args.mode, samples=args.samples, seed=args.seed, schedule=args.schedule,
+                adaptive=args.adaptive if scorer == "diffusion" else None,
                 candidates=args.candidates, prefilter=args.prefilter, topk=args.topk, clip_model=args.clip_model,
                 clip_pretrained=args.clip_pretrained, clip_config=args.clip_config, limit=args.limit,
                 chunk_size=args.chunk_size, dtype=args.dtype, skip_missing=args.skip_missing, task_options=task_options,

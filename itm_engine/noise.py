@@ -78,6 +78,23 @@ class NoiseBank:
         """Wrap given draws: timesteps LongTensor [S], noise Tensor [S, C, h, w]."""
         return cls(torch.as_tensor(timesteps).long().cpu(), noise.detach().float().cpu())
 
+    def spread(self) -> "NoiseBank":
+        """The same draws reordered so that every prefix spreads over the bank's timesteps
+        (farthest-first: the median timestep, then each time the draw whose timestep is farthest
+        from those taken; ties to the earlier draw). Adaptive scoring takes draws in bank order,
+        and a stratified bank's own order is ascending, so its prefixes would be low-t only."""
+        t = self.timesteps.double()
+        order = [int(torch.argsort(t, stable=True)[len(t) // 2])]
+        distance = (t - t[order[0]]).abs()
+        distance[order[0]] = -1
+        while len(order) < len(t):
+            nxt = int(torch.argmax(distance))  # first maximum: ties to the earlier draw
+            order.append(nxt)
+            distance = torch.minimum(distance, (t - t[nxt]).abs())
+            distance[order] = -1
+        index = torch.tensor(order)
+        return NoiseBank(self.timesteps[index], self.noise[index])
+
     def __len__(self) -> int:
         return self.timesteps.shape[0]
 

@@ -37,6 +37,21 @@ def check_pairs(images: Sequence, texts: Sequence, pairs) -> torch.Tensor:
     return pairs
 
 
+def check_candidates(queries: Sequence, candidates: Sequence[Sequence], mode: str) -> int:
+    """Check the per-query candidate form (one non-empty list of k candidates per query, the same
+    k for all, a valid mode); returns k."""
+    check_list(queries, "queries")
+    check_mode(mode)
+    if len(candidates) != len(queries):
+        raise ValueError(f"got {len(queries)} queries but {len(candidates)} candidate lists")
+    k = len(candidates[0])
+    for q, cands in enumerate(candidates):
+        check_list(cands, f"candidates[{q}]")
+        if len(cands) != k:
+            raise ValueError(f"candidates[{q}] has {len(cands)} entries, candidates[0] has {k}: all need the same k")
+    return k
+
+
 class PairScorer(abc.ABC):
     """Base of the scorers: implement `score_pairs`; get `__call__` and `score_candidates`."""
 
@@ -96,15 +111,7 @@ class PairScorer(abc.ABC):
         mode "t2i": queries are texts, candidates[q] is a list of k images for text q.
         Only the listed pairs are scored; a candidate shared between queries is encoded once.
         """
-        check_list(queries, "queries")
-        check_mode(mode)
-        if len(candidates) != len(queries):
-            raise ValueError(f"got {len(queries)} queries but {len(candidates)} candidate lists")
-        k = len(candidates[0])
-        for q, cands in enumerate(candidates):
-            check_list(cands, f"candidates[{q}]")
-            if len(cands) != k:
-                raise ValueError(f"candidates[{q}] has {len(cands)} entries, candidates[0] has {k}: all need the same k")
+        k = check_candidates(queries, candidates, mode)
         flat = [c for cands in candidates for c in cands]
         query_idx = torch.arange(len(queries)).repeat_interleave(k)
         flat_idx = torch.arange(len(flat))

@@ -66,6 +66,9 @@ class PretrainConfig:
     foreground_weight: float = 10.0  # reconstruction weight of object pixels vs background (objects are small)
     latent_channels: int = 8
     steps: int = 10_000
+    # "epsilon" or "v_prediction" (as SD 2.x; its loss weighs the clean-image error by SNR + 1, so
+    # high-noise steps count more). Tried for spatial relations: still at chance after 6,000 steps
+    prediction_type: str = "epsilon"
     batch_size: int = 64
     lr: float = 1e-3
     warmup: int = 200
@@ -77,7 +80,9 @@ class PretrainConfig:
                                                         "spatial": 0.4, "position": 0.2})
     # the scene kinds drawn (sample_example's subtasks); spatial scenes are binding scenes
     scene_kinds: tuple = ("recognition_color", "binding_color_shape", "pair_binding_size", "spatial")
-    unet_channels: tuple = (32, 64)
+    # UNet level widths: 8x8, 4x4, 2x2 latents; the 2x2 level's cells are all corners, so they
+    # know their quadrant from the zero padding: position, which spatial relations need
+    unet_channels: tuple = (32, 64, 64)
     text_width: int = 64
     text_layers: int = 2
     checkpoint_every: int = 500
@@ -124,15 +129,15 @@ def build_components(config: PretrainConfig) -> SDComponents:
             max_position_embeddings=tokenizer.model_max_length, projection_dim=width, hidden_act="gelu",
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id))
-        c1, c2 = config.unet_channels
+        widths = tuple(config.unet_channels)
         unet = diffusers.UNet2DConditionModel(
             sample_size=latent, in_channels=config.latent_channels, out_channels=config.latent_channels,
-            block_out_channels=(c1, c2),
-            down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
+            block_out_channels=widths,
+            down_block_types=("CrossAttnDownBlock2D",) * len(widths), up_block_types=("CrossAttnUpBlock2D",) * len(widths),
             layers_per_block=1, cross_attention_dim=width, norm_num_groups=16,
-            attention_head_dim=(c1 // 16, c2 // 16))  # diffusers' name for the head count: 16-wide heads
+            attention_head_dim=tuple(w // 16 for w in widths))  # diffusers' name for the head count: 16-wide heads
     return SDComponents(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
-                        scheduler=_scheduler("epsilon"), source="shapes-pretrain")
+                        scheduler=_scheduler(config.prediction_type), source="shapes-pretrain")
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -196,7 +201,6 @@ class Pretrainer:
         self.report: dict = {"config": asdict(config), "vae": {}, "diffusion": {}, "validation": []}
         self.step = 0  # diffusion steps done
         self.vae_done = False
-        self.latents: torch.Tensor | None = None
 
     # stage 1
     def train_vae(self, data: SceneSet) -> None:
@@ -263,7 +267,8 @@ class Pretrainer:
             a = alphas[t].view(-1, 1, 1, 1)
             zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
             pred = comp.unet(zt, t, encoder_hidden_states=comp.text_encoder(ids)[0]).sample
-            loss = F.mse_loss(pred, noise)
+            target = comp.scheduler.get_velocity(z0, noise, t) if c.prediction_type == "v_prediction" else noise
+            loss = F.mse_loss(pred, target)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -387,15 +392,15 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("lr", "vae_lr", "caption_dropout", "ema_decay"):
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
     parser.add_argument("--unet-channels", default=",".join(map(str, defaults.unet_channels)),
-                        help="UNet block widths, two comma-separated integers")
+                        help="UNet level widths, comma-separated (one level per halving of the 8x8 latent)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     fields = {k: v for k, v in vars(args).items() if k in PretrainConfig.__dataclass_fields__}
     fields["unet_channels"] = tuple(int(v) for v in args.unet_channels.split(","))
-    if len(fields["unet_channels"]) != 2:
-        parser.error("--unet-channels takes two integers")
+    if not 1 <= len(fields["unet_channels"]) <= 3:
+        parser.error("--unet-channels takes one to three integers")
     try:
         model = Pretrainer(PretrainConfig(**fields), args.out).run(resume=args.resume)
     except (ValueError, FileNotFoundError, FileExistsError) as err:

@@ -43,7 +43,7 @@ class ClipPretrainConfig:
 
     seed: int = 0
     scenes: int = 40_000
-    steps: int = 3_000
+    steps: int = 2_000
     batch_size: int = 256
     lr: float = 1e-3
     warmup: int = 100

@@ -14,12 +14,13 @@ from typing import Sequence
 import torch
 
 from itm_engine import fastpath
+from itm_engine.adaptive import AdaptiveResult, Confidence, Policy
 from itm_engine.cache import ImageInput, LatentCache, LatentMode, ResizeMode, TextCache
 from itm_engine.engine import Executor, plan_pairs
 from itm_engine.fastpath import Attention
 from itm_engine.models import SDComponents, load_components
 from itm_engine.noise import NoiseBank, Schedule
-from itm_engine.pairs import Mode, PairScorer, check_mode, check_pairs
+from itm_engine.pairs import Mode, PairScorer, check_candidates, check_mode, check_pairs
 from itm_engine.stats import RunStats
 
 NULL_PROMPT = ""
@@ -133,6 +134,58 @@ class DiffusionITM(PairScorer):
         under one shared noise bank; the general form behind `__call__` and `score_candidates`.
 
         mode "i2t": raw errors; "t2i": errors minus each image's null-prompt error (per draw).
+        The mean over draws of `draw_scores`.
+        """
+        return self.draw_scores(images, texts, pairs, mode, samples, seed, noise, batch_size, schedule).mean(dim=1)
+
+    def score_adaptive(
+        self,
+        queries: Sequence,
+        candidates: Sequence[Sequence],
+        policy: str | Policy,
+        mode: Mode = "i2t",
+        samples: int = 10,
+        seed: int = 0,
+        noise: NoiseBank | None = None,
+        batch_size: int | None = None,
+        schedule: Schedule = "uniform",
+    ) -> AdaptiveResult:
+        """The per-query candidate form (`score_candidates`) with adaptive successive elimination.
+
+        policy: fixed rounds `[(samples_1, keep_1), ...]`, a `Confidence` rule, or their text
+            forms "2:5,10:1" / "auto:z=3" (the budget of "auto" is `samples`); see
+            `itm_engine.adaptive` for the exact rules and the ranking of eliminated candidates.
+        noise: the draws, taken in bank order (default: a bank of the policy's budget from
+            `seed`/`schedule`, reordered by `NoiseBank.spread` so every round's draws cover t).
+
+        Returns an `AdaptiveResult` (scores [n, k], draws [n, k], UNet items used vs the full
+        budget); `last_stats` sums the rounds and sets `full_items`.
+        """
+        from itm_engine.adaptive import budget, check_rounds, parse_policy, score_adaptive
+
+        k = check_candidates(queries, candidates, mode)
+        policy = parse_policy(policy, samples) if isinstance(policy, str) else policy
+        if not isinstance(policy, Confidence):
+            check_rounds(policy, k)
+        bank = noise if noise is not None else self.noise_bank(budget(policy), seed, schedule).spread()
+        result = score_adaptive(self, queries, candidates, mode, policy, bank, batch_size)
+        self.last_stats = result.stats
+        return result
+
+    def draw_scores(
+        self,
+        images: Sequence[ImageInput],
+        texts: Sequence[str],
+        pairs: torch.Tensor | Sequence[tuple[int, int]],
+        mode: Mode = "i2t",
+        samples: int = 10,
+        seed: int = 0,
+        noise: NoiseBank | None = None,
+        batch_size: int | None = None,
+        schedule: Schedule = "uniform",
+    ) -> torch.Tensor:
+        """Per-draw scores float32 [P, S] of each pair under each of the bank's S draws:
+        -err ("i2t") or -(err - the image's null-prompt err) ("t2i"). Arguments as `score_pairs`.
         """
         pairs = check_pairs(images, texts, pairs)
         check_mode(mode)
@@ -166,4 +219,4 @@ class DiffusionITM(PairScorer):
             diff = pair_err
         stats.seconds["total"] = time.perf_counter() - started
         self.last_stats = stats
-        return -diff.mean(dim=1)
+        return -diff

@@ -25,6 +25,16 @@ class RunStats:
     batch_size: int = 0
     kernels: dict[str, str] = field(default_factory=dict)  # fused op -> backend that ran it
     seconds: dict[str, float] = field(default_factory=dict)
+    full_items: int | None = None  # adaptive runs: the UNet items of scoring every candidate on every draw
+
+    def add(self, other: "RunStats") -> None:
+        """Accumulate another call's counters and seconds into this one (batch size: the largest)."""
+        for name in ("unet_items", "padded_items", "unet_calls", "images_encoded", "texts_encoded"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.batch_size = max(self.batch_size, other.batch_size)
+        self.kernels.update(other.kernels)
+        for stage, seconds in other.seconds.items():
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
 
     @contextmanager
     def timer(self, stage: str, device: torch.device | None = None) -> Iterator[None]:
@@ -58,4 +68,5 @@ class RunStats:
             "kernels": dict(self.kernels),
             "seconds": dict(self.seconds),
             "items_per_second": self.items_per_second,
+            "full_items": self.full_items,
         }

@@ -1,8 +1,14 @@
 from itm_engine import demo
 
 
-def test_demo_runs_and_engine_agrees_with_naive(capsys):
-    assert demo.main(["--samples", "2"]) == 0
+def test_demo_runs_tables_agreement_and_figure(capsys, tmp_path):
+    figure = tmp_path / "demo.png"
+    assert demo.main(["--n", "2", "--samples", "2", "--figure", str(figure)]) == 0
     out = capsys.readouterr().out
-    assert out.count("-> agree") == 2 and "DISAGREE" not in out
-    assert "[t2i] naive :   64 UNet items" in out and "[t2i] engine:   40 UNet items" in out
+    assert "model: builtin:shapes" in out and "compositional split" in out
+    for header in ("I2T", "T2I raw", "T2I norm", "CLIP I2T", "CLIP T2I", "chance"):
+        assert header in out
+    for subtask in ("recognition_color", "spatial", "complexity"):
+        assert subtask in out
+    assert "-> agree" in out and "DISAGREE" not in out and "speed-up" in out
+    assert figure.stat().st_size > 10_000

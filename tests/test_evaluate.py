@@ -200,3 +200,34 @@ def test_flickr_with_the_clip_prefilter(tmp_path):
     assert results["config"]["prefilter"] == "clip"
     assert all(len(row["scores"]["i2t"][0]) == 3 for row in rows)  # each image against its top-3 captions
     assert set(results["metrics"]) == {"R@1", "R@5", "R@10"}
+
+
+def test_adaptive_eval_keeps_the_metric_when_keeping_all_and_reports_draws(tmp_path):
+    root = write_shapesworld(tmp_path / "data", n=3, size=32, subtasks=("recognition_color", "spatial"))
+    common = ["--task", "shapes", "--data-root", root, "--samples", "4", "--schedule", "stratified", "--no-progress",
+              "--chunk-size", "4"]
+    assert run_eval(*common, "--out", tmp_path / "full") == 0
+    assert run_eval(*common, "--out", tmp_path / "keep_all", "--adaptive", "2:6,4:6") == 0
+    assert run_eval(*common, "--out", tmp_path / "eliminate", "--adaptive", "1:3,4:1") == 0
+    full, full_rows = read(tmp_path / "full" / "diffusion")
+    keep_all, keep_rows = read(tmp_path / "keep_all" / "diffusion")
+    assert keep_all["metrics"] == pytest.approx(full["metrics"])
+    for a, b in zip(full_rows, keep_rows):  # same ranking of the candidates of every example
+        assert torch.equal(torch.tensor(a["scores"]["i2t"]).argsort(), torch.tensor(b["scores"]["i2t"]).argsort())
+        assert b["scores"]["adaptive/i2t"]["draws"] == [4] * len(a["scores"]["i2t"][0])
+    assert keep_all["unet_items_now"] == keep_all["full_budget_items_now"] == full["unet_items_now"]
+
+    eliminate, rows = read(tmp_path / "eliminate" / "diffusion")
+    # "1:3,4:1": every candidate 1 draw; the best 3 (both of a 2-candidate spatial example) go to 4 draws
+    for row in rows:
+        draws = row["scores"]["adaptive/i2t"]["draws"]
+        expected = [4, 4] if len(draws) == 2 else [1] * (len(draws) - 3) + [4] * 3
+        assert sorted(draws) == expected
+    used = sum(sum(row["scores"]["adaptive/i2t"]["draws"]) for row in rows)
+    assert eliminate["adaptive"]["candidate_draws"] == used
+    assert eliminate["adaptive"]["full_budget_draws"] == 4 * sum(len(row["scores"]["i2t"][0]) for row in rows)
+    assert eliminate["unet_items_now"] == used < eliminate["full_budget_items_now"] == full["unet_items_now"]
+    assert eliminate["metrics"] == pytest.approx(recomputed_metrics("shapes", root, rows))
+
+    assert run_eval("--task", "shapes_retrieval", "--data-root", root, "--out", tmp_path / "bad", "--adaptive",
+                    "1:2", "--no-progress") == 2  # an N x N retrieval matrix has no single query

@@ -15,8 +15,8 @@ Captions (a small grammar, one form per subtask; the negatives edit exactly one 
     pair_binding_color / pair_binding_size  "a large red circle and a small blue circle"
                                                                          neg: colours / sizes swapped
     spatial                                 "a red circle left of a blue square"   neg: relation flipped
-    complexity (for text->image)            one object or two (recognition / binding form)
-                                                   neg: the other count, no colour or shape shared
+    complexity (for text->image)            two objects, or one of them alone (recognition /
+                                            binding form)          neg: the other of the two
 
 Every negative caption is the caption of a negative *scene* (the positive scene with that one
 attribute edited; a flipped relation swaps the two objects' positions), so the same example
@@ -196,19 +196,18 @@ def _negatives(scene: Scene, subtask: str) -> list[Scene]:
 
 
 def _complexity_example(rng: random.Random, split: str, size: int) -> tuple[Scene, list[Scene]]:
-    """One scene with one object and one with two, in random order (positive first); the
-    negative shares no colour and no shape with the positive, so the caption fits one image only.
+    """A two-object scene and one of its objects alone (same place), in random order (positive
+    first): the caption of either fits the other image in part.
 
-    Built to show text->image's modality bias: the raw denoising error of the simpler image is
-    lower whatever the caption, so raw T2I scores pick it; null-normalisation removes that."""
-    kinds = ["recognition_color", "binding_color_shape"]
-    rng.shuffle(kinds)
-    positive = sample_example(rng, kinds[0], split, size)[0]
+    Built to show text->image's modality bias: the one-object image has the lower raw denoising
+    error whatever the caption, so raw T2I scores pick it even for the two-object caption;
+    null-normalisation (error minus the image's own null-prompt error) removes that."""
     while True:
-        negative = sample_example(rng, kinds[1], split, size)[0]
-        if not ({o.color for o in negative} & {o.color for o in positive}
-                or {o.shape for o in negative} & {o.shape for o in positive}):
-            return positive, [negative]
+        pair = sample_example(rng, "binding_color_shape", split, size)[0]
+        singles = [(o,) for o in pair if bucket((o,)) in SPLIT_BUCKETS[split]]
+        if singles:
+            single = rng.choice(singles)
+            return (pair, [single]) if rng.random() < 0.5 else (single, [pair])
 
 
 def sample_example(rng: random.Random, subtask: str, split: str = "train", size: int = 64) -> tuple[Scene, list[Scene]]:
@@ -480,11 +479,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=50, help="examples per subtask")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--subtasks", default=",".join(ALL_SUBTASKS), help="comma-separated subtasks to write")
     parser.add_argument("--negclip", action="store_true",
                         help="also write negclip.tsv (HardNeg training data for itm-train --data)")
     args = parser.parse_args(argv)
-    root = write_shapesworld(args.out, args.split, args.n, args.seed, args.size)
-    print(f"wrote {args.n * len(ALL_SUBTASKS)} {args.split} examples to {root}")
+    subtasks = [t.strip() for t in args.subtasks.split(",")]
+    unknown = [t for t in subtasks if t not in ALL_SUBTASKS]
+    if unknown:
+        parser.error(f"unknown subtask(s) {unknown}; known: {', '.join(ALL_SUBTASKS)}")
+    root = write_shapesworld(args.out, args.split, args.n, args.seed, args.size, subtasks)
+    print(f"wrote {args.n * len(subtasks)} {args.split} examples to {root}")
     if args.negclip:
         print(f"wrote {write_negclip_tsv(root)}")
 

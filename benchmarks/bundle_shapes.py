@@ -1,0 +1,118 @@
+"""Install trained ShapesWorld models as the package's bundled models, with a model card.
+
+    python benchmarks/bundle_shapes.py --run runs/shapes-ldm --clip runs/shapes-clip \
+        [--accuracy benchmarks/results/shapes-accuracy.json]
+
+Copies RUN/model (from `itm-train pretrain`) and RUN/training.json to itm_engine/assets/shapes/,
+the CLIP files (from `itm-train pretrain-clip`) to itm_engine/assets/shapes-clip/, and writes the
+model card itm_engine/assets/shapes/README.md from the recipe and, when given, the measured accuracy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from itm_engine import bundled
+
+
+def _count(folder: Path) -> dict[str, int]:
+    """Parameters of each network in a diffusers folder."""
+    from safetensors.torch import load_file
+
+    return {part: sum(t.numel() for t in load_file(next((folder / part).glob("*.safetensors"))).values())
+            for part in ("vae", "text_encoder", "unet")}
+
+
+def model_card(training: dict, clip_training: dict, counts: dict[str, int], size_mb: float, accuracy: dict | None) -> str:
+    c = training["config"]
+    val = training["validation"][-1] if training["validation"] else {}
+    lines = [
+        "# shapes: a small latent diffusion model of ShapesWorld",
+        "",
+        "Trained from scratch by itm-engine (`itm-train pretrain --world shapes`) on the training split of",
+        "ShapesWorld (`itm_engine/data/shapes.py`): one- and two-object scenes of 6 colours x 5 shapes x 2 sizes",
+        "with grammar captions; the held-out colour-shape combinations never appear in training. It exists",
+        "so the engine can be checked end to end on a model whose answers mean something, offline.",
+        "Load it with `DiffusionITM.from_pretrained(\"shapes\")` (or this folder's path).",
+        "",
+        "## Architecture (diffusers / transformers classes, safetensors weights)",
+        "",
+        f"- VAE: `AutoencoderKL`, {c['image_size']}x{c['image_size']} RGB -> {c['latent_channels']}x{c['image_size'] // 4}x"
+        f"{c['image_size'] // 4}, {counts['vae']:,} parameters, scaling factor {training['vae']['scaling_factor']:.4f}",
+        f"- text encoder: `CLIPTextModel`, {c['text_layers']} layers, width {c['text_width']}, {counts['text_encoder']:,}"
+        " parameters, over a word-level tokenizer (`tokenizer/`, 16 tokens, CLIP-style start/end tokens)",
+        f"- UNet: `UNet2DConditionModel`, channels {tuple(c['unet_channels'])}, cross-attention at every level, "
+        f"{counts['unet']:,} parameters",
+        "- noise schedule: DDPM, 1000 steps, scaled-linear betas 0.00085-0.012 (Stable Diffusion's), "
+        f"{c.get('prediction_type', 'epsilon').replace('_', '-')} prediction",
+        f"- {size_mb:.1f} MB in all (float32)",
+        "",
+        "## Recipe (seed " + str(c["seed"]) + "; `training.json` holds every setting)",
+        "",
+        f"1. {c['scenes']:,} training scenes drawn at {c['render_size']} px and resized to {c['image_size']} px as the scorer "
+        "resizes its inputs.",
+        f"2. VAE: {c['vae_steps']:,} steps at batch {c['vae_batch']}, AdamW lr {c['vae_lr']}, MSE with object pixels "
+        f"weighted {c['foreground_weight']}x, KL weight {c['kl_weight']}: {training['vae']['seconds']:.0f} s.",
+        f"3. Text encoder + UNet jointly: {c['steps']:,} steps at batch {c['batch_size']}, AdamW lr {c['lr']} (cosine, "
+        f"{c['warmup']} warm-up steps), EMA {c['ema_decay']}, caption dropout {c['caption_dropout']} (the null prompt), "
+        f"caption forms drawn with odds {c['form_weights']}: {training['diffusion']['seconds'] / 60:.1f} min.",
+        "   Captions: the evaluation grammar (recognition, binding, pair, spatial and its converse) plus absolute",
+        "   places for training only (\"a small red circle on the left\").",
+        f"4. Final denoising loss (EMA of the training loss) {training['diffusion']['loss']:.4f}.",
+        "",
+        "Wall times on a 2-core CPU (torch threads 2). Reproduce: `itm-train pretrain --world shapes --out DIR`.",
+        "",
+        "Validation (image->text, " + str(c["eval_examples"]) + " validation examples per subtask, "
+        + str(c["eval_samples"]) + " draws): " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in val.items() if k != "step"),
+        "",
+        "## CLIP baseline (`../shapes-clip/`)",
+        "",
+        f"A tiny open_clip CLIP (`itm-train pretrain-clip --world shapes`): {clip_training['architecture']}; "
+        f"{clip_training['config']['steps']:,} steps at batch {clip_training['config']['batch_size']}, "
+        f"{clip_training['seconds'] / 60:.1f} min, final loss {clip_training['final_loss']:.3f}. Same scenes and captions.",
+    ]
+    if accuracy:
+        lines += ["", "## Measured accuracy", "",
+                  f"`{accuracy['command']}` ({accuracy['n']} examples per subtask, {accuracy['samples']} stratified "
+                  "draws per pair, seed " + str(accuracy["seed"]) + "); the true candidate must score strictly highest.", ""]
+        for split, table in accuracy["accuracy"].items():
+            headers = list(table)
+            lines += [f"{split} split:", "", "| subtask | " + " | ".join(headers) + " |", "|---" * (len(headers) + 1) + "|"]
+            for row in table[headers[0]]:
+                lines.append(f"| {row} | " + " | ".join(f"{100 * table[h][row]:.1f}%" if row in table[h] else ""
+                                                        for h in headers) + " |")
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, help="an `itm-train pretrain` output folder")
+    parser.add_argument("--clip", required=True, help="an `itm-train pretrain-clip` output folder")
+    parser.add_argument("--accuracy", default=None, help="shapes_report.py JSON to put in the card")
+    args = parser.parse_args(argv)
+    run, clip = Path(args.run), Path(args.clip)
+    target, clip_target = bundled.ASSETS / "shapes", bundled.ASSETS / "shapes-clip"
+    for folder in (target, clip_target):
+        shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(run / "model", target)
+    shutil.copy(run / "training.json", target / "training.json")
+    clip_target.mkdir(parents=True)
+    for name in ("shapes-clip.json", "shapes-clip.safetensors", "clip-training.json"):
+        shutil.copy(clip / name, clip_target / name)
+    training = json.loads((run / "training.json").read_text())
+    clip_training = json.loads((clip / "clip-training.json").read_text())
+    clip_training.pop("log", None)
+    (clip_target / "clip-training.json").write_text(json.dumps(clip_training, indent=1) + "\n")
+    accuracy = json.loads(Path(args.accuracy).read_text()) if args.accuracy else None
+    size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file()) / 2**20
+    (target / "README.md").write_text(model_card(training, clip_training, _count(target), size, accuracy))
+    print(f"bundled {target} ({size:.1f} MB) and {clip_target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
