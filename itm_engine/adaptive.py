@@ -20,8 +20,8 @@ in "t2i" mode the null-prompt errors are computed for the draws actually used on
 Ranking (documented so recall@k stays defined): survivors are ranked by their mean over all their
 draws; a candidate eliminated in round r keeps its partial mean and ranks below every candidate
 that went further, i.e. candidates are ordered by (draws spent on them, mean score).
-`AdaptiveResult.ranking_scores` encodes that order as one float64 number per candidate, for
-metrics that take score matrices.
+`AdaptiveResult.ranking_scores` encodes that order as each candidate's rank, for metrics that take
+score matrices.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ import torch
 from itm_engine.noise import NoiseBank
 from itm_engine.stats import RunStats
 
-RANK_STEP = 1e6  # ranking_scores = draws * RANK_STEP + mean score (|scores| are far below 1e6)
+RANK_STEP = 1e6  # orders by draws first: |mean scores| are far below 1e6 (float64 keeps their digits)
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,11 @@ class AdaptiveResult:
 
     @property
     def ranking_scores(self) -> torch.Tensor:
-        """float64 [n, k], higher = better: `draws * RANK_STEP + scores` (see the module docstring)."""
-        return self.draws.double() * RANK_STEP + self.scores.double()
+        """float32 [n, k], higher = better: each candidate's dense rank (0 = last) within its query
+        by (draws, score), so candidates that went further rank higher and exact ties stay tied.
+        Small integers: exact in any float type a metric may convert them to."""
+        key = self.draws.double() * RANK_STEP + self.scores.double()
+        return torch.stack([row.unique(return_inverse=True)[1] for row in key]).float()
 
     @property
     def savings(self) -> float:

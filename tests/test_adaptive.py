@@ -78,7 +78,7 @@ def test_keeping_every_candidate_equals_the_full_scorer(scorer, images, mode):
 @pytest.mark.parametrize("mode", ["i2t", "t2i"])
 def test_unet_items_match_the_analytic_count(scorer, images, mode):
     queries, candidates = i2t_work(images) if mode == "i2t" else t2i_work(images)
-    rounds = [(2, 4), (5, 2), (8, 1)]
+    rounds = [(2, 2), (5, 1), (8, 1)]  # keep applies after its round: 4 candidates, then 2, then 1
     # pairs: 3 queries x (4 x 2 + 2 x 3 + 1 x 3) draws; T2I adds one null item per alive image per new draw
     analytic = 3 * (4 * 2 + 2 * 3 + 1 * 3) * (2 if mode == "t2i" else 1)
     scorer.clear_cache()
@@ -88,6 +88,7 @@ def test_unet_items_match_the_analytic_count(scorer, images, mode):
     assert result.full_items == 3 * 4 * 8 * (2 if mode == "t2i" else 1)
     assert result.savings == pytest.approx(result.full_items / analytic)
     assert sorted(result.draws.flatten().tolist()) == sorted([8] * 3 + [5] * 3 + [2] * 6)
+    assert (result.ranking_scores.argmax(1) == (result.draws == 8).int().argmax(1)).all()
 
 
 def test_eliminated_candidates_keep_partial_scores_and_rank_below_survivors(scorer, images):
