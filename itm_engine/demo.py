@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from itm_engine import shapes_eval
 from itm_engine.data import shapes
@@ -56,7 +55,8 @@ def write_figure(path: Path, scorer: DiffusionITM, examples: shapes_eval.Example
     import matplotlib.pyplot as plt
 
     subtasks = list(examples)
-    fig, axes = plt.subplots(2, (len(subtasks) + 1) // 2, figsize=(3.2 * ((len(subtasks) + 1) // 2), 7.4))
+    cols = (len(subtasks) + 1) // 2
+    fig, axes = plt.subplots(2, cols, figsize=(3.6 * cols, 9.6), gridspec_kw={"hspace": 0.75})
     for ax, subtask in zip(axes.flat, subtasks):
         rows = examples[subtask][:1]
         scores = shapes_eval.candidate_scores(scorer, rows, subtask, "i2t", samples, seed)[0]
@@ -73,7 +73,6 @@ def write_figure(path: Path, scorer: DiffusionITM, examples: shapes_eval.Example
         ax.axis("off")
     fig.suptitle("bundled ShapesWorld model, image->text: candidate captions (first = true) and scores "
                  "(-denoising error; * = chosen)", fontsize=9)
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
