@@ -41,11 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     base = DiffusionITM.from_pretrained(args.model, progress=False)
     clip = ClipModel.from_name("shapes-clip", pretrained="bundled").scorer()
-    columns = {"I2T": (base, "i2t"), "T2I raw": (base, "t2i-raw"), "T2I norm": (base, "t2i")}
-    if args.lora:
-        tuned = DiffusionITM.from_pretrained(args.model, lora=args.lora, progress=False)
-        columns.update({"HardNeg I2T": (tuned, "i2t"), "HardNeg T2I norm": (tuned, "t2i")})
-    columns.update({"CLIP I2T": (clip, "i2t"), "CLIP T2I": (clip, "t2i")})
+    tuned = DiffusionITM.from_pretrained(args.model, lora=args.lora, progress=False) if args.lora else None
+    columns = shapes_eval.standard_columns(base, clip, tuned)
     tables, text = {}, []
     for split, subtasks in (("test", shapes.ALL_SUBTASKS), ("compositional", shapes.SUBTASKS)):
         examples = shapes_eval.world_examples(split, args.n, args.seed, subtasks=subtasks)

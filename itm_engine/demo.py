@@ -96,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {comp.source}  latents {comp.latent_shape}  samples per pair: {args.samples} (stratified), "
           f"seed {args.seed}; CLIP: bundled shapes-clip")
     diffusion, clip = scorers["DiffusionITM"], scorers["CLIP"]
-    columns = {"I2T": (diffusion, "i2t"), "T2I raw": (diffusion, "t2i-raw"), "T2I norm": (diffusion, "t2i"),
-               "CLIP I2T": (clip, "i2t"), "CLIP T2I": (clip, "t2i")}
+    columns = shapes_eval.standard_columns(diffusion, clip)
     test = shapes_eval.world_examples("test", args.n, args.seed)
     print("\n" + shapes_eval.format_table(
         f"ShapesWorld test split, {args.n} examples per subtask: accuracy (the true candidate must score strictly "

@@ -74,6 +74,17 @@ def chance(examples: Examples) -> dict[str, float]:
     return {subtask: 1.0 / min(1 + len(negatives) for _, negatives in rows) for subtask, rows in examples.items()}
 
 
+def standard_columns(diffusion: PairScorer, clip: PairScorer, hardneg: PairScorer | None = None
+                     ) -> dict[str, tuple[PairScorer, Direction]]:
+    """The report's columns: DiffusionITM I2T / T2I raw / T2I normalised, optionally a HardNeg
+    fine-tuned DiffusionITM (I2T, T2I normalised), and CLIP both ways."""
+    columns = {"I2T": (diffusion, "i2t"), "T2I raw": (diffusion, "t2i-raw"), "T2I norm": (diffusion, "t2i")}
+    if hardneg is not None:
+        columns.update({"HardNeg I2T": (hardneg, "i2t"), "HardNeg T2I norm": (hardneg, "t2i")})
+    columns.update({"CLIP I2T": (clip, "i2t"), "CLIP T2I": (clip, "t2i")})
+    return columns
+
+
 def accuracy_table(columns: dict[str, tuple[PairScorer, Direction]], examples: Examples, samples: int = 10,
                    seed: int = 0) -> dict[str, dict[str, float]]:
     """{header: {subtask: accuracy}} for each column (header -> (scorer, direction)), plus "chance"."""
