@@ -85,6 +85,13 @@ def model_card(training: dict, clip_training: dict, counts: dict[str, int], size
                 lines.append(f"| {row} | " + " | ".join(f"{100 * table[h][row]:.1f}%" if row in table[h] else ""
                                                         for h in headers) + " |")
             lines.append("")
+        i2t = accuracy["accuracy"]["test"]["I2T"]
+        weak = {k: v for k, v in i2t.items() if v < 0.9}
+        if weak:
+            lines += ["## Limitations", "",
+                      "Image->text below 90% on the test split: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in weak.items())
+                      + ". Spatial relations near chance mean the model ignores position words: denoising"
+                      " training never needs them where colours are already visible in the noisy latent.", ""]
     return "\n".join(lines) + "\n"
 
 
