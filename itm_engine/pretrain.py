@@ -169,8 +169,9 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def _step_rng(config: PretrainConfig, stage: int, step: int) -> tuple[torch.Generator, random.Random]:
-    """The generators of one step: everything random in it comes from (seed, stage, step)."""
+def step_rng(config: PretrainConfig, stage: int, step: int) -> tuple[torch.Generator, random.Random]:
+    """The generators of one step: everything random in it comes from (seed, stage, step).
+    Stages: 1 VAE, 2 text encoder + UNet, 3 the CLIP of `pretrain_clip`."""
     key = (config.seed * 1_000_003 + stage) * 10_000_019 + step
     return torch.Generator().manual_seed(key), random.Random(key)
 
@@ -211,7 +212,7 @@ class Pretrainer:
         schedule = get_scheduler("cosine", optimiser, num_warmup_steps=100, num_training_steps=c.vae_steps)
         start, bar = time.perf_counter(), tqdm(range(c.vae_steps), desc="VAE", disable=self._quiet())
         for step in bar:
-            gen, _ = _step_rng(c, 1, step)
+            gen, _ = step_rng(c, 1, step)
             x = data.pixels[torch.randint(len(data.pixels), (c.vae_batch,), generator=gen)]
             posterior = vae.encode(x).latent_dist
             z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
@@ -256,7 +257,7 @@ class Pretrainer:
                    initial=self.step, total=c.steps)
         running = self.report["diffusion"].get("loss", 0.0)
         for step in bar:
-            gen, rng = _step_rng(c, 2, step)
+            gen, rng = step_rng(c, 2, step)
             idx = torch.randint(len(latents), (c.batch_size,), generator=gen)
             texts = draw_captions(c, [data.captions[i] for i in idx.tolist()], rng)
             ids = comp.tokenizer(texts, padding="max_length", max_length=comp.tokenizer.model_max_length,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -27,7 +26,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from itm_engine.data import shapes
-from itm_engine.pretrain import PretrainConfig, draw_captions, scene_list
+from itm_engine.pretrain import PretrainConfig, draw_captions, scene_list, step_rng
 
 CLIP_NAME = "shapes-clip"
 CLIP_CONFIG = {
@@ -57,7 +56,7 @@ def train_clip(config: ClipPretrainConfig, out: str | Path, progress: bool | Non
     config_file = out / f"{CLIP_NAME}.json"
     config_file.write_text(json.dumps(CLIP_CONFIG, indent=1) + "\n")
     open_clip.add_model_config(config_file)
-    recipe = PretrainConfig(seed=config.seed)
+    recipe = PretrainConfig(seed=config.seed, caption_dropout=0.0)  # the LDM's scenes and captions, no null prompt
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model, _, preprocess = open_clip.create_model_and_transforms(CLIP_NAME, pretrained_image=False,
@@ -66,7 +65,6 @@ def train_clip(config: ClipPretrainConfig, out: str | Path, progress: bool | Non
     scenes = scene_list(config.scenes, config.seed, recipe.scene_kinds, recipe.render_size)
     pixels = torch.stack([preprocess(shapes.render(s, recipe.render_size)) for s in scenes])
     captions = [shapes.training_captions(s, recipe.render_size) for s in scenes]
-    no_dropout = PretrainConfig(seed=config.seed, caption_dropout=0.0)
     loss_fn = open_clip.ClipLoss()
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = get_scheduler("cosine", optimiser, num_warmup_steps=config.warmup, num_training_steps=config.steps)
@@ -75,10 +73,9 @@ def train_clip(config: ClipPretrainConfig, out: str | Path, progress: bool | Non
     bar = tqdm(range(config.steps), desc="CLIP", disable=None if progress is None else not progress)
     log = []
     for step in bar:
-        key = (config.seed * 1_000_003 + 3) * 10_000_019 + step
-        gen, rng = torch.Generator().manual_seed(key), random.Random(key)
+        gen, rng = step_rng(recipe, 3, step)
         idx = torch.randint(len(scenes), (config.batch_size,), generator=gen)
-        texts = draw_captions(no_dropout, [captions[i] for i in idx.tolist()], rng)
+        texts = draw_captions(recipe, [captions[i] for i in idx.tolist()], rng)
         image_features, text_features, logit_scale = model(pixels[idx], tokenizer(texts))
         loss = loss_fn(image_features, text_features, logit_scale)
         optimiser.zero_grad(set_to_none=True)
