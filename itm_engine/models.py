@@ -26,7 +26,7 @@ import torch
 import transformers
 from huggingface_hub.errors import HFValidationError, IncompleteSnapshotError, LocalEntryNotFoundError
 
-from itm_engine import bundled
+from itm_engine import bundled, coord_unet
 
 ARCHITECTURES: tuple[str, ...] = ("tiny", "sd15-arch", "sd21-arch")
 _PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction")
@@ -63,7 +63,7 @@ class SDComponents:
     def latent_shape(self) -> tuple[int, int, int]:
         """Shape of one latent ``[channels, height, width]`` at the UNet's native resolution."""
         size = self.unet.config.sample_size
-        return (self.unet.config.in_channels, size, size)
+        return (coord_unet.latent_channels(self.unet), size, size)
 
     @property
     def image_size(self) -> int:
@@ -264,7 +264,8 @@ def _quiet() -> Iterator[None]:
 
 
 def _load_folder(folder: Path, source: str) -> SDComponents:
-    """Load every component from the subfolders of a diffusers folder."""
+    """Load every component from the subfolders of a diffusers folder (the UNet as the class its
+    config names: `coord_unet.CoordUNet2DConditionModel` or diffusers' `UNet2DConditionModel`)."""
     missing = [name for name in _COMPONENTS if not (folder / name).is_dir()]
     if missing:
         raise FileNotFoundError(
@@ -275,10 +276,12 @@ def _load_folder(folder: Path, source: str) -> SDComponents:
         use_safetensors = any((folder / name).glob("*.safetensors"))
         return cls.from_pretrained(folder, subfolder=name, use_safetensors=use_safetensors)
 
+    unet_config_file = folder / "unet" / "config.json"
+    unet_config = json.loads(unet_config_file.read_text()) if unet_config_file.is_file() else {}
     with _quiet():
         return SDComponents(
             vae=weights(diffusers.AutoencoderKL, "vae"),
-            unet=weights(diffusers.UNet2DConditionModel, "unet"),
+            unet=weights(coord_unet.unet_class(unet_config), "unet"),
             text_encoder=weights(transformers.CLIPTextModel, "text_encoder"),
             tokenizer=transformers.AutoTokenizer.from_pretrained(folder, subfolder="tokenizer"),
             scheduler=diffusers.DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
