@@ -8,11 +8,12 @@ combinations never shown):
    small KL term on a fixed set of rendered scenes; afterwards the latent scaling factor is set to 1/std of the
    posterior means, as Stable Diffusion's 0.18215 was.
 2. **Text encoder + UNet, jointly** (`transformers.CLIPTextModel` over a word-level tokenizer,
-   `diffusers.UNet2DConditionModel`, DDPM scaled-linear schedule, epsilon prediction): the
-   denoising loss of latents under one of their true captions (`shapes.training_captions`, the
-   grammar form drawn with `form_weights`), the caption replaced by the empty prompt with
-   probability `caption_dropout` so the unconditional prediction exists (T2I normalisation needs
-   it). AdamW, cosine schedule with warm-up, an exponential moving average of the weights (saved).
+   `diffusers.UNet2DConditionModel` fed x/y coordinate channels (`coord_unet`), DDPM scaled-linear
+   schedule, v-prediction): the denoising loss of latents under one of their true captions
+   (`shapes.training_captions`, the grammar form drawn with `form_weights`), the caption replaced
+   by the empty prompt with probability `caption_dropout` so the unconditional prediction exists
+   (T2I normalisation needs it), plus a hard-negative ranking term (the same noisy latent under a
+   caption with positions flipped or colours/sizes swapped must denoise worse). AdamW, cosine schedule with warm-up, an exponential moving average of the weights (saved).
 3. **Save**: a diffusers StableDiffusionPipeline folder (`models.save_components`), loadable with
    `DiffusionITM.from_pretrained(out)`, plus `training.json` (the config, wall times, losses and
    the validation accuracies).
@@ -43,6 +44,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from itm_engine.cache import encode_pixels, preprocess_images
+from itm_engine.coord_unet import COORDINATE_CHANNELS, CoordUNet2DConditionModel
 from itm_engine.data import shapes
 from itm_engine.models import SDComponents, _scheduler, save_components
 from itm_engine.shapes_eval import accuracy, world_examples
@@ -65,24 +67,33 @@ class PretrainConfig:
     kl_weight: float = 1e-6
     foreground_weight: float = 10.0  # reconstruction weight of object pixels vs background (objects are small)
     latent_channels: int = 8
-    steps: int = 10_000
+    steps: int = 8_000
     # "epsilon" or "v_prediction" (as SD 2.x; its loss weighs the clean-image error by SNR + 1, so
-    # high-noise steps count more). Tried for spatial relations: still at chance after 6,000 steps
-    prediction_type: str = "epsilon"
+    # high-noise steps, where only the caption tells where things are, count more)
+    prediction_type: str = "v_prediction"
     batch_size: int = 64
     lr: float = 1e-3
     warmup: int = 200
     weight_decay: float = 0.01
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
+    # hard-negative ranking term: for up to `hard_negatives` items of a batch, the caption's
+    # `shapes.hard_negative_caption` (positions flipped, colours or sizes swapped) on the same noisy
+    # latent; loss + rank_weight * T * softplus((error_true - error_negative) / T), T = rank_temperature.
+    # Without it the denoising loss alone never grounded position words (spatial stayed at chance)
+    hard_negatives: int = 16
+    rank_weight: float = 1.0
+    rank_temperature: float = 0.01
     # relative odds of the caption forms of a scene (`shapes.training_captions`; absent forms skipped)
     form_weights: dict = field(default_factory=lambda: {"recognition": 0.4, "binding": 0.25, "pair": 0.15,
                                                         "spatial": 0.4, "position": 0.2})
     # the scene kinds drawn (sample_example's subtasks); spatial scenes are binding scenes
     scene_kinds: tuple = ("recognition_color", "binding_color_shape", "pair_binding_size", "spatial")
-    # UNet level widths: 8x8, 4x4, 2x2 latents; the 2x2 level's cells are all corners, so they
-    # know their quadrant from the zero padding: position, which spatial relations need
+    # UNet level widths: 8x8, 4x4, 2x2 latents
     unet_channels: tuple = (32, 64, 64)
+    # feed the UNet x/y coordinate channels (`coord_unet`): without them it cannot tell left from right
+    # (a plain UNet of this recipe ignored position words: spatial at chance, also with v-prediction)
+    coordinates: bool = True
     text_width: int = 64
     text_layers: int = 2
     checkpoint_every: int = 500
@@ -130,8 +141,10 @@ def build_components(config: PretrainConfig) -> SDComponents:
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id))
         widths = tuple(config.unet_channels)
-        unet = diffusers.UNet2DConditionModel(
-            sample_size=latent, in_channels=config.latent_channels, out_channels=config.latent_channels,
+        unet_cls = CoordUNet2DConditionModel if config.coordinates else diffusers.UNet2DConditionModel
+        extra = COORDINATE_CHANNELS if config.coordinates else 0
+        unet = unet_cls(
+            sample_size=latent, in_channels=config.latent_channels + extra, out_channels=config.latent_channels,
             block_out_channels=widths,
             down_block_types=("CrossAttnDownBlock2D",) * len(widths), up_block_types=("CrossAttnUpBlock2D",) * len(widths),
             layers_per_block=1, cross_attention_dim=width, norm_num_groups=16,
@@ -260,16 +273,14 @@ class Pretrainer:
             gen, rng = step_rng(c, 2, step)
             idx = torch.randint(len(latents), (c.batch_size,), generator=gen)
             texts = draw_captions(c, [data.captions[i] for i in idx.tolist()], rng)
-            ids = comp.tokenizer(texts, padding="max_length", max_length=comp.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids
             z0 = latents[idx]
             noise = torch.randn(z0.shape, generator=gen)
             t = torch.randint(0, len(alphas), (c.batch_size,), generator=gen)
             a = alphas[t].view(-1, 1, 1, 1)
             zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-            pred = comp.unet(zt, t, encoder_hidden_states=comp.text_encoder(ids)[0]).sample
+            pred = comp.unet(zt, t, encoder_hidden_states=self._encode(texts)).sample
             target = comp.scheduler.get_velocity(z0, noise, t) if c.prediction_type == "v_prediction" else noise
-            loss = F.mse_loss(pred, target)
+            loss = F.mse_loss(pred, target) + self._ranking_loss(texts, zt, t, pred, target, rng)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -293,6 +304,37 @@ class Pretrainer:
         ema.copy_to(params)
         for net in (comp.unet, comp.text_encoder):
             net.eval().requires_grad_(False)
+
+    def _encode(self, texts: list[str]) -> torch.Tensor:
+        """Text encoder states [len(texts), 16, width] of `texts` (with gradients)."""
+        tok = self.components.tokenizer
+        ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        return self.components.text_encoder(ids)[0]
+
+    def _ranking_loss(self, texts: list[str], zt: torch.Tensor, t: torch.Tensor, pred: torch.Tensor,
+                      target: torch.Tensor, rng: random.Random) -> torch.Tensor | float:
+        """The hard-negative ranking term (see `PretrainConfig.hard_negatives`): the first
+        `hard_negatives` items whose caption has a hard negative are denoised again under it
+        (same noisy latent zt [B, C, h, w] and timestep t [B]; pred/target [B, C, h, w] are the true
+        caption's), and a true caption whose error is not below the negative's is penalised."""
+        c = self.config
+        pairs = []
+        for i, text in enumerate(texts):
+            if len(pairs) == c.hard_negatives:
+                break
+            negative = shapes.hard_negative_caption(text, rng)
+            if negative is not None:
+                pairs.append((i, negative))
+        if not pairs:
+            return 0.0
+        rows = torch.tensor([i for i, _ in pairs])
+        negative_pred = self.components.unet(zt[rows], t[rows],
+                                             encoder_hidden_states=self._encode([n for _, n in pairs])).sample
+        error_true = (pred[rows] - target[rows]).square().mean((1, 2, 3))
+        error_negative = (negative_pred - target[rows]).square().mean((1, 2, 3))
+        temperature = c.rank_temperature
+        return c.rank_weight * temperature * F.softplus((error_true - error_negative) / temperature).mean()
 
     def validate(self) -> dict[str, float]:
         """Image->text accuracy per subtask on `eval_examples` validation examples each."""
@@ -387,13 +429,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world", choices=["shapes"], default="shapes", help="the world to train on")
     parser.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.jsonl, training.json, model/")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    for name in ("seed", "scenes", "vae_steps", "steps", "batch_size", "eval_every", "eval_examples",
-                 "checkpoint_every"):
+    for name in ("seed", "scenes", "vae_steps", "steps", "batch_size", "hard_negatives", "eval_every",
+                 "eval_examples", "checkpoint_every"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
-    for name in ("lr", "vae_lr", "caption_dropout", "ema_decay"):
+    for name in ("lr", "vae_lr", "caption_dropout", "ema_decay", "rank_weight", "rank_temperature"):
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
     parser.add_argument("--unet-channels", default=",".join(map(str, defaults.unet_channels)),
                         help="UNet level widths, comma-separated (one level per halving of the 8x8 latent)")
+    parser.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=defaults.prediction_type,
+                        help="what the UNet learns to predict (and the scorer's error measures)")
+    parser.add_argument("--coordinates", action=argparse.BooleanOptionalAction, default=defaults.coordinates,
+                        help="feed the UNet x/y coordinate channels (CoordUNet2DConditionModel)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
     if args.threads:

@@ -17,6 +17,8 @@ from itm_engine.prefilter import ClipModel
 from itm_engine.scoring import DiffusionITM
 from itm_engine.train import main as train_main
 
+from helpers import count_unet_items
+
 TOY = dict(scenes=48, vae_steps=3, vae_batch=8, steps=4, batch_size=8, warmup=1, eval_every=0, eval_examples=1,
            eval_samples=1, checkpoint_every=2, unet_channels=(16, 32), text_width=32)
 
@@ -89,7 +91,8 @@ def test_a_run_writes_a_model_the_scorer_loads(toy_run):
     out, folder = toy_run
     scorer = DiffusionITM.from_pretrained(folder)
     comp = scorer.components
-    assert comp.latent_shape == (8, 8, 8) and comp.image_size == 32 and comp.prediction_type == "epsilon"
+    assert comp.latent_shape == (8, 8, 8) and comp.image_size == 32 and comp.prediction_type == "v_prediction"
+    assert type(comp.unet).__name__ == "CoordUNet2DConditionModel"
     image = shapes.render(shapes.sample_example(random.Random(0), "spatial", "test")[0])
     scores = scorer([image], ["a red circle left of a blue square", "a red circle"], samples=2)
     assert scores.shape == (1, 2) and torch.isfinite(scores).all()
@@ -145,3 +148,28 @@ def test_tiny_clip_trains_and_loads_through_the_prefilter(tmp_path):
     image = shapes.render(shapes.sample_example(random.Random(0), "spatial", "test")[0])
     scores = clip.scorer()([image], ["a red circle", "a blue square left of a green cross"])
     assert scores.shape == (1, 2) and scores.abs().max() <= 1.0 + 1e-5
+
+
+def test_ranking_term_denoises_the_first_eligible_items_again_under_their_hard_negatives(tmp_path):
+    """The hard-negative term: the first `hard_negatives` items whose caption has a negative are
+    run again (same noisy latent and step) under it, and the term is T * softplus((e_true - e_neg) / T)."""
+    config = PretrainConfig(**{**TOY, "hard_negatives": 2, "rank_temperature": 0.05})
+    trainer = Pretrainer(config, tmp_path, progress=False)
+    comp = trainer.components
+    texts = ["a large red circle", "a red circle left of a blue square", "", "a small red circle on the left",
+             "a blue square above a red circle"]
+    gen = torch.Generator().manual_seed(0)
+    zt, t = torch.randn(5, 8, 8, 8, generator=gen), torch.tensor([900, 500, 100, 700, 300])
+    target = torch.randn(5, 8, 8, 8, generator=gen)
+    with torch.no_grad():
+        pred = comp.unet(zt, t, encoder_hidden_states=trainer._encode(texts)).sample
+        with count_unet_items(comp.unet) as count:
+            term = trainer._ranking_loss(texts, zt, t, pred, target, random.Random(0))
+        assert count.calls == 1 and count.items == 2  # rows 1 and 3; row 4 is past the cap
+        negatives = [shapes.hard_negative_caption(texts[i], rng) for rng in [random.Random(0)] for i in (1, 3)]
+        again = comp.unet(zt[[1, 3]], t[[1, 3]], encoder_hidden_states=trainer._encode(negatives)).sample
+    e_true = (pred[[1, 3]] - target[[1, 3]]).square().mean((1, 2, 3))
+    e_neg = (again - target[[1, 3]]).square().mean((1, 2, 3))
+    expected = 0.05 * torch.nn.functional.softplus((e_true - e_neg) / 0.05).mean()
+    assert float(term) == pytest.approx(float(expected), rel=1e-5)
+    assert trainer._ranking_loss(["", "a large red circle"], zt[:2], t[:2], pred[:2], target[:2], random.Random(0)) == 0.0

@@ -218,3 +218,26 @@ def test_negclip_tsv_reads_as_hardneg_training_data(splits):
         for j in positive.neg_images:
             assert pairs[j].neg_images == (row,) and pairs[j].neg_captions == (ex["caption"],)
         row += 1 + len(ex["negatives"])
+
+
+def test_hard_negative_captions_describe_the_swapped_scenes():
+    """Pretraining's hard negatives: each is the caption of the swapped-position, swapped-colour or
+    swapped-size scene (the pair subtasks' negatives); none for a one-object caption without a place."""
+    rng = random.Random(0)
+    for _ in range(30):
+        scene, (flipped,) = shapes.sample_example(rng, "spatial", "train")
+        recolored = shapes._negatives(scene, "pair_binding_color")[0]
+        true = shapes.caption(scene, "spatial")
+        drawn = {shapes.hard_negative_caption(true, rng) for _ in range(40)}
+        assert drawn == {shapes.caption(flipped, "spatial"), shapes.caption(recolored, "spatial")}
+        sized, (resized,) = shapes.sample_example(rng, "pair_binding_size", "train")  # sizes differ
+        assert shapes.caption(resized, "pair_binding_size") in \
+            {shapes.hard_negative_caption(shapes.caption(sized, "pair_binding_size"), rng) for _ in range(40)}
+    for forms in (shapes.training_captions(s) for s, _ in (shapes.sample_example(rng, "binding_color_shape") for _ in range(20))):
+        for caption in forms.get("position", []):
+            negative = shapes.hard_negative_caption(caption, rng)
+            assert negative != caption and len(negative.split()) == len(caption.split())
+    assert shapes.hard_negative_caption("a large red circle", rng) is None
+    assert shapes.hard_negative_caption("", rng) is None
+    assert shapes.hard_negative_caption("a small red circle on the left", rng) == "a small red circle on the right"
+    assert shapes.hard_negative_caption("a red circle at the top", rng) == "a red circle at the bottom"

@@ -280,6 +280,31 @@ def training_captions(scene: Scene, size: int = 64) -> dict[str, list[str]]:
     return forms
 
 
+_OPPOSITE_PLACES = {"left": "right", "right": "left", "above": "below", "below": "above",
+                    "top": "bottom", "bottom": "top"}
+
+
+def hard_negative_caption(caption: str, rng: random.Random) -> str | None:
+    """A false caption that differs from the true training caption `caption` only in structure, for
+    pretraining with hard negatives: every position word flipped (left/right, above/below,
+    top/bottom: "a red circle left of a blue square" -> "... right of ..."), or, in a two-object
+    caption, its two colours swapped, or its two sizes swapped; one of those that apply, drawn with
+    `rng`. None when none applies (one object and no place, or the null prompt).
+
+    Each is the caption of a different scene of the same objects: the swapped-position,
+    swapped-colour or swapped-size scene of the pair subtasks' negatives."""
+    words = caption.split()
+    edits = []
+    if any(w in _OPPOSITE_PLACES for w in words):
+        edits.append([_OPPOSITE_PLACES.get(w, w) for w in words])
+    for vocabulary in (COLORS, SIZES):
+        present = [w for w in words if w in vocabulary]
+        if len(present) == 2 and present[0] != present[1]:
+            swap = {present[0]: present[1], present[1]: present[0]}
+            edits.append([swap.get(w, w) for w in words])
+    return " ".join(rng.choice(edits)) if edits else None
+
+
 def write_shapesworld(root, split: str = "test", n: int = 50, seed: int = 0, size: int = 64,
                       subtasks: Sequence[str] = ALL_SUBTASKS) -> Path:
     """Generate `n` examples per subtask of `split` into `root` (images/ + examples.json); returns root.
