@@ -77,8 +77,8 @@ class PretrainConfig:
     weight_decay: float = 0.01
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
-    # hard-negative ranking term: for up to `hard_negatives` items of a batch, the caption's
-    # `shapes.hard_negative_caption` (positions flipped, colours or sizes swapped) on the same noisy
+    # hard-negative ranking term: for up to `hard_negatives` items of a batch (position captions first),
+    # the caption's `shapes.hard_negative_caption` (positions flipped, else colours or sizes swapped) on the same noisy
     # latent; loss + rank_weight * T * softplus((error_true - error_negative) / T), T = rank_temperature.
     # Without it the denoising loss alone never grounded position words (spatial stayed at chance)
     hard_negatives: int = 16
@@ -314,18 +314,16 @@ class Pretrainer:
 
     def _ranking_loss(self, texts: list[str], zt: torch.Tensor, t: torch.Tensor, pred: torch.Tensor,
                       target: torch.Tensor, rng: random.Random) -> torch.Tensor | float:
-        """The hard-negative ranking term (see `PretrainConfig.hard_negatives`): the first
-        `hard_negatives` items whose caption has a hard negative are denoised again under it
+        """The hard-negative ranking term (see `PretrainConfig.hard_negatives`): up to
+        `hard_negatives` items whose caption has a hard negative, those with position words first
+        (then in batch order), are denoised again under it
         (same noisy latent zt [B, C, h, w] and timestep t [B]; pred/target [B, C, h, w] are the true
         caption's), and a true caption whose error is not below the negative's is penalised."""
         c = self.config
-        pairs = []
-        for i, text in enumerate(texts):
-            if len(pairs) == c.hard_negatives:
-                break
-            negative = shapes.hard_negative_caption(text, rng)
-            if negative is not None:
-                pairs.append((i, negative))
+        candidates = [(i, shapes.hard_negative_caption(text, rng)) for i, text in enumerate(texts)]
+        # captions with position words first: the denoising loss alone never grounds them
+        candidates.sort(key=lambda pair: not shapes.has_place_words(texts[pair[0]]))
+        pairs = [(i, negative) for i, negative in candidates if negative is not None][:c.hard_negatives]
         if not pairs:
             return 0.0
         rows = torch.tensor([i for i, _ in pairs])

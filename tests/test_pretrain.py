@@ -151,12 +151,13 @@ def test_tiny_clip_trains_and_loads_through_the_prefilter(tmp_path):
 
 
 def test_ranking_term_denoises_the_first_eligible_items_again_under_their_hard_negatives(tmp_path):
-    """The hard-negative term: the first `hard_negatives` items whose caption has a negative are
-    run again (same noisy latent and step) under it, and the term is T * softplus((e_true - e_neg) / T)."""
+    """The hard-negative term: up to `hard_negatives` items whose caption has a negative, position
+    captions first, are run again (same noisy latent and step) under it, and the term is
+    T * softplus((e_true - e_neg) / T)."""
     config = PretrainConfig(**{**TOY, "hard_negatives": 2, "rank_temperature": 0.05})
     trainer = Pretrainer(config, tmp_path, progress=False)
     comp = trainer.components
-    texts = ["a large red circle", "a red circle left of a blue square", "", "a small red circle on the left",
+    texts = ["a red circle and a blue square", "a red circle left of a blue square", "", "a small red circle on the left",
              "a blue square above a red circle"]
     gen = torch.Generator().manual_seed(0)
     zt, t = torch.randn(5, 8, 8, 8, generator=gen), torch.tensor([900, 500, 100, 700, 300])
@@ -165,8 +166,8 @@ def test_ranking_term_denoises_the_first_eligible_items_again_under_their_hard_n
         pred = comp.unet(zt, t, encoder_hidden_states=trainer._encode(texts)).sample
         with count_unet_items(comp.unet) as count:
             term = trainer._ranking_loss(texts, zt, t, pred, target, random.Random(0))
-        assert count.calls == 1 and count.items == 2  # rows 1 and 3; row 4 is past the cap
-        negatives = [shapes.hard_negative_caption(texts[i], rng) for rng in [random.Random(0)] for i in (1, 3)]
+        assert count.calls == 1 and count.items == 2  # rows 1 and 3 (places first); row 4 is past the cap
+        negatives = ["a red circle right of a blue square", "a small red circle on the right"]
         again = comp.unet(zt[[1, 3]], t[[1, 3]], encoder_hidden_states=trainer._encode(negatives)).sample
     e_true = (pred[[1, 3]] - target[[1, 3]]).square().mean((1, 2, 3))
     e_neg = (again - target[[1, 3]]).square().mean((1, 2, 3))

@@ -221,18 +221,23 @@ def test_negclip_tsv_reads_as_hardneg_training_data(splits):
 
 
 def test_hard_negative_captions_describe_the_swapped_scenes():
-    """Pretraining's hard negatives: each is the caption of the swapped-position, swapped-colour or
-    swapped-size scene (the pair subtasks' negatives); none for a one-object caption without a place."""
+    """Pretraining's hard negatives: the caption of the swapped-position scene when the caption says
+    where things are, else of the swapped-colour or swapped-size scene (the pair subtasks'
+    negatives); none for a one-object caption without a place."""
     rng = random.Random(0)
     for _ in range(30):
         scene, (flipped,) = shapes.sample_example(rng, "spatial", "train")
-        recolored = shapes._negatives(scene, "pair_binding_color")[0]
-        true = shapes.caption(scene, "spatial")
-        drawn = {shapes.hard_negative_caption(true, rng) for _ in range(40)}
-        assert drawn == {shapes.caption(flipped, "spatial"), shapes.caption(recolored, "spatial")}
+        assert shapes.hard_negative_caption(shapes.caption(scene, "spatial"), rng) == shapes.caption(flipped, "spatial")
         sized, (resized,) = shapes.sample_example(rng, "pair_binding_size", "train")  # sizes differ
-        assert shapes.caption(resized, "pair_binding_size") in \
-            {shapes.hard_negative_caption(shapes.caption(sized, "pair_binding_size"), rng) for _ in range(40)}
+        recolored = shapes._negatives(sized, "pair_binding_color")[0]
+        drawn = {shapes.hard_negative_caption(shapes.caption(sized, "pair_binding_size"), rng) for _ in range(40)}
+        held_out = any((o.color, o.shape) in HELD_OUT_COMBOS for o in recolored)  # never named, even as a negative
+        assert drawn == {shapes.caption(resized, "pair_binding_size")} | \
+            (set() if held_out else {shapes.caption(recolored, "pair_binding_size")})
+    named = {shapes.hard_negative_caption(caption, rng) for _ in range(300)
+             for caption in shapes.training_captions(shapes.sample_example(rng, "spatial")[0])["binding"]}
+    assert named - {None} and not any(f"{c} {s}" in n or f"{s} that is {c}" in n
+                                      for n in named - {None} for c, s in HELD_OUT_COMBOS)
     for forms in (shapes.training_captions(s) for s, _ in (shapes.sample_example(rng, "binding_color_shape") for _ in range(20))):
         for caption in forms.get("position", []):
             negative = shapes.hard_negative_caption(caption, rng)

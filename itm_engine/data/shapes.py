@@ -284,25 +284,40 @@ _OPPOSITE_PLACES = {"left": "right", "right": "left", "above": "below", "below":
                     "top": "bottom", "bottom": "top"}
 
 
+def has_place_words(caption: str) -> bool:
+    """Whether `caption` says where things are (left/right/above/below/top/bottom)."""
+    return any(w in _OPPOSITE_PLACES for w in caption.split())
+
+
 def hard_negative_caption(caption: str, rng: random.Random) -> str | None:
     """A false caption that differs from the true training caption `caption` only in structure, for
-    pretraining with hard negatives: every position word flipped (left/right, above/below,
-    top/bottom: "a red circle left of a blue square" -> "... right of ..."), or, in a two-object
-    caption, its two colours swapped, or its two sizes swapped; one of those that apply, drawn with
-    `rng`. None when none applies (one object and no place, or the null prompt).
+    pretraining with hard negatives: when it says where things are, every position word flipped
+    (left/right, above/below, top/bottom: "a red circle left of a blue square" -> "... right of
+    ..."); otherwise, in a two-object caption, its two colours or its two sizes swapped (one of
+    those that apply, drawn with `rng`). None when none applies (one object and no place, or the
+    null prompt).
 
     Each is the caption of a different scene of the same objects: the swapped-position,
-    swapped-colour or swapped-size scene of the pair subtasks' negatives."""
+    swapped-colour or swapped-size scene of the spatial and pair subtasks' negatives."""
     words = caption.split()
+    if has_place_words(caption):
+        return " ".join(_OPPOSITE_PLACES.get(w, w) for w in words)
     edits = []
-    if any(w in _OPPOSITE_PLACES for w in words):
-        edits.append([_OPPOSITE_PLACES.get(w, w) for w in words])
     for vocabulary in (COLORS, SIZES):
         present = [w for w in words if w in vocabulary]
         if len(present) == 2 and present[0] != present[1]:
             swap = {present[0]: present[1], present[1]: present[0]}
             edits.append([swap.get(w, w) for w in words])
+    edits = [e for e in edits if not _names_held_out_combo(e)]  # not even a negative may name one
     return " ".join(rng.choice(edits)) if edits else None
+
+
+def _names_held_out_combo(words: list[str]) -> bool:
+    """Whether caption `words` name a held-out colour-shape combination ("red triangle" or
+    "triangle that is red")."""
+    pairs = list(zip(words, words[1:])) + [(words[i + 3], words[i]) for i in range(len(words) - 3)
+                                            if words[i + 1:i + 3] == ["that", "is"]]
+    return any(pair in HELD_OUT_COMBOS for pair in pairs)
 
 
 def write_shapesworld(root, split: str = "test", n: int = 50, seed: int = 0, size: int = 64,
