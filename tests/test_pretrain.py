@@ -91,8 +91,8 @@ def test_a_run_writes_a_model_the_scorer_loads(toy_run):
     out, folder = toy_run
     scorer = DiffusionITM.from_pretrained(folder)
     comp = scorer.components
-    assert comp.latent_shape == (8, 8, 8) and comp.image_size == 32 and comp.prediction_type == "v_prediction"
-    assert type(comp.unet).__name__ == "CoordUNet2DConditionModel"
+    assert comp.latent_shape == (8, 8, 8) and comp.image_size == 32 and comp.prediction_type == "epsilon"
+    assert type(comp.unet).__name__ == "UNet2DConditionModel"
     image = shapes.render(shapes.sample_example(random.Random(0), "spatial", "test")[0])
     scores = scorer([image], ["a red circle left of a blue square", "a red circle"], samples=2)
     assert scores.shape == (1, 2) and torch.isfinite(scores).all()
