@@ -318,18 +318,18 @@ class Pretrainer:
 
     def _ranking_loss(self, texts: list[str], zt: torch.Tensor, t: torch.Tensor, pred: torch.Tensor,
                       target: torch.Tensor, rng: random.Random) -> torch.Tensor | float:
-        """The hard-negative ranking term (see `PretrainConfig.hard_negatives`): up to
-        `hard_negatives` items whose caption has a hard negative, those with position words first
-        (then in batch order), are denoised again under it
-        (same noisy latent zt [B, C, h, w] and timestep t [B]; pred/target [B, C, h, w] are the true
-        caption's), and a true caption whose error is not below the negative's is penalised."""
+        """The hard-negative ranking term (see `PretrainConfig.hard_negatives`). Up to
+        `hard_negatives` items whose caption has a hard negative (those with position words first,
+        then in batch order) are denoised again under it: same noisy latent zt [B, C, h, w] and
+        timestep t [B]; pred/target [B, C, h, w] are the true caption's. A true caption whose error
+        is not below its negative's is penalised."""
         c = self.config
         if not c.hard_negatives:
             return 0.0
-        candidates = [(i, shapes.hard_negative_caption(text, rng)) for i, text in enumerate(texts)]
-        # captions with position words first: the denoising loss alone never grounds them
-        candidates.sort(key=lambda pair: not shapes.has_place_words(texts[pair[0]]))
-        pairs = [(i, negative) for i, negative in candidates if negative is not None][:c.hard_negatives]
+        negatives = [(i, shapes.hard_negative_caption(text, rng)) for i, text in enumerate(texts)]
+        pairs = [(i, negative) for i, negative in negatives if negative is not None]
+        pairs.sort(key=lambda pair: not shapes.has_place_words(texts[pair[0]]))  # stable: batch order within
+        pairs = pairs[:c.hard_negatives]
         if not pairs:
             return 0.0
         rows = torch.tensor([i for i, _ in pairs])
