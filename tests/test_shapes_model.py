@@ -61,7 +61,8 @@ def test_image_to_text_pair_binding_color(i2t):
 
 
 @pytest.mark.xfail(strict=True, reason="bundled model: spatial at chance (55%); denoising training ignores "
-                                       "position words (also with v-prediction and HardNeg fine-tuning)")
+                                       "position words (also with v-prediction, coordinate channels, a "
+                                       "hard-negative ranking term and HardNeg fine-tuning)")
 def test_image_to_text_spatial(i2t):
     assert i2t["spatial"] >= 0.75, i2t
 
