@@ -13,16 +13,19 @@ combinations never shown):
    grammar form drawn with `form_weights`), the caption replaced by the empty prompt with
    probability `caption_dropout` so the unconditional prediction exists (T2I normalisation needs
    it). AdamW, cosine schedule with warm-up, an exponential moving average of the weights (saved).
-   Options tried for spatial relations (off in the shipped recipe; see `PretrainConfig`):
-   v-prediction, x/y coordinate channels (`coord_unet`), and a hard-negative ranking term (the same
-   noisy latent under a caption with positions flipped or colours/sizes swapped must denoise worse).
+   In **stages** (`Stage`, `PretrainConfig.stages`): each later stage starts from the previous one's
+   averaged weights with a fresh optimiser, schedule and average, and may change the caption odds,
+   the scenes drawn and the hard-negative ranking term (the same noisy latent under a caption with
+   positions flipped or colours/sizes swapped must denoise worse). Shipped: a plain first stage,
+   then a short ranking stage (pair binding ~80% -> ~100%). Options tried for spatial relations
+   (off in the shipped recipe): v-prediction, x/y coordinate channels (`coord_unet`).
 3. **Save**: a diffusers StableDiffusionPipeline folder (`models.save_components`), loadable with
    `DiffusionITM.from_pretrained(out)`, plus `training.json` (the config, wall times, losses and
    the validation accuracies).
 
 Every random choice is derived from (seed, stage, step), so a run killed and restarted with the same
-arguments (it resumes from `OUT/checkpoint.pt`, written every `checkpoint_every` steps) ends with
-the weights of an uninterrupted run.
+arguments (it resumes from `OUT/checkpoint.pt`, written every `checkpoint_every` steps and at the
+end of every stage) ends with the weights of an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -69,7 +72,7 @@ class PretrainConfig:
     kl_weight: float = 1e-6
     foreground_weight: float = 10.0  # reconstruction weight of object pixels vs background (objects are small)
     latent_channels: int = 8
-    steps: int = 10_000
+    steps: int = 6_500              # the first diffusion stage; later ones in `stages`
     # "epsilon" or "v_prediction" (as SD 2.x; its loss weighs the clean-image error by SNR + 1, so
     # high-noise steps, where only the caption tells where things are, count more). Tried for
     # spatial relations: still at chance after 6,000 steps
@@ -83,8 +86,9 @@ class PretrainConfig:
     # hard-negative ranking term: for up to `hard_negatives` items of a batch (position captions first),
     # the caption's `shapes.hard_negative_caption` (positions flipped, else colours or sizes swapped) on the same noisy
     # latent; loss + rank_weight * T * softplus((error_true - error_negative) / T), T = rank_temperature.
-    # Tried (16, with v-prediction and coordinates, 8,000 steps): position words grounded in a one-object
-    # world, but spatial stayed at chance (52.5% on the test subset); pair binding 95%, shape recognition 92.5%
+    # Off in the first stage of the shipped recipe, on in its ranking stage (`stages`). Tried in the first
+    # stage (16, with v-prediction and coordinates, 8,000 steps): spatial stayed at chance (52.5% on the
+    # test subset); pair binding 95%, shape recognition 92.5%
     hard_negatives: int = 0
     rank_weight: float = 1.0
     rank_temperature: float = 0.01
@@ -98,12 +102,61 @@ class PretrainConfig:
     # feed the UNet x/y coordinate channels (`coord_unet`), so position is explicit; tried for spatial
     # relations: no effect alone in 4,000-4,500 steps (epsilon or v-prediction)
     coordinates: bool = False
+    # later stages of the diffusion training, in order; each a dict of `Stage` fields ("name" and
+    # "steps" required; the rest default to the first stage's, the fields above). A stage starts from
+    # the previous stage's averaged (EMA) weights with a fresh optimiser, schedule and average
+    # Shipped: a short ranking stage, which takes pair binding from ~80% to ~100% on validation (the
+    # first stage alone leaves colour-size-position bindings to chance where the noisy latent still shows
+    # every colour); it does not move spatial relations (tried: 1,500-2,500 such steps, with and without
+    # a one-object "places" stage first that grounds "on the left"/"on the right"; see
+    # benchmarks/results/shapes-spatial-attempts.md)
+    stages: tuple = ({"name": "ranking", "steps": 800, "lr": 5e-4, "warmup": 50, "hard_negatives": 64,
+                      "form_weights": {"recognition": 0.4, "binding": 0.25, "pair": 0.3, "spatial": 0.6,
+                                       "position": 0.6}},)
     text_width: int = 64
     text_layers: int = 2
     checkpoint_every: int = 500
     eval_every: int = 2_000          # 0: only at the end
     eval_examples: int = 24          # per subtask, validation split
     eval_samples: int = 10
+
+    def stage_list(self) -> list[Stage]:
+        """The diffusion stages: the first from the top-level fields, then `stages` over it."""
+        first = Stage("base", self.steps, self.lr, self.warmup, self.hard_negatives, self.rank_weight,
+                      dict(self.form_weights))
+        out = [first]
+        for spec in self.stages:
+            unknown = set(spec) - set(Stage.__dataclass_fields__)
+            if unknown or not {"name", "steps"} <= set(spec):
+                raise ValueError(f"a stage takes the fields {', '.join(Stage.__dataclass_fields__)} "
+                                 f"(name and steps required); got {sorted(spec)}")
+            out.append(replace(first, **{"objects": 0, **spec}))
+        for stage in out:
+            if stage.steps < 1 or stage.objects not in (0, 1, 2):
+                raise ValueError(f"stage {stage.name!r}: steps must be >= 1 and objects 0, 1 or 2")
+        return out
+
+    @property
+    def total_steps(self) -> int:
+        """Diffusion steps over all stages."""
+        return sum(stage.steps for stage in self.stage_list())
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the diffusion training: `steps` AdamW steps at peak learning rate `lr` (linear
+    warm-up over `warmup` steps, then cosine), the hard-negative ranking term on up to
+    `hard_negatives` items per batch weighted `rank_weight`, captions drawn with `form_weights`,
+    from scenes with `objects` objects (0: all scenes)."""
+
+    name: str
+    steps: int
+    lr: float
+    warmup: int
+    hard_negatives: int
+    rank_weight: float
+    form_weights: dict
+    objects: int = 0
 
 
 # -- architecture ------------------------------------------------------------------------------
@@ -161,10 +214,12 @@ def build_components(config: PretrainConfig) -> SDComponents:
 
 @dataclass
 class SceneSet:
-    """The training scenes: pixels [N, 3, R, R] in [-1, 1] and, per scene, its captions by form."""
+    """The training scenes: pixels [N, 3, R, R] in [-1, 1], per scene its captions by form, and
+    its number of objects [N] (int64)."""
 
     pixels: torch.Tensor
     captions: list[dict[str, list[str]]]
+    objects: torch.Tensor
 
 
 def scene_list(n: int, seed: int, kinds: Sequence[str], size: int) -> list[shapes.Scene]:
@@ -179,7 +234,8 @@ def training_scenes(config: PretrainConfig, components: SDComponents) -> SceneSe
     scenes = scene_list(config.scenes, config.seed, config.scene_kinds, config.render_size)
     pixels = torch.cat([preprocess_images(components, [shapes.render(s, config.render_size) for s in chunk])
                         for chunk in _chunks(scenes, 1024)])
-    return SceneSet(pixels, [shapes.training_captions(s, config.render_size) for s in scenes])
+    return SceneSet(pixels, [shapes.training_captions(s, config.render_size) for s in scenes],
+                    torch.tensor([len(s) for s in scenes]))
 
 
 def _chunks(items: list, size: int) -> list[list]:
@@ -193,16 +249,18 @@ def step_rng(config: PretrainConfig, stage: int, step: int) -> tuple[torch.Gener
     return torch.Generator().manual_seed(key), random.Random(key)
 
 
-def draw_captions(config: PretrainConfig, scene_captions: Sequence[dict[str, list[str]]], rng: random.Random) -> list[str]:
-    """One caption per scene: a grammar form drawn with `form_weights`, then one of its captions;
-    the empty (null) prompt with probability `caption_dropout`."""
+def draw_captions(config: PretrainConfig, scene_captions: Sequence[dict[str, list[str]]], rng: random.Random,
+                  form_weights: dict[str, float] | None = None) -> list[str]:
+    """One caption per scene: a grammar form drawn with `form_weights` (default the config's), then
+    one of its captions; the empty (null) prompt with probability `config.caption_dropout`."""
+    form_weights = config.form_weights if form_weights is None else form_weights
     out = []
     for forms in scene_captions:
         if rng.random() < config.caption_dropout:
             out.append(NULL_PROMPT)
             continue
         names = list(forms)
-        weights = [config.form_weights.get(n, 1.0) for n in names]
+        weights = [form_weights.get(n, 1.0) for n in names]
         out.append(rng.choice(forms[rng.choices(names, weights)[0]]))
     return out
 
@@ -254,29 +312,48 @@ class Pretrainer:
 
     # stage 2
     def train_diffusion(self, data: SceneSet) -> None:
-        c, comp = self.config, self.components
+        """The diffusion stages in turn (`PretrainConfig.stage_list`), from `self.step` on."""
+        comp = self.components
         with torch.no_grad():
             latents = torch.cat([encode_pixels(comp, chunk) for chunk in data.pixels.split(1024)])
         params = list(comp.unet.parameters()) + list(comp.text_encoder.parameters())
         for net in (comp.unet, comp.text_encoder):
             net.train().requires_grad_(True)
-        optimiser = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
-        schedule = get_scheduler("cosine", optimiser, num_warmup_steps=c.warmup, num_training_steps=c.steps)
+        begin = 0
+        for stage in self.config.stage_list():
+            if self.step < begin + stage.steps:
+                self._train_stage(stage, begin, latents, data, params)
+            begin += stage.steps
+        for net in (comp.unet, comp.text_encoder):
+            net.eval().requires_grad_(False)
+
+    def _train_stage(self, stage: Stage, begin: int, latents: torch.Tensor, data: SceneSet,
+                     params: list[torch.nn.Parameter]) -> None:
+        """Global steps [begin, begin + stage.steps) of `stage` on `latents` [N, C, h, w] (the
+        encoded training scenes); ends with the stage's averaged weights in `params` and a
+        checkpoint of them, from which a resumed run starts the next stage."""
+        c, comp = self.config, self.components
+        end, total = begin + stage.steps, c.total_steps
+        optimiser = torch.optim.AdamW(params, lr=stage.lr, weight_decay=c.weight_decay)
+        schedule = get_scheduler("cosine", optimiser, num_warmup_steps=stage.warmup, num_training_steps=stage.steps)
         ema = EMAModel(params, decay=c.ema_decay)
-        if self.step:
+        if self.step > begin:
             state = torch.load(self.out / "checkpoint.pt", map_location="cpu", weights_only=True)
             optimiser.load_state_dict(state["optimiser"])
             schedule.load_state_dict(state["schedule"])
             ema.load_state_dict(state["ema"])
+        pool = torch.arange(len(latents)) if not stage.objects else (data.objects == stage.objects).nonzero()[:, 0]
+        if not len(pool):
+            raise ValueError(f"stage {stage.name!r}: no training scene has {stage.objects} object(s)")
         alphas = comp.scheduler.alphas_cumprod
         start = time.perf_counter() - self.report["diffusion"].get("seconds", 0.0)
-        bar = tqdm(range(self.step, c.steps), desc="UNet + text", disable=self._quiet(),
-                   initial=self.step, total=c.steps)
+        bar = tqdm(range(self.step, end), desc=f"UNet + text ({stage.name})", disable=self._quiet(),
+                   initial=self.step - begin, total=stage.steps)
         running = self.report["diffusion"].get("loss", 0.0)
         for step in bar:
             gen, rng = step_rng(c, 2, step)
-            idx = torch.randint(len(latents), (c.batch_size,), generator=gen)
-            texts = draw_captions(c, [data.captions[i] for i in idx.tolist()], rng)
+            idx = pool[torch.randint(len(pool), (c.batch_size,), generator=gen)]
+            texts = draw_captions(c, [data.captions[i] for i in idx.tolist()], rng, stage.form_weights)
             z0 = latents[idx]
             noise = torch.randn(z0.shape, generator=gen)
             t = torch.randint(0, len(alphas), (c.batch_size,), generator=gen)
@@ -284,7 +361,7 @@ class Pretrainer:
             zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
             pred = comp.unet(zt, t, encoder_hidden_states=self._encode(texts)).sample
             target = comp.scheduler.get_velocity(z0, noise, t) if c.prediction_type == "v_prediction" else noise
-            loss = F.mse_loss(pred, target) + self._ranking_loss(texts, zt, t, pred, target, rng)
+            loss = F.mse_loss(pred, target) + self._ranking_loss(stage, texts, zt, t, pred, target, rng)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -295,19 +372,18 @@ class Pretrainer:
             self.step = step + 1
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{running:.4f}")
-            if step % 100 == 0:
-                self._log({"stage": "diffusion", "step": step, "loss": running, "lr": schedule.get_last_lr()[0]})
+            if step % 100 == 0 or step == begin:
+                self._log({"stage": "diffusion", "name": stage.name, "step": step, "loss": running,
+                           "lr": schedule.get_last_lr()[0]})
             self.report["diffusion"].update(seconds=round(time.perf_counter() - start, 1), loss=running, steps=self.step)
-            last = self.step == c.steps
-            if c.eval_every and self.step % c.eval_every == 0 and not last:
+            if c.eval_every and self.step % c.eval_every == 0 and self.step != total:
                 with _ema_weights(ema, params):
                     self.report["validation"].append({"step": self.step, **self.validate()})
                 self._log({"stage": "validation", **self.report["validation"][-1]})
-            if self.step % c.checkpoint_every == 0 or last:
+            if self.step % c.checkpoint_every == 0 and self.step != end:
                 self._save_checkpoint(optimiser, schedule, ema)
         ema.copy_to(params)
-        for net in (comp.unet, comp.text_encoder):
-            net.eval().requires_grad_(False)
+        self._save_checkpoint()
 
     def _encode(self, texts: list[str]) -> torch.Tensor:
         """Text encoder states [len(texts), 16, width] of `texts` (with gradients)."""
@@ -316,20 +392,19 @@ class Pretrainer:
                   return_tensors="pt").input_ids
         return self.components.text_encoder(ids)[0]
 
-    def _ranking_loss(self, texts: list[str], zt: torch.Tensor, t: torch.Tensor, pred: torch.Tensor,
+    def _ranking_loss(self, stage: Stage, texts: list[str], zt: torch.Tensor, t: torch.Tensor, pred: torch.Tensor,
                       target: torch.Tensor, rng: random.Random) -> torch.Tensor | float:
-        """The hard-negative ranking term (see `PretrainConfig.hard_negatives`). Up to
-        `hard_negatives` items whose caption has a hard negative (those with position words first,
+        """The hard-negative ranking term of `stage` (see `PretrainConfig.hard_negatives`). Up to
+        `stage.hard_negatives` items whose caption has a hard negative (those with position words first,
         then in batch order) are denoised again under it: same noisy latent zt [B, C, h, w] and
         timestep t [B]; pred/target [B, C, h, w] are the true caption's. A true caption whose error
         is not below its negative's is penalised."""
-        c = self.config
-        if not c.hard_negatives:
+        if not stage.hard_negatives:
             return 0.0
         negatives = [(i, shapes.hard_negative_caption(text, rng)) for i, text in enumerate(texts)]
         pairs = [(i, negative) for i, negative in negatives if negative is not None]
         pairs.sort(key=lambda pair: not shapes.has_place_words(texts[pair[0]]))  # stable: batch order within
-        pairs = pairs[:c.hard_negatives]
+        pairs = pairs[:stage.hard_negatives]
         if not pairs:
             return 0.0
         rows = torch.tensor([i for i, _ in pairs])
@@ -337,8 +412,8 @@ class Pretrainer:
                                              encoder_hidden_states=self._encode([n for _, n in pairs])).sample
         error_true = (pred[rows] - target[rows]).square().mean((1, 2, 3))
         error_negative = (negative_pred - target[rows]).square().mean((1, 2, 3))
-        temperature = c.rank_temperature
-        return c.rank_weight * temperature * F.softplus((error_true - error_negative) / temperature).mean()
+        temperature = self.config.rank_temperature
+        return stage.rank_weight * temperature * F.softplus((error_true - error_negative) / temperature).mean()
 
     def validate(self) -> dict[str, float]:
         """Image->text accuracy per subtask on `eval_examples` validation examples each."""
@@ -444,16 +519,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="what the UNet learns to predict (and the scorer's error measures)")
     parser.add_argument("--coordinates", action=argparse.BooleanOptionalAction, default=defaults.coordinates,
                         help="feed the UNet x/y coordinate channels (CoordUNet2DConditionModel)")
+    parser.add_argument("--stages", type=json.loads, default=list(defaults.stages),
+                        help="later diffusion stages, a JSON list of objects with the fields of `Stage` "
+                             "(name, steps; lr, warmup, hard_negatives, rank_weight, form_weights, objects); "
+                             "'[]' trains the first stage only")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     fields = {k: v for k, v in vars(args).items() if k in PretrainConfig.__dataclass_fields__}
     fields["unet_channels"] = tuple(int(v) for v in args.unet_channels.split(","))
+    fields["stages"] = tuple(args.stages)
     if not 1 <= len(fields["unet_channels"]) <= 3:
         parser.error("--unet-channels takes one to three integers")
     try:
-        model = Pretrainer(PretrainConfig(**fields), args.out).run(resume=args.resume)
+        config = PretrainConfig(**fields)
+        config.stage_list()  # a bad --stages fails here, before any work
+        model = Pretrainer(config, args.out).run(resume=args.resume)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"itm-train pretrain: error: {err}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 import transformers
+from diffusers.training_utils import EMAModel
 
 from itm_engine import pretrain
 from itm_engine.data import shapes
@@ -20,7 +21,9 @@ from itm_engine.train import main as train_main
 from helpers import count_unet_items
 
 TOY = dict(scenes=48, vae_steps=3, vae_batch=8, steps=4, batch_size=8, warmup=1, eval_every=0, eval_examples=1,
-           eval_samples=1, checkpoint_every=2, unet_channels=(16, 32), text_width=32)
+           eval_samples=1, checkpoint_every=2, unet_channels=(16, 32), text_width=32,
+           stages=({"name": "places", "steps": 3, "lr": 5e-4, "hard_negatives": 2, "objects": 1,
+                    "form_weights": {"recognition": 0.1, "position": 1.0}},))
 
 
 def test_word_tokenizer_round_trips_through_a_folder(tmp_path):
@@ -101,22 +104,54 @@ def test_a_run_writes_a_model_the_scorer_loads(toy_run):
     from itm_engine.cache import encode_pixels
     assert encode_pixels(comp, data.pixels).std().item() == pytest.approx(1.0, rel=1e-3)
     report = json.loads((out / "training.json").read_text())
-    assert report["diffusion"]["steps"] == TOY["steps"] and report["config"]["scenes"] == TOY["scenes"]
+    assert report["diffusion"]["steps"] == TOY["steps"] + 3 and report["config"]["scenes"] == TOY["scenes"]
     assert set(report["validation"][-1]) == {"step", *shapes.SUBTASKS}
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in rows} == {"vae", "diffusion"}
+    assert [r["name"] for r in rows if r["stage"] == "diffusion"] == ["base", "places"]  # steps 0 and 4 logged
 
 
-def test_resume_after_a_crash_ends_with_the_uninterrupted_weights(toy_run, tmp_path, monkeypatch):
+def test_stages_take_their_settings_and_scenes(tmp_path, monkeypatch):
+    """A later stage draws only from its scenes (`objects`), with its caption odds, ranks its own
+    number of items, and starts from the previous stage's averaged weights."""
+    config = PretrainConfig(**TOY)
+    base, places = config.stage_list()
+    assert (base.name, base.steps, base.lr, base.hard_negatives) == ("base", 4, config.lr, 0)
+    assert (places.steps, places.lr, places.warmup, places.objects, places.hard_negatives) == (3, 5e-4, 1, 1, 2)
+    assert places.rank_weight == config.rank_weight and config.total_steps == 7
+    drawn, ranked = [], []
+    real_draw, real_rank = pretrain.draw_captions, Pretrainer._ranking_loss
+    monkeypatch.setattr(pretrain, "draw_captions", lambda *a: drawn.append(real_draw(*a)) or drawn[-1])
+    monkeypatch.setattr(Pretrainer, "_ranking_loss", lambda self, stage, *a: ranked.append(stage.name) or real_rank(self, stage, *a))
+    trainer = Pretrainer(config, tmp_path, progress=False)
+    averaged = []
+    real_copy = EMAModel.copy_to
+    monkeypatch.setattr(EMAModel, "copy_to", lambda ema, params: averaged.append(ema.optimization_step) or real_copy(ema, params))
+    trainer.run()
+    one_object = {c for forms in (shapes.training_captions(s) for s in pretrain.scene_list(48, 0, config.scene_kinds, 64))
+                  if "recognition" in forms for cs in forms.values() for c in cs}
+    assert len(drawn) == 7 and ranked == ["base"] * 4 + ["places"] * 3
+    assert all(set(texts) <= one_object | {""} for texts in drawn[4:])  # the places stage: one object only
+    assert not all(set(texts) <= one_object | {""} for texts in drawn[:4])
+    assert sum(" on the " in c or " at the " in c for texts in drawn[4:] for c in texts) > 8  # places favoured
+    assert averaged == [4, 3]  # each stage ends with its own average copied in
+    with pytest.raises(ValueError, match="name and steps required"):
+        PretrainConfig(stages=({"name": "x", "steps": 3, "momentum": 0.9},)).stage_list()
+    with pytest.raises(ValueError, match="objects 0, 1 or 2"):
+        PretrainConfig(stages=({"name": "x", "steps": 3, "objects": 3},)).stage_list()
+
+
+@pytest.mark.parametrize("crash_at", [2, 4, 6])  # in the first stage, at its end, in the second
+def test_resume_after_a_crash_ends_with_the_uninterrupted_weights(toy_run, tmp_path, monkeypatch, crash_at):
     _, uninterrupted = toy_run
     real_save = Pretrainer._save_checkpoint
 
-    def crash_after_step_two(self, *args):
+    def crash_after_a_checkpoint(self, *args):
         real_save(self, *args)
-        if self.step == 2:
+        if self.step == crash_at:
             raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(Pretrainer, "_save_checkpoint", crash_after_step_two)
+    monkeypatch.setattr(Pretrainer, "_save_checkpoint", crash_after_a_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         Pretrainer(PretrainConfig(**TOY), tmp_path, progress=False).run()
     monkeypatch.setattr(Pretrainer, "_save_checkpoint", real_save)
@@ -134,6 +169,8 @@ def test_resume_after_a_crash_ends_with_the_uninterrupted_weights(toy_run, tmp_p
 def test_cli_reports_bad_resume(tmp_path, capsys):
     assert train_main(["pretrain", "--world", "shapes", "--out", str(tmp_path), "--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+    assert train_main(["pretrain", "--world", "shapes", "--out", str(tmp_path / "x"), "--stages", '[{"name": "x"}]']) == 2
+    assert "name and steps required" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_tiny_clip_trains_and_loads_through_the_prefilter(tmp_path):
@@ -165,7 +202,7 @@ def test_ranking_term_denoises_the_first_eligible_items_again_under_their_hard_n
     with torch.no_grad():
         pred = comp.unet(zt, t, encoder_hidden_states=trainer._encode(texts)).sample
         with count_unet_items(comp.unet) as count:
-            term = trainer._ranking_loss(texts, zt, t, pred, target, random.Random(0))
+            term = trainer._ranking_loss(config.stage_list()[0], texts, zt, t, pred, target, random.Random(0))
         assert count.calls == 1 and count.items == 2  # rows 1 and 3 (places first); row 4 is past the cap
         negatives = ["a red circle right of a blue square", "a small red circle on the right"]
         again = comp.unet(zt[[1, 3]], t[[1, 3]], encoder_hidden_states=trainer._encode(negatives)).sample
@@ -173,4 +210,5 @@ def test_ranking_term_denoises_the_first_eligible_items_again_under_their_hard_n
     e_neg = (again - target[[1, 3]]).square().mean((1, 2, 3))
     expected = 0.05 * torch.nn.functional.softplus((e_true - e_neg) / 0.05).mean()
     assert float(term) == pytest.approx(float(expected), rel=1e-5)
-    assert trainer._ranking_loss(["", "a large red circle"], zt[:2], t[:2], pred[:2], target[:2], random.Random(0)) == 0.0
+    assert trainer._ranking_loss(config.stage_list()[0], ["", "a large red circle"], zt[:2], t[:2], pred[:2], target[:2],
+                                 random.Random(0)) == 0.0
