@@ -60,19 +60,29 @@ def model_card(training: dict, clip_training: dict, counts: dict[str, int], size
         f"weighted {c['foreground_weight']}x, KL weight {c['kl_weight']}: {training['vae']['seconds']:.0f} s.",
         f"3. Text encoder + UNet jointly: {c['steps']:,} steps at batch {c['batch_size']}, AdamW lr {c['lr']} (cosine, "
         f"{c['warmup']} warm-up steps), EMA {c['ema_decay']}, caption dropout {c['caption_dropout']} (the null prompt), "
-        f"caption forms drawn with odds {c['form_weights']}: {training['diffusion']['seconds'] / 60:.1f} min.",
+        f"caption forms drawn with odds {c['form_weights']}"
+        + (f", ranking term on {c['hard_negatives']} items per batch" if c.get("hard_negatives") else "") + ".",
+        *[f"   Then stage \"{st['name']}\", from the averaged weights with a fresh optimiser and average: {st['steps']:,} "
+          f"steps, lr {st.get('lr', c['lr'])} ({st.get('warmup', c['warmup'])} warm-up steps)"
+          + (f", {'one' if st.get('objects') == 1 else 'two'}-object scenes only" if st.get("objects") else "")
+          + f", caption odds {st.get('form_weights', c['form_weights'])}"
+          + (f", ranking term on up to {st.get('hard_negatives', c.get('hard_negatives'))} items per batch"
+             if st.get("hard_negatives", c.get("hard_negatives")) else "") + "."
+          for st in c.get("stages", [])],
+        f"   All diffusion stages: {training['diffusion']['steps']:,} steps, {training['diffusion']['seconds'] / 60:.1f} min.",
         "   Captions: the evaluation grammar (recognition, binding, pair, spatial and its converse) plus absolute",
         "   places for training only (\"a small red circle on the left\").",
-        *([f"   Hard-negative ranking term: for up to {c['hard_negatives']} items per batch, the same noisy latent is "
-           "denoised again under a false caption (`shapes.hard_negative_caption`: every position word flipped, or the "
-           "two colours or two sizes swapped), and the loss adds "
-           f"{c['rank_weight']} x T x softplus((error_true - error_false) / T), T = {c['rank_temperature']}. "
-           "The denoising loss alone never grounded position words (spatial stayed at chance); note that "
-           "these negatives are of the kinds the binding and spatial subtasks test (on held-out scenes)."]
-          if c.get("hard_negatives") else []),
-        f"4. Final denoising loss (EMA of the training loss) {training['diffusion']['loss']:.4f}.",
+        *(["   Hard-negative ranking term: the same noisy latent is denoised again under a false caption "
+           "(`shapes.hard_negative_caption`: every position word flipped, or the two colours or two sizes swapped), "
+           f"and the loss adds {c['rank_weight']} x T x softplus((error_true - error_false) / T), "
+           f"T = {c['rank_temperature']}. Note that these negatives are of the kinds the binding and spatial "
+           "subtasks test (on held-out scenes, never with a held-out colour-shape combination)."]
+          if c.get("hard_negatives") or any(st.get("hard_negatives") for st in c.get("stages", [])) else []),
+        f"4. Final training loss (running average; with the ranking term where it is on) {training['diffusion']['loss']:.4f}.",
         "",
-        "Wall times on a 2-core CPU (torch threads 2). Reproduce: `itm-train pretrain --world shapes --out DIR`.",
+        f"Wall times on a 2-core CPU (torch threads 2), "
+        f"{(training['vae']['seconds'] + training['diffusion']['seconds']) / 60:.1f} min for the VAE and diffusion stages. "
+        "Reproduce: `itm-train pretrain --world shapes --out DIR`.",
         "",
         "Validation (image->text, " + str(c["eval_examples"]) + " validation examples per subtask, "
         + str(c["eval_samples"]) + " draws): " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in val.items() if k != "step"),
@@ -100,6 +110,9 @@ def model_card(training: dict, clip_training: dict, counts: dict[str, int], size
             lines += ["## Limitations", "",
                       "Image->text below 90% on the test split: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in weak.items())
                       + ".", ""]
+            if "spatial" in weak:
+                lines += ["Spatial relations at chance: the model does not bind two objects to two places. What was "
+                          "tried, with figures: `benchmarks/results/shapes-spatial-attempts.md` in the repository.", ""]
     return "\n".join(lines) + "\n"
 
 
