@@ -104,12 +104,10 @@ class PretrainConfig:
     coordinates: bool = False
     # later stages of the diffusion training, in order; each a dict of `Stage` fields ("name" and
     # "steps" required; the rest default to the first stage's, the fields above). A stage starts from
-    # the previous stage's averaged (EMA) weights with a fresh optimiser, schedule and average
-    # Shipped: a short ranking stage, which takes pair binding from ~80% to ~100% on validation (the
-    # first stage alone leaves colour-size-position bindings to chance where the noisy latent still shows
-    # every colour); it does not move spatial relations (tried: 1,500-2,500 such steps, with and without
-    # a one-object "places" stage first that grounds "on the left"/"on the right"; see
-    # benchmarks/results/shapes-spatial-attempts.md)
+    # the previous stage's averaged (EMA) weights with a fresh optimiser, schedule and average.
+    # Shipped: a short ranking stage, which takes pair binding from ~80% to ~100% on validation; it does
+    # not move spatial relations (tried: 1,500-2,500 such steps, with and without a one-object "places"
+    # stage first that grounds "on the left"/"on the right"; benchmarks/results/shapes-spatial-attempts.md)
     stages: tuple = ({"name": "ranking", "steps": 800, "lr": 5e-4, "warmup": 50, "hard_negatives": 64,
                       "form_weights": {"recognition": 0.4, "binding": 0.25, "pair": 0.3, "spatial": 0.6,
                                        "position": 0.6}},)
