@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from itm_engine import bundled
+from itm_engine.pretrain import PretrainConfig
 
 
 def _count(folder: Path) -> dict[str, int]:
@@ -28,6 +29,7 @@ def _count(folder: Path) -> dict[str, int]:
 
 def model_card(training: dict, clip_training: dict, counts: dict[str, int], size_mb: float, accuracy: dict | None) -> str:
     c = training["config"]
+    stages = PretrainConfig(**c).stage_list()
     val = training["validation"][-1] if training["validation"] else {}
     lines = [
         "# shapes: a small latent diffusion model of ShapesWorld",
@@ -62,13 +64,12 @@ def model_card(training: dict, clip_training: dict, counts: dict[str, int], size
         f"{c['warmup']} warm-up steps), EMA {c['ema_decay']}, caption dropout {c['caption_dropout']} (the null prompt), "
         f"caption forms drawn with odds {c['form_weights']}"
         + (f", ranking term on {c['hard_negatives']} items per batch" if c.get("hard_negatives") else "") + ".",
-        *[f"   Then stage \"{st['name']}\", from the averaged weights with a fresh optimiser and average: {st['steps']:,} "
-          f"steps, lr {st.get('lr', c['lr'])} ({st.get('warmup', c['warmup'])} warm-up steps)"
-          + (f", {'one' if st.get('objects') == 1 else 'two'}-object scenes only" if st.get("objects") else "")
-          + f", caption odds {st.get('form_weights', c['form_weights'])}"
-          + (f", ranking term on up to {st.get('hard_negatives', c.get('hard_negatives'))} items per batch"
-             if st.get("hard_negatives", c.get("hard_negatives")) else "") + "."
-          for st in c.get("stages", [])],
+        *[f"   Then stage \"{st.name}\", from the averaged weights with a fresh optimiser and average: {st.steps:,} "
+          f"steps, lr {st.lr} ({st.warmup} warm-up steps)"
+          + (f", {'one' if st.objects == 1 else 'two'}-object scenes only" if st.objects else "")
+          + f", caption odds {st.form_weights}"
+          + (f", ranking term on up to {st.hard_negatives} items per batch" if st.hard_negatives else "") + "."
+          for st in stages[1:]],
         f"   All diffusion stages: {training['diffusion']['steps']:,} steps, {training['diffusion']['seconds'] / 60:.1f} min.",
         "   Captions: the evaluation grammar (recognition, binding, pair, spatial and its converse) plus absolute",
         "   places for training only (\"a small red circle on the left\").",
@@ -77,7 +78,7 @@ def model_card(training: dict, clip_training: dict, counts: dict[str, int], size
            f"and the loss adds {c['rank_weight']} x T x softplus((error_true - error_false) / T), "
            f"T = {c['rank_temperature']}. Note that these negatives are of the kinds the binding and spatial "
            "subtasks test (on held-out scenes, never with a held-out colour-shape combination)."]
-          if c.get("hard_negatives") or any(st.get("hard_negatives") for st in c.get("stages", [])) else []),
+          if any(st.hard_negatives for st in stages) else []),
         f"4. Final training loss (running average; with the ranking term where it is on) {training['diffusion']['loss']:.4f}.",
         "",
         f"Wall times on a 2-core CPU (torch threads 2), "
