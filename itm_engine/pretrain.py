@@ -30,6 +30,7 @@ end of every stage) ends with the weights of an uninterrupted run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -48,6 +49,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from itm_engine import grounding
 from itm_engine.cache import encode_pixels, preprocess_images
 from itm_engine.coord_unet import COORDINATE_CHANNELS, CoordUNet2DConditionModel
 from itm_engine.data import shapes
@@ -113,6 +115,17 @@ class PretrainConfig:
                                        "position": 0.6}},)
     text_width: int = 64
     text_layers: int = 2
+    # the text encoder's layout objective: in a spatial caption "a X REL a Y", a linear head reads
+    # from the states of Y's colour and shape words and of the end token where Y is relative to X
+    # (`shapes.later_object_side`; 4 classes, cross-entropy, weight `layout_weight`). A causal encoder
+    # reaches those states after the relation word, so they can carry it; the objective puts it
+    # there. A function of the caption's words only (no image), standing in for the language
+    # pretraining a real text encoder has. The head is not part of the saved model
+    layout_weight: float = 0.0
+    # token grounding (`grounding`, TokenCompose's token loss): the cross-attention maps of the words
+    # that name an object (its colour, and its shape right after) at the 8x8 and 4x4 levels pulled
+    # onto that object's mask (exact, from the renderer), weight `grounding_weight`
+    grounding_weight: float = 0.0
     checkpoint_every: int = 500
     eval_every: int = 2_000          # 0: only at the end
     eval_examples: int = 24          # per subtask, validation split
@@ -121,7 +134,8 @@ class PretrainConfig:
     def stage_list(self) -> list[Stage]:
         """The diffusion stages: the first from the top-level fields, then `stages` over it."""
         first = Stage("base", self.steps, self.lr, self.warmup, self.hard_negatives, self.rank_weight,
-                      dict(self.form_weights))
+                      dict(self.form_weights), layout_weight=self.layout_weight,
+                      grounding_weight=self.grounding_weight)
         out = [first]
         for spec in self.stages:
             unknown = set(spec) - set(Stage.__dataclass_fields__)
@@ -145,7 +159,8 @@ class Stage:
     """One stage of the diffusion training: `steps` AdamW steps at peak learning rate `lr` (linear
     warm-up over `warmup` steps, then cosine), the hard-negative ranking term on up to
     `hard_negatives` items per batch weighted `rank_weight`, captions drawn with `form_weights`,
-    from scenes with `objects` objects (0: all scenes)."""
+    from scenes with `objects` objects (0: all scenes), the text encoder's layout objective weighted
+    `layout_weight` and the token grounding term weighted `grounding_weight` (see `PretrainConfig`)."""
 
     name: str
     steps: int
@@ -155,6 +170,8 @@ class Stage:
     rank_weight: float
     form_weights: dict
     objects: int = 0
+    layout_weight: float = 0.0
+    grounding_weight: float = 0.0
 
 
 # -- architecture ------------------------------------------------------------------------------
@@ -212,12 +229,15 @@ def build_components(config: PretrainConfig) -> SDComponents:
 
 @dataclass
 class SceneSet:
-    """The training scenes: pixels [N, 3, R, R] in [-1, 1], per scene its captions by form, and
-    its number of objects [N] (int64)."""
+    """The training scenes: pixels [N, 3, R, R] in [-1, 1], per scene its captions by form, its
+    number of objects [N] (int64), its objects' colours and, for token grounding, their masks
+    [N, 2, h, w] at latent resolution (`grounding.object_masks`; None when no stage grounds)."""
 
     pixels: torch.Tensor
     captions: list[dict[str, list[str]]]
     objects: torch.Tensor
+    colors: list[tuple[str, ...]]
+    masks: torch.Tensor | None = None
 
 
 def scene_list(n: int, seed: int, kinds: Sequence[str], size: int) -> list[shapes.Scene]:
@@ -232,8 +252,11 @@ def training_scenes(config: PretrainConfig, components: SDComponents) -> SceneSe
     scenes = scene_list(config.scenes, config.seed, config.scene_kinds, config.render_size)
     pixels = torch.cat([preprocess_images(components, [shapes.render(s, config.render_size) for s in chunk])
                         for chunk in _chunks(scenes, 1024)])
+    masks = None
+    if any(stage.grounding_weight for stage in config.stage_list()):
+        masks = torch.stack([grounding.object_masks(s, config.render_size, config.image_size // 4) for s in scenes])
     return SceneSet(pixels, [shapes.training_captions(s, config.render_size) for s in scenes],
-                    torch.tensor([len(s) for s in scenes]))
+                    torch.tensor([len(s) for s in scenes]), [tuple(o.color for o in s) for s in scenes], masks)
 
 
 def _chunks(items: list, size: int) -> list[list]:
@@ -272,6 +295,11 @@ class Pretrainer:
         self.config, self.out, self.progress = config, Path(out), progress
         self.out.mkdir(parents=True, exist_ok=True)
         self.components = build_components(config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed + 1)
+            # the layout objective's head (`PretrainConfig.layout_weight`): text state -> side, 4 classes
+            self.layout_head = torch.nn.Linear(config.text_width, len(shapes.RELATIONS))
+        self.recorder = grounding.AttentionRecorder(self.components.unet)  # installs itself on first use
         self.report: dict = {"config": asdict(config), "vae": {}, "diffusion": {}, "validation": []}
         self.step = 0  # diffusion steps done
         self.vae_done = False
@@ -315,6 +343,8 @@ class Pretrainer:
         with torch.no_grad():
             latents = torch.cat([encode_pixels(comp, chunk) for chunk in data.pixels.split(1024)])
         params = list(comp.unet.parameters()) + list(comp.text_encoder.parameters())
+        if any(stage.layout_weight for stage in self.config.stage_list()):
+            params += list(self.layout_head.parameters())
         for net in (comp.unet, comp.text_encoder):
             net.train().requires_grad_(True)
         begin = 0
@@ -357,9 +387,12 @@ class Pretrainer:
             t = torch.randint(0, len(alphas), (c.batch_size,), generator=gen)
             a = alphas[t].view(-1, 1, 1, 1)
             zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-            pred = comp.unet(zt, t, encoder_hidden_states=self._encode(texts)).sample
+            states = self._encode(texts)
+            with self.recorder.record() if stage.grounding_weight else contextlib.nullcontext() as maps:
+                pred = comp.unet(zt, t, encoder_hidden_states=states).sample
             target = comp.scheduler.get_velocity(z0, noise, t) if c.prediction_type == "v_prediction" else noise
-            loss = F.mse_loss(pred, target) + self._ranking_loss(stage, texts, zt, t, pred, target, rng)
+            loss = (F.mse_loss(pred, target) + self._ranking_loss(stage, texts, zt, t, pred, target, rng)
+                    + self._layout_loss(stage, texts, states) + self._grounding_loss(stage, texts, idx, data, maps))
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -413,6 +446,36 @@ class Pretrainer:
         temperature = self.config.rank_temperature
         return stage.rank_weight * temperature * F.softplus((error_true - error_negative) / temperature).mean()
 
+    def _layout_loss(self, stage: Stage, texts: list[str], states: torch.Tensor) -> torch.Tensor | float:
+        """The text encoder's layout objective of `stage` (see `PretrainConfig.layout_weight`) on the
+        spatial captions among `texts`; `states` [len(texts), 16, width] their encoder states."""
+        if not stage.layout_weight:
+            return 0.0
+        rows, columns, labels = [], [], []
+        for i, text in enumerate(texts):
+            found = shapes.later_object_side(text)
+            if found is None:
+                continue
+            positions, side = found
+            end = len(text.split()) + 1  # the end token, after the start token and the words
+            for column in [p + 1 for p in positions] + [end]:
+                rows.append(i), columns.append(column), labels.append(side)
+        if not rows:
+            return 0.0
+        logits = self.layout_head(states[torch.tensor(rows), torch.tensor(columns)])  # [n, 4]
+        return stage.layout_weight * F.cross_entropy(logits, torch.tensor(labels))
+
+    def _grounding_loss(self, stage: Stage, texts: list[str], idx: torch.Tensor, data: SceneSet,
+                        maps: list[torch.Tensor] | None) -> torch.Tensor | float:
+        """The token grounding term of `stage` (see `PretrainConfig.grounding_weight`): `maps` the
+        UNet's recorded cross-attention maps for `texts`, captions of the scenes `idx` [B] of `data`."""
+        if not stage.grounding_weight:
+            return 0.0
+        items = [(row, position + 1, data.masks[scene, k])  # + 1: the start token
+                 for row, (text, scene) in enumerate(zip(texts, idx.tolist()))
+                 for position, k in grounding.word_objects(text, data.colors[scene])]
+        return stage.grounding_weight * grounding.grounding_loss(maps, items) if items else 0.0
+
     def validate(self) -> dict[str, float]:
         """Image->text accuracy per subtask on `eval_examples` validation examples each."""
         from itm_engine.scoring import DiffusionITM
@@ -460,7 +523,7 @@ class Pretrainer:
         comp = self.components
         state = {"config": json.dumps(asdict(self.config)), "report": json.dumps(self.report),
                  "step": self.step, "vae": comp.vae.state_dict(), "unet": comp.unet.state_dict(),
-                 "text_encoder": comp.text_encoder.state_dict(),
+                 "text_encoder": comp.text_encoder.state_dict(), "layout_head": self.layout_head.state_dict(),
                  "scaling_factor": float(comp.vae.config.scaling_factor)}
         if optimiser is not None:
             state.update(optimiser=optimiser.state_dict(), schedule=schedule.state_dict(), ema=ema.state_dict())
@@ -480,6 +543,7 @@ class Pretrainer:
         comp.vae.register_to_config(scaling_factor=state["scaling_factor"])
         comp.unet.load_state_dict(state["unet"])
         comp.text_encoder.load_state_dict(state["text_encoder"])
+        self.layout_head.load_state_dict(state["layout_head"])
         comp.vae.eval().requires_grad_(False)
         self.report, self.step, self.vae_done = json.loads(state["report"]), state["step"], True
         print(f"resuming from {path} at diffusion step {self.step}", file=sys.stderr)

@@ -212,3 +212,24 @@ def test_ranking_term_denoises_the_first_eligible_items_again_under_their_hard_n
     assert float(term) == pytest.approx(float(expected), rel=1e-5)
     assert trainer._ranking_loss(config.stage_list()[0], ["", "a large red circle"], zt[:2], t[:2], pred[:2], target[:2],
                                  random.Random(0)) == 0.0
+
+
+def test_layout_objective_reads_the_later_object_and_end_states_of_spatial_captions(tmp_path):
+    """The text encoder's layout objective: cross-entropy of the head over the states of Y's colour
+    and shape words and of the end token of each spatial caption "a X REL a Y" (position + 1 for
+    the start token), labelled with where Y is relative to X; other captions take no part."""
+    config = PretrainConfig(**{**TOY, "layout_weight": 0.5})
+    trainer = Pretrainer(config, tmp_path, progress=False)
+    texts = ["a red circle and a blue square", "a red circle left of a blue square", "",
+             "a green cross below a yellow diamond"]
+    states = torch.randn(4, 16, config.text_width, requires_grad=True)
+    term = trainer._layout_loss(config.stage_list()[0], texts, states)
+    term.backward()
+    touched = sorted(map(tuple, states.grad.abs().sum(-1).nonzero().tolist()))
+    assert touched == [(1, 7), (1, 8), (1, 9), (3, 6), (3, 7), (3, 8)]
+    picked = states[[1, 1, 1, 3, 3, 3], [7, 8, 9, 6, 7, 8]]
+    labels = torch.tensor([shapes.RELATIONS.index("right of")] * 3 + [shapes.RELATIONS.index("above")] * 3)
+    expected = 0.5 * torch.nn.functional.cross_entropy(trainer.layout_head(picked), labels)
+    assert term.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert trainer._layout_loss(config.stage_list()[0], ["a large red circle", ""], states[:2]) == 0.0
+    assert trainer._layout_loss(PretrainConfig(**TOY).stage_list()[0], texts, states) == 0.0  # off by default

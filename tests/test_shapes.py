@@ -246,3 +246,24 @@ def test_hard_negative_captions_describe_the_swapped_scenes():
     assert shapes.hard_negative_caption("", rng) is None
     assert shapes.hard_negative_caption("a small red circle on the left", rng) == "a small red circle on the right"
     assert shapes.hard_negative_caption("a red circle at the top", rng) == "a red circle at the bottom"
+
+
+def test_later_object_side_names_the_second_object_and_the_converse_relation():
+    """For the layout objective: in every spatial caption, the word positions of the second-named
+    object's colour and shape, and the relation of that object to the first (the scene's own
+    `relation`, read the other way); None for the other grammar forms."""
+    rng = random.Random(1)
+    seen = set()
+    for _ in range(60):
+        scene, _ = shapes.sample_example(rng, "spatial", "train")
+        text = shapes.caption(scene, "spatial")
+        positions, side = shapes.later_object_side(text)
+        words = text.split()
+        assert [words[i] for i in positions] == [scene[1].color, scene[1].shape]
+        assert shapes.RELATIONS[side] == shapes.relation(scene[1], scene[0])
+        seen.add(side)
+        for form, captions in shapes.training_captions(scene).items():
+            assert all((shapes.later_object_side(c) is None) == (form != "spatial") for c in captions)
+    assert seen == {0, 1, 2, 3}
+    assert shapes.later_object_side("a red circle left of a blue") is None
+    assert shapes.later_object_side("a red circle on the left of a blue square") is None

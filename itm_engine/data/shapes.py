@@ -312,6 +312,22 @@ def hard_negative_caption(caption: str, rng: random.Random) -> str | None:
     return " ".join(rng.choice(edits)) if edits else None
 
 
+def later_object_side(caption: str) -> tuple[list[int], int] | None:
+    """For a spatial caption "a X REL a Y": the word positions (0-based, split on spaces) of Y's
+    colour and shape, and where Y is relative to X as an index into `RELATIONS` (the converse of
+    REL: "a red circle left of a blue square" -> ([6, 7], 1), the square being right of the
+    circle). None for any other caption. A function of the words alone, for the text encoder's
+    layout objective in pretraining (`pretrain.PretrainConfig.layout_weight`)."""
+    words = caption.split()
+    for index, rel in enumerate(RELATIONS):
+        rel_words = rel.split()
+        cut = len(words) - 3 - len(rel_words)
+        if cut == 3 and words[cut:cut + len(rel_words)] == rel_words and words[0] == words[-3] == "a" \
+                and words[1] in COLORS and words[-2] in COLORS and words[2] in SHAPES and words[-1] in SHAPES:
+            return [len(words) - 2, len(words) - 1], index ^ 1  # RELATIONS pairs converses: 0<->1, 2<->3
+    return None
+
+
 def _names_held_out_combo(words: list[str]) -> bool:
     """Whether caption `words` name a held-out colour-shape combination ("red triangle" or
     "triangle that is red")."""
