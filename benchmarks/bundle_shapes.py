@@ -79,7 +79,16 @@ def model_card(training: dict, clip_training: dict, counts: dict[str, int], size
            f"T = {c['rank_temperature']}. Note that these negatives are of the kinds the binding and spatial "
            "subtasks test (on held-out scenes, never with a held-out colour-shape combination)."]
           if any(st.hard_negatives for st in stages) else []),
-        f"4. Final training loss (running average; with the ranking term where it is on) {training['diffusion']['loss']:.4f}.",
+        *(["   Layout objective for the text encoder (weight " + str(c["layout_weight"]) + "): in a spatial caption "
+           "\"a X REL a Y\", a linear head (not saved) classifies from the states of Y's colour and shape words and "
+           "of the end token where Y is relative to X; a function of the words only (`shapes.later_object_side`)."]
+          if c.get("layout_weight") else []),
+        *(["   Token grounding (weight " + str(c["grounding_weight"]) + "; TokenCompose's token loss, "
+           "`itm_engine.grounding`): the UNet's cross-attention maps, at the 8x8 and 4x4 levels, of each word that "
+           "names an object (its colour, and its shape right after) are pulled onto that object's mask from the "
+           "renderer: the loss adds 1 - (attention inside the mask) / (all its attention)."]
+          if c.get("grounding_weight") else []),
+        f"4. Final training loss (running average; with the extra terms where they are on) {training['diffusion']['loss']:.4f}.",
         "",
         f"Wall times on a 2-core CPU (torch threads 2), "
         f"{(training['vae']['seconds'] + training['diffusion']['seconds']) / 60:.1f} min for the VAE and diffusion stages. "

@@ -22,7 +22,7 @@ from helpers import count_unet_items
 
 TOY = dict(scenes=48, vae_steps=3, vae_batch=8, steps=4, batch_size=8, warmup=1, eval_every=0, eval_examples=1,
            eval_samples=1, checkpoint_every=2, unet_channels=(16, 32), text_width=32,
-           stages=({"name": "places", "steps": 3, "lr": 5e-4, "hard_negatives": 2, "objects": 1,
+           stages=({"name": "places", "steps": 3, "lr": 5e-4, "hard_negatives": 2, "objects": 1, "grounding_weight": 0.1,
                     "form_weights": {"recognition": 0.1, "position": 1.0}},))
 
 
@@ -232,4 +232,4 @@ def test_layout_objective_reads_the_later_object_and_end_states_of_spatial_capti
     expected = 0.5 * torch.nn.functional.cross_entropy(trainer.layout_head(picked), labels)
     assert term.item() == pytest.approx(expected.item(), rel=1e-6)
     assert trainer._layout_loss(config.stage_list()[0], ["a large red circle", ""], states[:2]) == 0.0
-    assert trainer._layout_loss(PretrainConfig(**TOY).stage_list()[0], texts, states) == 0.0  # off by default
+    assert trainer._layout_loss(PretrainConfig(**{**TOY, "layout_weight": 0.0}).stage_list()[0], texts, states) == 0.0
