@@ -26,7 +26,7 @@ from itm_engine.data import shapes
 
 class _RecordingProcessor(AttnProcessor):
     """diffusers' `AttnProcessor`; while its recorder is recording, keeps each call's attention
-    probabilities [batch * heads, queries, tokens] in `recorder.maps`."""
+    probabilities, as [batch, heads, queries, tokens], in `recorder.maps`."""
 
     def __init__(self, recorder: "AttentionRecorder") -> None:
         self.recorder = recorder
