@@ -223,7 +223,7 @@ def test_negclip_tsv_reads_as_hardneg_training_data(splits):
 def test_hard_negative_captions_describe_the_swapped_scenes():
     """Pretraining's hard negatives: the caption of the swapped-position scene when the caption says
     where things are, else of the swapped-colour or swapped-size scene (the pair subtasks'
-    negatives); none for a one-object caption without a place."""
+    negatives); for one object without a place, of another shape (recognition_shape's negatives)."""
     rng = random.Random(0)
     for _ in range(30):
         scene, (flipped,) = shapes.sample_example(rng, "spatial", "train")
@@ -242,7 +242,11 @@ def test_hard_negative_captions_describe_the_swapped_scenes():
         for caption in forms.get("position", []):
             negative = shapes.hard_negative_caption(caption, rng)
             assert negative != caption and len(negative.split()) == len(caption.split())
-    assert shapes.hard_negative_caption("a large red circle", rng) is None
+    for _ in range(30):  # one object: the other-shape scene of recognition_shape, never a held-out combination
+        scene, negatives = shapes.sample_example(rng, "recognition_shape", "train")
+        drawn = {shapes.hard_negative_caption(shapes.caption(scene, "recognition_color"), rng) for _ in range(60)}
+        assert drawn == {c for c in (shapes.caption(n, "recognition_color") for n in negatives)
+                         if not shapes._names_held_out_combo(c.split())}
     assert shapes.hard_negative_caption("", rng) is None
     assert shapes.hard_negative_caption("a small red circle on the left", rng) == "a small red circle on the right"
     assert shapes.hard_negative_caption("a red circle at the top", rng) == "a red circle at the bottom"

@@ -294,14 +294,21 @@ def hard_negative_caption(caption: str, rng: random.Random) -> str | None:
     pretraining with hard negatives: when it says where things are, every position word flipped
     (left/right, above/below, top/bottom: "a red circle left of a blue square" -> "... right of
     ..."); otherwise, in a two-object caption, its two colours or its two sizes swapped (one of
-    those that apply, drawn with `rng`). None when none applies (one object and no place, or the
-    null prompt).
+    those that apply, drawn with `rng`); in a one-object caption, its shape replaced by another
+    (drawn with `rng`). None when none applies (the null prompt).
 
-    Each is the caption of a different scene of the same objects: the swapped-position,
-    swapped-colour or swapped-size scene of the spatial and pair subtasks' negatives."""
+    Each is the caption of a different scene: the swapped-position, swapped-colour or
+    swapped-size scene of the spatial and pair subtasks' negatives, or the other-shape scene of
+    recognition_shape's. No negative names a held-out colour-shape combination."""
     words = caption.split()
     if has_place_words(caption):
         return " ".join(_OPPOSITE_PLACES.get(w, w) for w in words)
+    named_shapes = [i for i, w in enumerate(words) if w in SHAPES]
+    if len(named_shapes) == 1:
+        at = named_shapes[0]
+        edits = [words[:at] + [other] + words[at + 1:] for other in SHAPES if other != words[at]]
+        edits = [e for e in edits if not _names_held_out_combo(e)]
+        return " ".join(rng.choice(edits)) if edits else None
     edits = []
     for vocabulary in (COLORS, SIZES):
         present = [w for w in words if w in vocabulary]
