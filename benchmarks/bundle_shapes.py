@@ -30,6 +30,7 @@ def _count(folder: Path) -> dict[str, int]:
 def model_card(training: dict, clip_training: dict, counts: dict[str, int], size_mb: float, accuracy: dict | None) -> str:
     c = training["config"]
     stages = PretrainConfig(**c).stage_list()
+    grounded = any(st.grounding_weight for st in stages)
     val = training["validation"][-1] if training["validation"] else {}
     lines = [
         "# shapes: a small latent diffusion model of ShapesWorld",
@@ -68,26 +69,29 @@ def model_card(training: dict, clip_training: dict, counts: dict[str, int], size
           f"steps, lr {st.lr} ({st.warmup} warm-up steps)"
           + (f", {'one' if st.objects == 1 else 'two'}-object scenes only" if st.objects else "")
           + f", caption odds {st.form_weights}"
-          + (f", ranking term on up to {st.hard_negatives} items per batch" if st.hard_negatives else "") + "."
+          + (f", ranking term on up to {st.hard_negatives} items per batch" if st.hard_negatives else "")
+          + (f", token grounding weight {st.grounding_weight}" if grounded else "") + "."
           for st in stages[1:]],
         f"   All diffusion stages: {training['diffusion']['steps']:,} steps, {training['diffusion']['seconds'] / 60:.1f} min.",
         "   Captions: the evaluation grammar (recognition, binding, pair, spatial and its converse) plus absolute",
         "   places for training only (\"a small red circle on the left\").",
         *(["   Hard-negative ranking term: the same noisy latent is denoised again under a false caption "
-           "(`shapes.hard_negative_caption`: every position word flipped, or the two colours or two sizes swapped), "
+           "(`shapes.hard_negative_caption`: every position word flipped, or the two colours or two sizes swapped, "
+           "or one object's shape replaced), "
            f"and the loss adds {c['rank_weight']} x T x softplus((error_true - error_false) / T), "
-           f"T = {c['rank_temperature']}. Note that these negatives are of the kinds the binding and spatial "
-           "subtasks test (on held-out scenes, never with a held-out colour-shape combination)."]
+           f"T = {c['rank_temperature']}. Note that these negatives are of the kinds the recognition_shape, binding "
+           "and spatial subtasks test (on held-out scenes, never with a held-out colour-shape combination)."]
           if any(st.hard_negatives for st in stages) else []),
         *(["   Layout objective for the text encoder (weight " + str(c["layout_weight"]) + "): in a spatial caption "
            "\"a X REL a Y\", a linear head (not saved) classifies from the states of Y's colour and shape words and "
            "of the end token where Y is relative to X; a function of the words only (`shapes.later_object_side`)."]
           if c.get("layout_weight") else []),
-        *(["   Token grounding (weight " + str(c["grounding_weight"]) + "; TokenCompose's token loss, "
+        *(["   Token grounding (weight " + str(c["grounding_weight"]) + " in the first stage, later ones as above; "
+           "TokenCompose's token loss, "
            "`itm_engine.grounding`): the UNet's cross-attention maps, at the 8x8 and 4x4 levels, of each word that "
            "names an object (its colour, and its shape right after) are pulled onto that object's mask from the "
            "renderer: the loss adds 1 - (attention inside the mask) / (all its attention)."]
-          if c.get("grounding_weight") else []),
+          if grounded else []),
         f"4. Final training loss (running average; with the extra terms where they are on) {training['diffusion']['loss']:.4f}.",
         "",
         f"Wall times on a 2-core CPU (torch threads 2), "

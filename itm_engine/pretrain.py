@@ -16,13 +16,14 @@ combinations never shown):
    In **stages** (`Stage`, `PretrainConfig.stages`): each later stage starts from the previous one's
    averaged weights with a fresh optimiser, schedule and average, and may change the caption odds,
    the scenes drawn and the hard-negative ranking term (the same noisy latent under a caption with
-   positions flipped or colours/sizes swapped must denoise worse). Shipped: a plain first stage,
-   then a short ranking stage (pair binding ~80% -> ~100%). Options for spatial relations (off in
-   the shipped recipe): v-prediction, x/y coordinate channels (`coord_unet`), and the two that move
-   them: a layout objective that puts the relation into the text states of the object named after
-   it (`layout_weight`) and token grounding, which pulls the cross-attention maps of the words naming
-   an object onto that object (`grounding_weight`, `itm_engine.grounding`); without grounding,
-   nothing tried left chance (benchmarks/results/shapes-spatial-attempts.md).
+   positions flipped, colours/sizes swapped or one object's shape replaced must denoise worse).
+   For spatial relations, the shipped recipe adds x/y coordinate channels to the UNet
+   (`coord_unet`), a layout objective that puts the relation into the text states of the object
+   named after it (`layout_weight`) and, from the first step, light token grounding, which pulls
+   the cross-attention maps of the words naming an object onto that object (`grounding_weight`,
+   `itm_engine.grounding`); without grounding, nothing tried left chance
+   (benchmarks/results/shapes-spatial-attempts.md). Shipped stages: the first (5,000 steps), a
+   ranking stage (1,000) and a "polish" stage without grounding (800; shapes).
 3. **Save**: a diffusers StableDiffusionPipeline folder (`models.save_components`), loadable with
    `DiffusionITM.from_pretrained(out)`, plus `training.json` (the config, wall times, losses and
    the validation accuracies).
@@ -78,7 +79,7 @@ class PretrainConfig:
     kl_weight: float = 1e-6
     foreground_weight: float = 10.0  # reconstruction weight of object pixels vs background (objects are small)
     latent_channels: int = 8
-    steps: int = 6_500              # the first diffusion stage; later ones in `stages`
+    steps: int = 5_000              # the first diffusion stage; later ones in `stages`
     # "epsilon" or "v_prediction" (as SD 2.x; its loss weighs the clean-image error by SNR + 1, so
     # high-noise steps, where only the caption tells where things are, count more). Tried for
     # spatial relations: still at chance after 6,000 steps
@@ -90,8 +91,9 @@ class PretrainConfig:
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     # hard-negative ranking term: for up to `hard_negatives` items of a batch (position captions first),
-    # the caption's `shapes.hard_negative_caption` (positions flipped, else colours or sizes swapped) on the same noisy
-    # latent; loss + rank_weight * T * softplus((error_true - error_negative) / T), T = rank_temperature.
+    # the caption's `shapes.hard_negative_caption` (positions flipped, else colours or sizes swapped, or one
+    # object's shape replaced) on the same noisy latent; loss + rank_weight * T * softplus((error_true -
+    # error_negative) / T), T = rank_temperature.
     # Off in the first stage of the shipped recipe, on in its ranking stage (`stages`). Tried in the first
     # stage (16, with v-prediction and coordinates, 8,000 steps): spatial stayed at chance (52.5% on the
     # test subset); pair binding 95%, shape recognition 92.5%
@@ -106,17 +108,23 @@ class PretrainConfig:
     # UNet level widths: 8x8, 4x4, 2x2 latents
     unet_channels: tuple = (32, 64, 64)
     # feed the UNet x/y coordinate channels (`coord_unet`), so position is explicit (alone: no effect on
-    # spatial relations in 4,000-4,500 steps, epsilon or v-prediction)
-    coordinates: bool = False
+    # spatial relations in 4,000-4,500 steps, epsilon or v-prediction; on in the shipped recipe)
+    coordinates: bool = True
     # later stages of the diffusion training, in order; each a dict of `Stage` fields ("name" and
     # "steps" required; the rest default to the first stage's, the fields above). A stage starts from
     # the previous stage's averaged (EMA) weights with a fresh optimiser, schedule and average.
-    # Shipped: a short ranking stage, which takes pair binding from ~80% to ~100% on validation (alone it
-    # does not move spatial relations: 1,500-2,500 such steps, with and without a one-object "places"
-    # stage first; benchmarks/results/shapes-spatial-attempts.md)
-    stages: tuple = ({"name": "ranking", "steps": 800, "lr": 5e-4, "warmup": 50, "hard_negatives": 64,
+    # Shipped: a ranking stage with lighter grounding, which takes pair binding from ~85% to ~100% on
+    # validation (alone, without grounding from the first step, it does not move spatial relations:
+    # benchmarks/results/shapes-spatial-attempts.md), then a "polish" stage, ranking without grounding
+    # and recognition captions weighted up: shapes (text->image shape recognition 80% -> 90%+)
+    stages: tuple = ({"name": "ranking", "steps": 1000, "lr": 5e-4, "warmup": 50, "hard_negatives": 64,
+                      "grounding_weight": 0.05,
                       "form_weights": {"recognition": 0.4, "binding": 0.25, "pair": 0.3, "spatial": 0.6,
-                                       "position": 0.6}},)
+                                       "position": 0.6}},
+                     {"name": "polish", "steps": 800, "lr": 5e-4, "warmup": 50, "hard_negatives": 64,
+                      "grounding_weight": 0.0,
+                      "form_weights": {"recognition": 0.8, "binding": 0.25, "pair": 0.3, "spatial": 0.6,
+                                       "position": 0.6}})
     text_width: int = 64
     text_layers: int = 2
     # the text encoder's layout objective: in a spatial caption "a X REL a Y", a linear head reads
@@ -125,12 +133,14 @@ class PretrainConfig:
     # reaches those states after the relation word, so they can carry it; the objective puts it
     # there. A function of the caption's words only (no image), standing in for the language
     # pretraining a real text encoder has. The head is not part of the saved model
-    layout_weight: float = 0.0
+    layout_weight: float = 1.0
     # token grounding (`grounding`, TokenCompose's token loss): the cross-attention maps of the words
     # that name an object (its colour, and its shape right after) at the 8x8 and 4x4 levels pulled
     # onto that object's mask (exact, from the renderer), weight `grounding_weight`. With the layout
-    # objective, spatial-only training reaches 100% on validation in 1,000 steps (the layout objective alone: 58%)
-    grounding_weight: float = 0.0
+    # objective, spatial-only training reaches 100% on validation in 1,000 steps (the layout objective alone: 58%).
+    # From the first step, lightly: 0.1 slows shape learning (shape recognition 58% at 4,000 steps, 96%
+    # without grounding), 0.02-0.03 less so (79%); grounding a trained model does not bind places
+    grounding_weight: float = 0.02
     checkpoint_every: int = 500
     eval_every: int = 2_000          # 0: only at the end
     eval_examples: int = 24          # per subtask, validation split
@@ -589,7 +599,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="feed the UNet x/y coordinate channels (CoordUNet2DConditionModel)")
     parser.add_argument("--stages", type=json.loads, default=list(defaults.stages),
                         help="later diffusion stages, a JSON list of objects with the fields of `Stage` "
-                             "(name, steps; lr, warmup, hard_negatives, rank_weight, form_weights, objects); "
+                             "(name, steps; lr, warmup, hard_negatives, rank_weight, form_weights, objects, "
+                             "layout_weight, grounding_weight); "
                              "'[]' trains the first stage only")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)

@@ -52,11 +52,6 @@ def test_image_to_text_binding(i2t):
     assert all(i2t[s] >= 0.90 for s in BINDING), i2t
 
 
-# Not reached by the bundled model (measured on this subset: 45%; see the model card and issue #7):
-# a strict xfail, so reaching it fails the suite until it is turned back into a plain test.
-@pytest.mark.xfail(strict=True, reason="bundled model: spatial at chance (45%); it does not bind two objects to "
-                                       "two places (a ranking stage grounds one object's place, not two; also "
-                                       "tried: v-prediction, coordinate channels, HardNeg fine-tuning)")
 def test_image_to_text_spatial(i2t):
     assert i2t["spatial"] >= 0.75, i2t
 
