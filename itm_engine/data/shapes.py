@@ -307,14 +307,13 @@ def hard_negative_caption(caption: str, rng: random.Random) -> str | None:
     if len(named_shapes) == 1:
         at = named_shapes[0]
         edits = [words[:at] + [other] + words[at + 1:] for other in SHAPES if other != words[at]]
-        edits = [e for e in edits if not _names_held_out_combo(e)]
-        return " ".join(rng.choice(edits)) if edits else None
-    edits = []
-    for vocabulary in (COLORS, SIZES):
-        present = [w for w in words if w in vocabulary]
-        if len(present) == 2 and present[0] != present[1]:
-            swap = {present[0]: present[1], present[1]: present[0]}
-            edits.append([swap.get(w, w) for w in words])
+    else:
+        edits = []
+        for vocabulary in (COLORS, SIZES):
+            present = [w for w in words if w in vocabulary]
+            if len(present) == 2 and present[0] != present[1]:
+                swap = {present[0]: present[1], present[1]: present[0]}
+                edits.append([swap.get(w, w) for w in words])
     edits = [e for e in edits if not _names_held_out_combo(e)]  # not even a negative may name one
     return " ".join(rng.choice(edits)) if edits else None
 
