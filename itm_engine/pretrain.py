@@ -324,7 +324,7 @@ class Pretrainer:
         c, vae = self.config, self.components.vae
         vae.train().requires_grad_(True)
         background = preprocess_images(self.components, [shapes.render((), c.render_size)])[0, :, :1, :1]  # [3, 1, 1]
-        optimiser = torch.optim.AdamW(vae.parameters(), lr=c.vae_lr)
+        optimiser = torch.optim.AdamW(vae.parameters(), lr=c.vae_lr, fused=True)
         schedule = get_scheduler("cosine", optimiser, num_warmup_steps=100, num_training_steps=c.vae_steps)
         start, bar = time.perf_counter(), tqdm(range(c.vae_steps), desc="VAE", disable=self._quiet())
         for step in bar:
@@ -377,9 +377,11 @@ class Pretrainer:
         checkpoint of them, from which a resumed run starts the next stage."""
         c, comp = self.config, self.components
         end, total = begin + stage.steps, c.total_steps
-        optimiser = torch.optim.AdamW(params, lr=stage.lr, weight_decay=c.weight_decay)
+        # fused (one kernel over all parameters) and foreach: the same updates as the per-parameter
+        # loops, ~20 ms a step less with ~440 small tensors
+        optimiser = torch.optim.AdamW(params, lr=stage.lr, weight_decay=c.weight_decay, fused=True)
         schedule = get_scheduler("cosine", optimiser, num_warmup_steps=stage.warmup, num_training_steps=stage.steps)
-        ema = EMAModel(params, decay=c.ema_decay)
+        ema = EMAModel(params, decay=c.ema_decay, foreach=True)
         if self.step > begin:
             state = torch.load(self.out / "checkpoint.pt", map_location="cpu", weights_only=True)
             optimiser.load_state_dict(state["optimiser"])
@@ -402,12 +404,17 @@ class Pretrainer:
             t = torch.randint(0, len(alphas), (c.batch_size,), generator=gen)
             a = alphas[t].view(-1, 1, 1, 1)
             zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-            states = self._encode(texts)
+            # the ranking term's items, again under their hard negatives: one UNet call over both
+            negatives = self._hard_negatives(stage, texts, rng)
+            rows = torch.tensor([i for i, _ in negatives], dtype=torch.long)
+            states = self._encode(texts + [caption for _, caption in negatives])
             with self.recorder.record() if stage.grounding_weight else contextlib.nullcontext() as maps:
-                pred = comp.unet(zt, t, encoder_hidden_states=states).sample
+                pred = comp.unet(torch.cat([zt, zt[rows]]), torch.cat([t, t[rows]]), encoder_hidden_states=states).sample
             target = comp.scheduler.get_velocity(z0, noise, t) if c.prediction_type == "v_prediction" else noise
-            loss = (F.mse_loss(pred, target) + self._ranking_loss(stage, texts, zt, t, pred, target, rng)
-                    + self._layout_loss(stage, texts, states) + self._grounding_loss(stage, texts, idx, data, maps))
+            batch = len(texts)
+            loss = (F.mse_loss(pred[:batch], target) + self._ranking_loss(stage, rows, pred, target)
+                    + self._layout_loss(stage, texts, states[:batch])
+                    + self._grounding_loss(stage, texts, idx, data, maps))
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -438,26 +445,29 @@ class Pretrainer:
                   return_tensors="pt").input_ids
         return self.components.text_encoder(ids)[0]
 
-    def _ranking_loss(self, stage: Stage, texts: list[str], zt: torch.Tensor, t: torch.Tensor, pred: torch.Tensor,
-                      target: torch.Tensor, rng: random.Random) -> torch.Tensor | float:
-        """The hard-negative ranking term of `stage` (see `PretrainConfig.hard_negatives`). Up to
-        `stage.hard_negatives` items whose caption has a hard negative (those with position words first,
-        then in batch order) are denoised again under it: same noisy latent zt [B, C, h, w] and
-        timestep t [B]; pred/target [B, C, h, w] are the true caption's. A true caption whose error
-        is not below its negative's is penalised."""
+    def _hard_negatives(self, stage: Stage, texts: list[str], rng: random.Random) -> list[tuple[int, str]]:
+        """The items of the hard-negative ranking term of `stage` (see `PretrainConfig.hard_negatives`):
+        (row in `texts`, its `shapes.hard_negative_caption`) for up to `stage.hard_negatives` rows whose
+        caption has one, those with place words first, then in batch order; [] when the stage does not rank."""
         if not stage.hard_negatives:
-            return 0.0
+            return []
         negatives = [(i, shapes.hard_negative_caption(text, rng)) for i, text in enumerate(texts)]
         pairs = [(i, negative) for i, negative in negatives if negative is not None]
         pairs.sort(key=lambda pair: not shapes.has_place_words(texts[pair[0]]))  # stable: batch order within
-        pairs = pairs[:stage.hard_negatives]
-        if not pairs:
+        return pairs[:stage.hard_negatives]
+
+    def _ranking_loss(self, stage: Stage, rows: torch.Tensor, pred: torch.Tensor,
+                      target: torch.Tensor) -> torch.Tensor | float:
+        """The hard-negative ranking term of `stage`: `target` [B, C, h, w]; `pred` [B + n, C, h, w]
+        the UNet's predictions of the batch under its true captions, then of the batch rows `rows`
+        [n] again (same noisy latent and timestep) under their hard negatives (`_hard_negatives`). A
+        true caption whose error is not below its negative's is penalised:
+        T * softplus((error_true - error_negative) / T), T = `rank_temperature`."""
+        if not len(rows):
             return 0.0
-        rows = torch.tensor([i for i, _ in pairs])
-        negative_pred = self.components.unet(zt[rows], t[rows],
-                                             encoder_hidden_states=self._encode([n for _, n in pairs])).sample
+        batch = len(target)
         error_true = (pred[rows] - target[rows]).square().mean((1, 2, 3))
-        error_negative = (negative_pred - target[rows]).square().mean((1, 2, 3))
+        error_negative = (pred[batch:] - target[rows]).square().mean((1, 2, 3))
         temperature = self.config.rank_temperature
         return stage.rank_weight * temperature * F.softplus((error_true - error_negative) / temperature).mean()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -187,31 +188,56 @@ def test_tiny_clip_trains_and_loads_through_the_prefilter(tmp_path):
     assert scores.shape == (1, 2) and scores.abs().max() <= 1.0 + 1e-5
 
 
-def test_ranking_term_denoises_the_first_eligible_items_again_under_their_hard_negatives(tmp_path):
+def test_ranking_term_takes_the_first_eligible_items_and_compares_their_errors_under_the_hard_negative(tmp_path):
     """The hard-negative term: up to `hard_negatives` items whose caption has a negative, position
-    captions first, are run again (same noisy latent and step) under it, and the term is
-    T * softplus((e_true - e_neg) / T)."""
+    captions first, are denoised again (same noisy latent and step) under it, and the term is
+    T * softplus((e_true - e_neg) / T); a batched prediction of both equals separate calls."""
     config = PretrainConfig(**{**TOY, "hard_negatives": 2, "rank_temperature": 0.05})
     trainer = Pretrainer(config, tmp_path, progress=False)
-    comp = trainer.components
+    comp, stage = trainer.components, config.stage_list()[0]
     texts = ["a red circle and a blue square", "a red circle left of a blue square", "", "a small red circle on the left",
              "a blue square above a red circle"]
+    negatives = trainer._hard_negatives(stage, texts, random.Random(0))
+    # rows 1 and 3 (places first); row 4 is past the cap, rows 0 and 2 come later or have none
+    assert negatives == [(1, "a red circle right of a blue square"), (3, "a small red circle on the right")]
+    assert trainer._hard_negatives(stage, ["", ""], random.Random(0)) == []
+    assert trainer._hard_negatives(replace(stage, hard_negatives=0), texts, random.Random(0)) == []
     gen = torch.Generator().manual_seed(0)
     zt, t = torch.randn(5, 8, 8, 8, generator=gen), torch.tensor([900, 500, 100, 700, 300])
     target = torch.randn(5, 8, 8, 8, generator=gen)
+    rows = torch.tensor([1, 3])
     with torch.no_grad():
         pred = comp.unet(zt, t, encoder_hidden_states=trainer._encode(texts)).sample
-        with count_unet_items(comp.unet) as count:
-            term = trainer._ranking_loss(config.stage_list()[0], texts, zt, t, pred, target, random.Random(0))
-        assert count.calls == 1 and count.items == 2  # rows 1 and 3 (places first); row 4 is past the cap
-        negatives = ["a red circle right of a blue square", "a small red circle on the right"]
-        again = comp.unet(zt[[1, 3]], t[[1, 3]], encoder_hidden_states=trainer._encode(negatives)).sample
-    e_true = (pred[[1, 3]] - target[[1, 3]]).square().mean((1, 2, 3))
-    e_neg = (again - target[[1, 3]]).square().mean((1, 2, 3))
+        again = comp.unet(zt[rows], t[rows], encoder_hidden_states=trainer._encode([n for _, n in negatives])).sample
+        batched = comp.unet(torch.cat([zt, zt[rows]]), torch.cat([t, t[rows]]),
+                            encoder_hidden_states=trainer._encode(texts + [n for _, n in negatives])).sample
+    torch.testing.assert_close(batched, torch.cat([pred, again]), rtol=1e-4, atol=1e-5)
+    e_true = (pred[rows] - target[rows]).square().mean((1, 2, 3))
+    e_neg = (again - target[rows]).square().mean((1, 2, 3))
     expected = 0.05 * torch.nn.functional.softplus((e_true - e_neg) / 0.05).mean()
+    term = trainer._ranking_loss(stage, rows, torch.cat([pred, again]), target)
     assert float(term) == pytest.approx(float(expected), rel=1e-5)
-    assert trainer._ranking_loss(config.stage_list()[0], ["", ""], zt[:2], t[:2], pred[:2], target[:2],
-                                 random.Random(0)) == 0.0
+    assert trainer._ranking_loss(stage, torch.tensor([], dtype=torch.long), pred, target) == 0.0
+
+
+def test_a_ranking_step_makes_one_unet_call_over_the_batch_and_its_negatives(tmp_path, monkeypatch):
+    """A training step of a ranking stage denoises the batch and its hard negatives in one UNet
+    call: batch_size + n items, the last n the ranked rows' noisy latents and timesteps again."""
+    config = PretrainConfig(**{**TOY, "stages": (), "hard_negatives": 3, "steps": 2})
+    trainer = Pretrainer(config, tmp_path, progress=False)
+    picked, calls = [], []
+    real = Pretrainer._hard_negatives
+    monkeypatch.setattr(Pretrainer, "_hard_negatives", lambda self, *a: picked.append(real(self, *a)) or picked[-1])
+    trainer.components.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append((args[0].clone(), args[1].clone())) if module.training else None,
+        with_kwargs=True)
+    trainer.run()
+    assert len(calls) == 2 and all(len(p) == 3 for p in picked)
+    for (sample, timesteps), negatives in zip(calls, picked):
+        rows = torch.tensor([i for i, _ in negatives])
+        assert len(sample) == config.batch_size + 3
+        assert torch.equal(sample[config.batch_size:], sample[rows])
+        assert torch.equal(timesteps[config.batch_size:], timesteps[rows])
 
 
 def test_layout_objective_reads_the_later_object_and_end_states_of_spatial_captions(tmp_path):
