@@ -318,6 +318,8 @@ class Pretrainer:
         self.report: dict = {"config": asdict(config), "vae": {}, "diffusion": {}, "validation": []}
         self.step = 0  # diffusion steps done
         self.vae_done = False
+        self._started = time.perf_counter()  # reset by `run`
+        self.latents: torch.Tensor | None = None  # [N, C, h, w] the training scenes encoded, once the VAE is trained
 
     # stage 1
     def train_vae(self, data: SceneSet) -> None:
@@ -347,6 +349,7 @@ class Pretrainer:
         with torch.no_grad():
             means = torch.cat([encode_pixels(self.components, chunk) for chunk in data.pixels.split(1024)])
         vae.register_to_config(scaling_factor=float(1.0 / means.std()))
+        self.latents = means * self.components.scaling_factor  # = encode_pixels now: not encoded twice
         self.report["vae"] = {"seconds": round(time.perf_counter() - start, 1), "final_mse": recon.item(),
                               "scaling_factor": vae.config.scaling_factor}
         self.vae_done = True
@@ -355,8 +358,10 @@ class Pretrainer:
     def train_diffusion(self, data: SceneSet) -> None:
         """The diffusion stages in turn (`PretrainConfig.stage_list`), from `self.step` on."""
         comp = self.components
-        with torch.no_grad():
-            latents = torch.cat([encode_pixels(comp, chunk) for chunk in data.pixels.split(1024)])
+        latents = self.latents
+        if latents is None:  # resumed after the VAE stage
+            with torch.no_grad():
+                latents = torch.cat([encode_pixels(comp, chunk) for chunk in data.pixels.split(1024)])
         params = list(comp.unet.parameters()) + list(comp.text_encoder.parameters())
         if any(stage.layout_weight for stage in self.config.stage_list()):
             params += list(self.layout_head.parameters())
@@ -526,6 +531,9 @@ class Pretrainer:
             self._resume()
         elif (self.out / "checkpoint.pt").exists():
             raise FileExistsError(f"{self.out} already holds checkpoint.pt: pass --resume or choose another --out")
+        # the wall time of the whole run (scenes, VAE, diffusion, validation, save), carried across resumes
+        # up to the last checkpoint, in training.json as "seconds"
+        self._started = time.perf_counter() - self.report.get("seconds", 0.0)
         data = training_scenes(self.config, self.components)
         if not self.vae_done:
             self.train_vae(data)
@@ -533,6 +541,7 @@ class Pretrainer:
         self.train_diffusion(data)
         self.report["validation"].append({"step": self.step, **self.validate()})
         model = save_components(self.components, self.out / "model")
+        self.report["seconds"] = round(time.perf_counter() - self._started, 1)
         (self.out / "training.json").write_text(json.dumps(self.report, indent=1) + "\n")
         return model
 
@@ -546,6 +555,7 @@ class Pretrainer:
 
     def _save_checkpoint(self, optimiser=None, schedule=None, ema=None) -> None:
         comp = self.components
+        self.report["seconds"] = round(time.perf_counter() - self._started, 1)
         state = {"config": json.dumps(asdict(self.config)), "report": json.dumps(self.report),
                  "step": self.step, "vae": comp.vae.state_dict(), "unet": comp.unet.state_dict(),
                  "text_encoder": comp.text_encoder.state_dict(), "layout_head": self.layout_head.state_dict(),

@@ -106,6 +106,7 @@ def test_a_run_writes_a_model_the_scorer_loads(toy_run):
     assert encode_pixels(comp, data.pixels).std().item() == pytest.approx(1.0, rel=1e-3)
     report = json.loads((out / "training.json").read_text())
     assert report["diffusion"]["steps"] == TOY["steps"] + 3 and report["config"]["scenes"] == TOY["scenes"]
+    assert report["seconds"] >= report["vae"]["seconds"] + report["diffusion"]["seconds"]  # the whole run's wall time
     assert set(report["validation"][-1]) == {"step", *shapes.SUBTASKS}
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in rows} == {"vae", "diffusion"}
