@@ -95,7 +95,9 @@ def model_card(training: dict, clip_training: dict, counts: dict[str, int], size
         f"4. Final training loss (running average; with the extra terms where they are on) {training['diffusion']['loss']:.4f}.",
         "",
         f"Wall times on a 2-core CPU (torch threads 2), "
-        f"{(training['vae']['seconds'] + training['diffusion']['seconds']) / 60:.1f} min for the VAE and diffusion stages. "
+        f"{(training['vae']['seconds'] + training['diffusion']['seconds']) / 60:.1f} min for the VAE and diffusion stages"
+        + (f", {training['seconds'] / 60:.1f} min for the whole run (scenes, VAE, diffusion, validation, save). "
+           if "seconds" in training else ". ") +
         "Reproduce: `itm-train pretrain --world shapes --out DIR`.",
         "",
         "Validation (image->text, " + str(c["eval_examples"]) + " validation examples per subtask, "

@@ -159,8 +159,9 @@ class PretrainConfig:
                                  f"(name and steps required); got {sorted(spec)}")
             out.append(replace(first, **{"objects": 0, **spec}))
         for stage in out:
-            if stage.steps < 1 or stage.objects not in (0, 1, 2):
-                raise ValueError(f"stage {stage.name!r}: steps must be >= 1 and objects 0, 1 or 2")
+            if stage.steps < 1 or stage.objects not in (0, 1, 2) or not 0 <= stage.one_object_share <= 1:
+                raise ValueError(f"stage {stage.name!r}: steps must be >= 1, objects 0, 1 or 2 and "
+                                 "one_object_share in [0, 1]")
         return out
 
     @property
@@ -174,8 +175,12 @@ class Stage:
     """One stage of the diffusion training: `steps` AdamW steps at peak learning rate `lr` (linear
     warm-up over `warmup` steps, then cosine), the hard-negative ranking term on up to
     `hard_negatives` items per batch weighted `rank_weight`, captions drawn with `form_weights`,
-    from scenes with `objects` objects (0: all scenes), the text encoder's layout objective weighted
-    `layout_weight` and the token grounding term weighted `grounding_weight` (see `PretrainConfig`)."""
+    from scenes with `objects` objects (0: all scenes), except a share `one_object_share` of each
+    batch drawn from the one-object scenes (0: none set apart), the text encoder's layout objective
+    weighted `layout_weight` and the token grounding term weighted `grounding_weight` (see
+    `PretrainConfig`). A shorter recipe with a final stage of one-object scenes (`objects` 1: shapes
+    up, binding and the complexity task down) or half of each batch (`one_object_share` 0.5) is in
+    benchmarks/results/shapes-spatial-attempts.md ("Sixth session")."""
 
     name: str
     steps: int
@@ -185,6 +190,7 @@ class Stage:
     rank_weight: float
     form_weights: dict
     objects: int = 0
+    one_object_share: float = 0.0
     layout_weight: float = 0.0
     grounding_weight: float = 0.0
 
@@ -393,8 +399,10 @@ class Pretrainer:
             schedule.load_state_dict(state["schedule"])
             ema.load_state_dict(state["ema"])
         pool = torch.arange(len(latents)) if not stage.objects else (data.objects == stage.objects).nonzero()[:, 0]
-        if not len(pool):
-            raise ValueError(f"stage {stage.name!r}: no training scene has {stage.objects} object(s)")
+        ones = (data.objects == 1).nonzero()[:, 0]
+        share = round(stage.one_object_share * c.batch_size)  # batch items drawn from the one-object scenes
+        if not len(pool) or (share and not len(ones)):
+            raise ValueError(f"stage {stage.name!r}: no training scene has {stage.objects or 1} object(s)")
         alphas = comp.scheduler.alphas_cumprod
         start = time.perf_counter() - self.report["diffusion"].get("seconds", 0.0)
         bar = tqdm(range(self.step, end), desc=f"UNet + text ({stage.name})", disable=self._quiet(),
@@ -402,7 +410,9 @@ class Pretrainer:
         running = self.report["diffusion"].get("loss", 0.0)
         for step in bar:
             gen, rng = step_rng(c, 2, step)
-            idx = pool[torch.randint(len(pool), (c.batch_size,), generator=gen)]
+            idx = pool[torch.randint(len(pool), (c.batch_size - share,), generator=gen)]
+            if share:
+                idx = torch.cat([ones[torch.randint(len(ones), (share,), generator=gen)], idx])
             texts = draw_captions(c, [data.captions[i] for i in idx.tolist()], rng, stage.form_weights)
             z0 = latents[idx]
             noise = torch.randn(z0.shape, generator=gen)
