@@ -352,8 +352,7 @@ class Pretrainer:
                 bar.set_postfix(mse=f"{recon.item():.4f}")
                 self._log({"stage": "vae", "step": step, "mse": recon.item()})
         vae.eval().requires_grad_(False)
-        with torch.no_grad():
-            means = torch.cat([encode_pixels(self.components, chunk) for chunk in data.pixels.split(1024)])
+        means = self._encode_scenes(data)
         vae.register_to_config(scaling_factor=float(1.0 / means.std()))
         self.latents = means * self.components.scaling_factor  # = encode_pixels now: not encoded twice
         self.report["vae"] = {"seconds": round(time.perf_counter() - start, 1), "final_mse": recon.item(),
@@ -364,10 +363,7 @@ class Pretrainer:
     def train_diffusion(self, data: SceneSet) -> None:
         """The diffusion stages in turn (`PretrainConfig.stage_list`), from `self.step` on."""
         comp = self.components
-        latents = self.latents
-        if latents is None:  # resumed after the VAE stage
-            with torch.no_grad():
-                latents = torch.cat([encode_pixels(comp, chunk) for chunk in data.pixels.split(1024)])
+        latents = self.latents if self.latents is not None else self._encode_scenes(data)  # None: resumed
         params = list(comp.unet.parameters()) + list(comp.text_encoder.parameters())
         if any(stage.layout_weight for stage in self.config.stage_list()):
             params += list(self.layout_head.parameters())
@@ -452,6 +448,12 @@ class Pretrainer:
                 self._save_checkpoint(optimiser, schedule, ema)
         ema.copy_to(params)
         self._save_checkpoint()
+
+    def _encode_scenes(self, data: SceneSet) -> torch.Tensor:
+        """Latents [N, C, h, w] of the training scenes (`encode_pixels`: posterior means x the VAE's
+        current scaling factor), in chunks of 1,024."""
+        with torch.no_grad():
+            return torch.cat([encode_pixels(self.components, chunk) for chunk in data.pixels.split(1024)])
 
     def _encode(self, texts: list[str]) -> torch.Tensor:
         """Text encoder states [len(texts), 16, width] of `texts` (with gradients)."""
@@ -630,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", type=json.loads, default=list(defaults.stages),
                         help="later diffusion stages, a JSON list of objects with the fields of `Stage` "
                              "(name, steps; lr, warmup, hard_negatives, rank_weight, form_weights, objects, "
-                             "layout_weight, grounding_weight); "
+                             "one_object_share, layout_weight, grounding_weight); "
                              "'[]' trains the first stage only")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
