@@ -149,7 +149,7 @@ class PretrainConfig:
     def stage_list(self) -> list[Stage]:
         """The diffusion stages: the first from the top-level fields, then `stages` over it."""
         first = Stage("base", self.steps, self.lr, self.warmup, self.hard_negatives, self.rank_weight,
-                      dict(self.form_weights), layout_weight=self.layout_weight,
+                      dict(self.form_weights), self.batch_size, layout_weight=self.layout_weight,
                       grounding_weight=self.grounding_weight)
         out = [first]
         for spec in self.stages:
@@ -159,9 +159,10 @@ class PretrainConfig:
                                  f"(name and steps required); got {sorted(spec)}")
             out.append(replace(first, **{"objects": 0, **spec}))
         for stage in out:
-            if stage.steps < 1 or stage.objects not in (0, 1, 2) or not 0 <= stage.one_object_share <= 1:
-                raise ValueError(f"stage {stage.name!r}: steps must be >= 1, objects 0, 1 or 2 and "
-                                 "one_object_share in [0, 1]")
+            if (stage.steps < 1 or stage.batch_size < 1 or stage.objects not in (0, 1, 2)
+                    or not 0 <= stage.one_object_share <= 1):
+                raise ValueError(f"stage {stage.name!r}: steps and batch_size must be >= 1, objects 0, 1 or 2 "
+                                 "and one_object_share in [0, 1]")
         return out
 
     @property
@@ -175,10 +176,10 @@ class Stage:
     """One stage of the diffusion training: `steps` AdamW steps at peak learning rate `lr` (linear
     warm-up over `warmup` steps, then cosine), the hard-negative ranking term on up to
     `hard_negatives` items per batch weighted `rank_weight`, captions drawn with `form_weights`,
-    from scenes with `objects` objects (0: all scenes), except a share `one_object_share` of each
-    batch drawn from the one-object scenes (0: none set apart), the text encoder's layout objective
-    weighted `layout_weight` and the token grounding term weighted `grounding_weight` (see
-    `PretrainConfig`). A shorter recipe with a final stage of one-object scenes (`objects` 1: shapes
+    batches of `batch_size` scenes (a later stage: the first stage's unless set) from scenes with
+    `objects` objects (0: all scenes), except a share `one_object_share` of each batch drawn from
+    the one-object scenes (0: none set apart), the text encoder's layout objective weighted
+    `layout_weight` and the token grounding term weighted `grounding_weight` (see `PretrainConfig`). A shorter recipe with a final stage of one-object scenes (`objects` 1: shapes
     up, binding and the complexity task down) or half of each batch (`one_object_share` 0.5) is in
     benchmarks/results/shapes-spatial-attempts.md ("Sixth session")."""
 
@@ -189,6 +190,7 @@ class Stage:
     hard_negatives: int
     rank_weight: float
     form_weights: dict
+    batch_size: int
     objects: int = 0
     one_object_share: float = 0.0
     layout_weight: float = 0.0
@@ -396,7 +398,7 @@ class Pretrainer:
             ema.load_state_dict(state["ema"])
         pool = torch.arange(len(latents)) if not stage.objects else (data.objects == stage.objects).nonzero()[:, 0]
         ones = (data.objects == 1).nonzero()[:, 0]
-        share = round(stage.one_object_share * c.batch_size)  # batch items drawn from the one-object scenes
+        share = round(stage.one_object_share * stage.batch_size)  # batch items drawn from the one-object scenes
         if not len(pool) or (share and not len(ones)):
             raise ValueError(f"stage {stage.name!r}: no training scene has {stage.objects or 1} object(s)")
         alphas = comp.scheduler.alphas_cumprod
@@ -406,13 +408,13 @@ class Pretrainer:
         running = self.report["diffusion"].get("loss", 0.0)
         for step in bar:
             gen, rng = step_rng(c, 2, step)
-            idx = pool[torch.randint(len(pool), (c.batch_size - share,), generator=gen)]
+            idx = pool[torch.randint(len(pool), (stage.batch_size - share,), generator=gen)]
             if share:
                 idx = torch.cat([ones[torch.randint(len(ones), (share,), generator=gen)], idx])
             texts = draw_captions(c, [data.captions[i] for i in idx.tolist()], rng, stage.form_weights)
             z0 = latents[idx]
             noise = torch.randn(z0.shape, generator=gen)
-            t = torch.randint(0, len(alphas), (c.batch_size,), generator=gen)
+            t = torch.randint(0, len(alphas), (stage.batch_size,), generator=gen)
             a = alphas[t].view(-1, 1, 1, 1)
             zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
             # the ranking term's items, again under their hard negatives: one UNet call over both
@@ -632,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", type=json.loads, default=list(defaults.stages),
                         help="later diffusion stages, a JSON list of objects with the fields of `Stage` "
                              "(name, steps; lr, warmup, hard_negatives, rank_weight, form_weights, objects, "
-                             "one_object_share, layout_weight, grounding_weight); "
+                             "one_object_share, layout_weight, grounding_weight, batch_size); "
                              "'[]' trains the first stage only")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)

@@ -143,20 +143,26 @@ def test_stages_take_their_settings_and_scenes(tmp_path, monkeypatch):
         PretrainConfig(stages=({"name": "x", "steps": 3, "objects": 3},)).stage_list()
 
 
-def test_a_stage_draws_its_one_object_share_of_each_batch_from_one_object_scenes(tmp_path, monkeypatch):
-    """`one_object_share`: that share of every batch of the stage comes from one-object scenes, the
-    rest from all scenes; other stages draw from all scenes alike."""
-    config = PretrainConfig(**{**TOY, "stages": ({"name": "mixed", "steps": 3, "one_object_share": 0.5},)})
+def test_a_stage_draws_its_batch_size_and_one_object_share_from_one_object_scenes(tmp_path, monkeypatch):
+    """A stage's `batch_size` (later stages: the first stage's unless set) and `one_object_share`:
+    that share of each of its batches comes from one-object scenes, the rest from all scenes; other
+    stages draw from all scenes alike."""
+    config = PretrainConfig(**{**TOY, "stages": ({"name": "mixed", "steps": 3, "one_object_share": 0.5,
+                                                  "batch_size": 6},)})
+    assert [stage.batch_size for stage in config.stage_list()] == [8, 6]
+    assert PretrainConfig(**TOY).stage_list()[1].batch_size == 8
     scenes = []
     real_draw = pretrain.draw_captions
     monkeypatch.setattr(pretrain, "draw_captions", lambda c, forms, *a: scenes.append(list(forms)) or real_draw(c, forms, *a))
     Pretrainer(config, tmp_path, progress=False).run()
-    assert len(scenes) == 7 and all(len(batch) == TOY["batch_size"] for batch in scenes)
+    assert [len(batch) for batch in scenes] == [8] * 4 + [6] * 3
     one_object = [["recognition" in forms for forms in batch] for batch in scenes]
-    assert all(all(batch[:4]) for batch in one_object[4:])  # the mixed stage: 4 of 8 first
-    assert not all(all(batch[4:]) for batch in one_object[4:]) and not all(all(batch[:4]) for batch in one_object[:4])
+    assert all(all(batch[:3]) for batch in one_object[4:])  # the mixed stage: 3 of 6 first
+    assert not all(all(batch[3:]) for batch in one_object[4:]) and not all(all(batch[:3]) for batch in one_object[:4])
     with pytest.raises(ValueError, match=r"one_object_share in \[0, 1\]"):
         PretrainConfig(stages=({"name": "x", "steps": 3, "one_object_share": 1.5},)).stage_list()
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        PretrainConfig(stages=({"name": "x", "steps": 3, "batch_size": 0},)).stage_list()
 
 
 @pytest.mark.parametrize("crash_at", [2, 4, 6])  # in the first stage, at its end, in the second
