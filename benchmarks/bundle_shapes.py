@@ -66,8 +66,9 @@ def model_card(training: dict, clip_training: dict, counts: dict[str, int], size
         f"caption forms drawn with odds {c['form_weights']}"
         + (f", ranking term on {c['hard_negatives']} items per batch" if c.get("hard_negatives") else "") + ".",
         *[f"   Then stage \"{st.name}\", from the averaged weights with a fresh optimiser and average: {st.steps:,} "
-          f"steps, lr {st.lr} ({st.warmup} warm-up steps)"
+          f"steps at batch {st.batch_size}, lr {st.lr} ({st.warmup} warm-up steps)"
           + (f", {'one' if st.objects == 1 else 'two'}-object scenes only" if st.objects else "")
+          + (f", {st.one_object_share:.0%} of each batch from one-object scenes" if st.one_object_share else "")
           + f", caption odds {st.form_weights}"
           + (f", ranking term on up to {st.hard_negatives} items per batch" if st.hard_negatives else "")
           + (f", token grounding weight {st.grounding_weight}" if grounded else "") + "."

@@ -73,13 +73,13 @@ class PretrainConfig:
     render_size: int = 64            # scenes are drawn at this size, then resized like at scoring time
     image_size: int = 32             # model resolution (latents image_size / 4)
     scenes: int = 40_000             # training scenes (positives of the training split)
-    vae_steps: int = 1_500
+    vae_steps: int = 1_000
     vae_batch: int = 32
     vae_lr: float = 2e-3
     kl_weight: float = 1e-6
     foreground_weight: float = 10.0  # reconstruction weight of object pixels vs background (objects are small)
     latent_channels: int = 8
-    steps: int = 5_000              # the first diffusion stage; later ones in `stages`
+    steps: int = 4_000              # the first diffusion stage; later ones in `stages`
     # "epsilon" or "v_prediction" (as SD 2.x; its loss weighs the clean-image error by SNR + 1, so
     # high-noise steps, where only the caption tells where things are, count more). Tried for
     # spatial relations: still at chance after 6,000 steps
@@ -116,13 +116,14 @@ class PretrainConfig:
     # Shipped: a ranking stage with lighter grounding, which takes pair binding from ~85% to ~100% on
     # validation (alone, without grounding from the first step, it does not move spatial relations:
     # benchmarks/results/shapes-spatial-attempts.md), then a "polish" stage, ranking without grounding
-    # and recognition captions weighted up: shapes (text->image shape recognition 80% -> 90%+)
-    stages: tuple = ({"name": "ranking", "steps": 1000, "lr": 5e-4, "warmup": 50, "hard_negatives": 64,
-                      "grounding_weight": 0.05,
+    # and recognition captions weighted up: shapes. Both at batch 32 (a step costs what a first-stage
+    # step does) with a share of one-object scenes, whose shape-swapped negatives teach shapes
+    stages: tuple = ({"name": "ranking", "steps": 1000, "lr": 5e-4, "warmup": 50, "hard_negatives": 32,
+                      "batch_size": 32, "one_object_share": 0.3, "grounding_weight": 0.05,
                       "form_weights": {"recognition": 0.4, "binding": 0.25, "pair": 0.3, "spatial": 0.6,
                                        "position": 0.6}},
-                     {"name": "polish", "steps": 800, "lr": 5e-4, "warmup": 50, "hard_negatives": 64,
-                      "grounding_weight": 0.0,
+                     {"name": "polish", "steps": 1000, "lr": 5e-4, "warmup": 50, "hard_negatives": 32,
+                      "batch_size": 32, "one_object_share": 0.5, "grounding_weight": 0.0,
                       "form_weights": {"recognition": 0.8, "binding": 0.25, "pair": 0.3, "spatial": 0.6,
                                        "position": 0.6}})
     text_width: int = 64
