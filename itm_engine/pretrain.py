@@ -180,8 +180,9 @@ class Stage:
     batches of `batch_size` scenes (a later stage: the first stage's unless set) from scenes with
     `objects` objects (0: all scenes), except a share `one_object_share` of each batch drawn from
     the one-object scenes (0: none set apart), the text encoder's layout objective weighted
-    `layout_weight` and the token grounding term weighted `grounding_weight` (see `PretrainConfig`). A shorter recipe with a final stage of one-object scenes (`objects` 1: shapes
-    up, binding and the complexity task down) or half of each batch (`one_object_share` 0.5) is in
+    `layout_weight` and the token grounding term weighted `grounding_weight` (see `PretrainConfig`).
+    A shorter recipe with a final stage of one-object scenes (`objects` 1: shapes up, binding and
+    the complexity task down) or half of each batch (`one_object_share` 0.5) is in
     benchmarks/results/shapes-spatial-attempts.md ("Sixth session")."""
 
     name: str
