@@ -27,6 +27,18 @@ def _count(folder: Path) -> dict[str, int]:
             for part in ("vae", "text_encoder", "unet")}
 
 
+def attention_text(config: dict) -> str:
+    """Where the UNet of a `PretrainConfig` (as saved in training.json) has cross-attention."""
+    latent = config["image_size"] // 4
+    sides = [f"{latent >> level}x{latent >> level}" for level in range(len(config["unet_channels"]))]
+    levels = config.get("attention_levels", len(sides))  # runs before the field: every level
+    if levels >= len(sides):
+        return "cross-attention at every level"
+    if levels <= 0:
+        return "cross-attention in the middle block only"
+    return f"cross-attention at the {' and '.join(sides[:levels])} levels and in the middle block"
+
+
 def model_card(training: dict, clip_training: dict, counts: dict[str, int], size_mb: float, accuracy: dict | None) -> str:
     c = training["config"]
     stages = PretrainConfig(**c).stage_list()
@@ -50,7 +62,7 @@ def model_card(training: dict, clip_training: dict, counts: dict[str, int], size
         ("- UNet: `itm_engine.coord_unet.CoordUNet2DConditionModel` (a `UNet2DConditionModel` whose input is the "
          "noisy latent plus two x/y coordinate channels, so it can tell left from right)" if c.get("coordinates")
          else "- UNet: `UNet2DConditionModel`")
-        + f", channels {tuple(c['unet_channels'])}, cross-attention at every level, {counts['unet']:,} parameters",
+        + f", channels {tuple(c['unet_channels'])}, {attention_text(c)}, {counts['unet']:,} parameters",
         "- noise schedule: DDPM, 1000 steps, scaled-linear betas 0.00085-0.012 (Stable Diffusion's), "
         f"{c.get('prediction_type', 'epsilon').replace('_', '-')} prediction",
         f"- {size_mb:.1f} MB in all (float32)",

@@ -165,6 +165,32 @@ def test_a_stage_draws_its_batch_size_and_one_object_share_from_one_object_scene
         PretrainConfig(stages=({"name": "x", "steps": 3, "batch_size": 0},)).stage_list()
 
 
+def test_attention_levels_set_which_unet_levels_cross_attend_and_grounding_reads_them(tmp_path):
+    """`attention_levels` 1 of 2: the finest level keeps its transformer blocks, the coarser one
+    has plain resnet blocks (the middle block always attends); token grounding still finds its maps,
+    and the saved model scores through `DiffusionITM` like any other."""
+    config = PretrainConfig(**{**TOY, "attention_levels": 1, "stages": ({"name": "ground", "steps": 2,
+                                                                          "grounding_weight": 0.1},)})
+    unet = pretrain.build_components(config).unet
+    assert [type(b).__name__ for b in unet.down_blocks] == ["CrossAttnDownBlock2D", "DownBlock2D"]
+    assert [type(b).__name__ for b in unet.up_blocks] == ["UpBlock2D", "CrossAttnUpBlock2D"]
+    assert type(unet.mid_block).__name__ == "UNetMidBlock2DCrossAttn"
+    every = pretrain.build_components(PretrainConfig(**TOY)).unet
+    assert sum(p.numel() for p in unet.parameters()) < sum(p.numel() for p in every.parameters())
+    trainer = Pretrainer(config, tmp_path, progress=False)
+    recorded = []
+    real = pretrain.Pretrainer._grounding_loss
+    trainer._grounding_loss = lambda stage, texts, idx, data, maps: (
+        recorded.append([m.shape[2] for m in maps]) or real(trainer, stage, texts, idx, data, maps))
+    folder = trainer.run()
+    # map sides (H * W) in call order: the 8x8 down block, the middle block (4x4), the 8x8 up block's two
+    assert recorded[-1] == [64, 16, 64, 64]
+    scores = DiffusionITM.from_pretrained(folder)([shapes.render(())], ["a red circle", "a blue square"], samples=2)
+    assert scores.shape == (1, 2) and torch.isfinite(scores).all()
+    with pytest.raises(ValueError, match="attention_levels must be >= 0"):
+        pretrain.build_components(PretrainConfig(**{**TOY, "attention_levels": -1}))
+
+
 @pytest.mark.parametrize("crash_at", [2, 4, 6])  # in the first stage, at its end, in the second
 def test_resume_after_a_crash_ends_with_the_uninterrupted_weights(toy_run, tmp_path, monkeypatch, crash_at):
     _, uninterrupted = toy_run
