@@ -27,19 +27,21 @@ def _count(folder: Path) -> dict[str, int]:
             for part in ("vae", "text_encoder", "unet")}
 
 
-def attention_text(config: dict) -> str:
-    """Where the UNet of a `PretrainConfig` (as saved in training.json) has cross-attention."""
-    latent = config["image_size"] // 4
-    sides = [f"{latent >> level}x{latent >> level}" for level in range(len(config["unet_channels"]))]
-    levels = config.get("attention_levels", len(sides))  # runs before the field: every level
-    if levels >= len(sides):
-        return "cross-attention at every level"
-    if levels <= 0:
-        return "cross-attention in the middle block only"
-    return f"cross-attention at the {' and '.join(sides[:levels])} levels and in the middle block"
+def attention_text(unet_config: dict) -> str:
+    """Where a UNet has cross-attention, read from its diffusers config (`unet/config.json`)."""
+    side = unet_config["sample_size"]
+    attends = ["CrossAttn" in kind for kind in unet_config["down_block_types"]]
+    sides = [f"{side >> level}x{side >> level}" for level, on in enumerate(attends) if on]
+    middle = "CrossAttn" in (unet_config.get("mid_block_type") or "")
+    if all(attends):
+        return "cross-attention at every level" + (" and in the middle block" if middle else "")
+    if not sides:
+        return "cross-attention in the middle block only" if middle else "no cross-attention"
+    return f"cross-attention at the {' and '.join(sides)} levels" + (" and in the middle block" if middle else "")
 
 
-def model_card(training: dict, clip_training: dict, counts: dict[str, int], size_mb: float, accuracy: dict | None) -> str:
+def model_card(training: dict, clip_training: dict, unet_config: dict, counts: dict[str, int], size_mb: float,
+               accuracy: dict | None) -> str:
     c = training["config"]
     stages = PretrainConfig(**c).stage_list()
     grounded = any(st.grounding_weight for st in stages)
@@ -62,7 +64,7 @@ def model_card(training: dict, clip_training: dict, counts: dict[str, int], size
         ("- UNet: `itm_engine.coord_unet.CoordUNet2DConditionModel` (a `UNet2DConditionModel` whose input is the "
          "noisy latent plus two x/y coordinate channels, so it can tell left from right)" if c.get("coordinates")
          else "- UNet: `UNet2DConditionModel`")
-        + f", channels {tuple(c['unet_channels'])}, {attention_text(c)}, {counts['unet']:,} parameters",
+        + f", channels {tuple(c['unet_channels'])}, {attention_text(unet_config)}, {counts['unet']:,} parameters",
         "- noise schedule: DDPM, 1000 steps, scaled-linear betas 0.00085-0.012 (Stable Diffusion's), "
         f"{c.get('prediction_type', 'epsilon').replace('_', '-')} prediction",
         f"- {size_mb:.1f} MB in all (float32)",
@@ -166,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     (clip_target / "clip-training.json").write_text(json.dumps(clip_training, indent=1) + "\n")
     accuracy = json.loads(Path(args.accuracy).read_text()) if args.accuracy else None
     size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file()) / 2**20
-    (target / "README.md").write_text(model_card(training, clip_training, _count(target), size, accuracy))
+    unet_config = json.loads((target / "unet" / "config.json").read_text())
+    card = model_card(training, clip_training, unet_config, _count(target), size, accuracy)
+    (target / "README.md").write_text(card)
     print(f"bundled {target} ({size:.1f} MB) and {clip_target}")
     return 0
 
