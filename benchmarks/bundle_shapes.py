@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from itm_engine import bundled
+from itm_engine.grounding import GROUNDING_RESOLUTIONS
 from itm_engine.pretrain import PretrainConfig
 
 
@@ -103,7 +104,8 @@ def model_card(training: dict, clip_training: dict, unet_config: dict, counts: d
           if c.get("layout_weight") else []),
         *(["   Token grounding (weight " + str(c["grounding_weight"]) + " in the first stage, later ones as above; "
            "TokenCompose's token loss, "
-           "`itm_engine.grounding`): the UNet's cross-attention maps, at the 8x8 and 4x4 levels, of each word that "
+           "`itm_engine.grounding`): the UNet's cross-attention maps, at the "
+           + " and ".join(f"{r}x{r}" for r in GROUNDING_RESOLUTIONS) + " levels, of each word that "
            "names an object (its colour, and its shape right after) are pulled onto that object's mask from the "
            "renderer: the loss adds 1 - (attention inside the mask) / (all its attention)."]
           if grounded else []),

@@ -23,6 +23,9 @@ from diffusers.models.attention_processor import AttnProcessor
 
 from itm_engine.data import shapes
 
+# latent sides (H = W) whose cross-attention maps the pretraining grounding term reads
+GROUNDING_RESOLUTIONS = (8, 4)
+
 
 class _RecordingProcessor(AttnProcessor):
     """diffusers' `AttnProcessor`; while its recorder is recording, keeps each call's attention
@@ -99,7 +102,7 @@ def object_masks(scene: shapes.Scene, size: int, latent: int, objects: int = 2) 
 
 
 def grounding_loss(maps: Sequence[torch.Tensor], items: Sequence[tuple[int, int, torch.Tensor]],
-                   resolutions: Sequence[int] = (8, 4)) -> torch.Tensor:
+                   resolutions: Sequence[int] = GROUNDING_RESOLUTIONS) -> torch.Tensor:
     """Mean over the recorded `maps` ([B, heads, H * W, tokens]) with H in `resolutions` and over
     `items` (batch row, token column, mask [M, M] at the largest resolution M; coarser layers
     max-pool it) of 1 - sum(A * mask) / sum(A), A the token's attention map averaged over heads."""
