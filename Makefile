@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-kernels clean
+.PHONY: install demo test test-fast lint bench bench-kernels clean
 
 install: $(STAMP)
 
@@ -12,18 +12,27 @@ install: $(STAMP)
 # build tools are installed first and the package is built without build isolation; the venv's
 # ninja (put on PATH) compiles the sources in parallel. The CUDA part is compiled whenever torch is
 # a CUDA build and a CUDA toolkit (nvcc) is found; ITM_BUILD_CUDA=0|1 and ITM_BUILD_EXT=0 override.
+# Every extra is installed (the scorer alone needs none of them: docs/dependencies.md).
 $(STAMP): pyproject.toml setup.py constraints.txt $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt torch torchvision setuptools wheel ninja
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pip install --quiet -c constraints.txt --no-build-isolation -e '.[test]'
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pip install --quiet -c constraints.txt --no-build-isolation -e '.[all,test]'
 	touch $(STAMP)
 
 demo: install
-	$(PY) -m itm_engine.demo
+	$(VENV)/bin/itm-shapes demo
 
-test: install
+lint: install
+	$(VENV)/bin/ruff check .
+
+# the whole suite, lint first
+test: lint
 	$(PY) -m pytest -q
+
+# without the tests marked slow (subprocess kills, multi-process runs, training)
+test-fast: lint
+	$(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) build *.egg-info itm_engine/_C*.so
@@ -34,4 +43,4 @@ bench-kernels: install
 	$(PY) benchmarks/summarize.py benchmarks/results/kernels-$$( $(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')").json
 
 bench: install
-	$(PY) -m itm_engine.bench --json benchmarks/results/itm-bench-cpu-tiny.json --plot benchmarks/results/itm-bench-cpu-tiny.png --batch-sweep 1,4,16,64
+	$(VENV)/bin/itm-bench --json benchmarks/results/itm-bench-cpu-tiny.json --plot benchmarks/results/itm-bench-cpu-tiny.png --batch-sweep 1,4,16,64

@@ -22,26 +22,27 @@ from pathlib import Path
 
 import torch
 
-from itm_engine import shapes_eval
-from itm_engine.data import shapes
 from itm_engine.scoring import DiffusionITM
+from itm_engine.shapesworld import world
 
 POLICIES = ("2:3,10:1", "2:2,10:1", "1:4,4:2,10:1", "auto:z=3", "auto:z=2")
 
 
 def ten_candidates(split: str, n: int, seed: int, k: int = 10) -> dict[str, list[tuple]]:
     """{subtask: [(image, [k captions, the true one first])]} from `split`."""
-    examples = shapes_eval.world_examples(split, n, seed, subtasks=shapes.SUBTASKS)
+    examples: dict[str, list[tuple]] = {}
+    for subtask, scene, negatives in world.draw_scenes(world.Draw(split, n, seed, subtasks=world.SUBTASKS)):
+        examples.setdefault(subtask, []).append((scene, negatives))
     rng = random.Random(seed)
     out = {}
     for subtask, rows in examples.items():
-        pool = [shapes.caption(scene, subtask) for scene, _ in rows]
+        pool = [world.caption(scene, subtask) for scene, _ in rows]
         out[subtask] = []
         for scene, negatives in rows:
-            captions = list(dict.fromkeys([shapes.caption(s, subtask) for s in (scene, *negatives)]))
+            captions = list(dict.fromkeys([world.caption(s, subtask) for s in (scene, *negatives)]))
             others = [c for c in dict.fromkeys(pool) if c not in captions]
             captions += rng.sample(others, k - len(captions))
-            out[subtask].append((shapes.render(scene), captions))
+            out[subtask].append((world.render(scene), captions))
     return out
 
 

@@ -5,11 +5,11 @@
 #   bash benchmarks/shapes_hardneg.sh [RUN_DIR]
 set -euo pipefail
 RUN=${1:-runs/shapes-hardneg}
-PY=${PY:-.venv/bin/python}
+BIN=${BIN:-.venv/bin}
 # training split only: held-out combinations and test/compositional placements never appear
-$PY -m itm_engine.data.shapes --out "$RUN/data" --split train --n 600 \
+$BIN/itm-shapes write --out "$RUN/data" --split train --n 600 \
     --subtasks spatial,pair_binding_color,pair_binding_size --negclip
-$PY -m itm_engine.cli train --data "$RUN/data/negclip.tsv" --model shapes --out "$RUN/train" \
+$BIN/itm-train --data "$RUN/data/negclip.tsv" --model shapes --out "$RUN/train" \
     --negatives hard-text --neg-loss-factor 1.2 --rank 8 --attention all --lr 1e-3 --batch-size 32 \
     --grad-accum 1 --max-steps 500 --checkpoint-every 250 --seed 0
-$PY benchmarks/shapes_report.py --n 100 --lora "$RUN/train/lora" --out benchmarks/results/shapes-accuracy
+$BIN/itm-shapes report --n 100 --lora "$RUN/train/lora" --out benchmarks/results/shapes-accuracy

@@ -10,7 +10,6 @@ they do not).
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -22,17 +21,18 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal
 
 import PIL.Image
 import PIL.ImageDraw
-import psutil
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from itm_engine import extras, options
 from itm_engine.models import SDComponents, load_components
-from itm_engine.naive import batched_pair_scores, naive_pair_scores
 from itm_engine.noise import NoiseBank
+from itm_engine.options import option, parse_batch_size
+from itm_engine.reference import batched_pair_scores, naive_pair_scores
 from itm_engine.scoring import DiffusionITM
 
 METHODS = ("naive", "batched", "engine")
@@ -93,7 +93,7 @@ class Workload:
         return len(self.pairs) * len(self.bank)
 
 
-def build_workloads(args: argparse.Namespace, components: SDComponents) -> list[Workload]:
+def build_workloads(args: BenchConfig, components: SDComponents) -> list[Workload]:
     """The workloads of `--protocol` (one per mode for "pairs")."""
     bank = NoiseBank.sample(args.samples, components.latent_shape, seed=args.seed,
                             num_train_timesteps=components.scheduler.config.num_train_timesteps)
@@ -181,6 +181,7 @@ class PeakMemory:
             yield self
             self.peak = torch.cuda.max_memory_allocated(self.device) / 2**20
             return
+        psutil = extras.require("psutil", "itm-bench's memory sampling")
         process, stop = psutil.Process(), threading.Event()
 
         def sample():
@@ -315,8 +316,7 @@ def batch_sweep(scorer: DiffusionITM, workload: Workload, sizes: list[int]) -> d
 
 def plot(path: str, summaries: list[dict], sweep: dict[int, float]) -> None:
     """Throughput per method per workload, and engine throughput against batch size."""
-    import matplotlib
-
+    matplotlib = extras.require("matplotlib", "itm-bench --plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -353,31 +353,41 @@ def environment(device: torch.device) -> dict:
     return info
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="itm-bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny", help="diffusers folder, cached hub id, or tiny|sd15-arch|sd21-arch")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--protocol", default="pairs", choices=["pairs", "i2t-topk", "t2i-topk"])
-    parser.add_argument("--mode", default="i2t,t2i", help="for --protocol pairs: i2t, t2i or both")
-    parser.add_argument("--images", type=int, default=6)
-    parser.add_argument("--texts", type=int, default=6)
-    parser.add_argument("--topk", type=int, default=10, help="candidates per query for the top-k protocols")
-    parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--batch-size", default="64", help="engine UNet batch, or 'auto'")
-    parser.add_argument("--batch-sweep", default="", help="engine batch sizes for the plot, e.g. 8,16,32,64")
-    parser.add_argument("--kernels", default=None, help="fused-op backend: reference|triton|ext|auto")
-    parser.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers", "math"])
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--cuda-graphs", action="store_true")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="ceiling for the FLOP rate (CUDA default: measured bf16 matmul)")
-    parser.add_argument("--json", default=None, help="write every figure to this JSON file")
-    parser.add_argument("--plot", default=None, help="write a PNG plot here")
-    args = parser.parse_args(argv)
+@dataclass
+class BenchConfig:
+    """Options of `itm-bench` (recorded in the JSON report)."""
+
+    model: str = option("tiny", help="diffusers folder, cached hub id, named model or built-in architecture "
+                                     "(tiny, sd15-arch, sd21-arch)")
+    device: str = option("cpu", help="cpu, cuda, cuda:1, ...")
+    dtype: Literal["float32", "float16", "bfloat16"] = option("float32", help="model dtype")
+    protocol: Literal["pairs", "i2t-topk", "t2i-topk"] = option(
+        "pairs", help="pairs: N images x M texts; i2t-topk: each image with its own k captions; "
+                      "t2i-topk: each caption with k candidate images (null-normalised)")
+    mode: str = option("i2t,t2i", help="for --protocol pairs: i2t, t2i or both")
+    images: int = option(6, help="images in the workload")
+    texts: int = option(6, help="texts in the workload (pairs, t2i-topk)")
+    topk: int = option(10, help="candidates per query for the top-k protocols")
+    samples: int = option(4, help="noise draws per pair")
+    seed: int = option(0, help="seed of the workload and the noise draws")
+    repeats: int = option(3, help="timed repeats per method (interleaved; medians reported)")
+    methods: str = option(",".join(METHODS), help="comma-separated methods to run")
+    batch_size: int | str = option(64, parse=parse_batch_size, help="engine UNet batch, or auto")
+    batch_sweep: str = option("", help="engine batch sizes for the plot, e.g. 8,16,32,64")
+    kernels: str | None = option(None, help="fused-op backend: reference | triton | ext | auto")
+    attention: Literal["sdpa", "xformers", "math"] = option("sdpa", help="attention backend of the UNet")
+    channels_last: bool = option(False, help="NHWC conv weights")
+    compile: bool = option(False, help="torch.compile the UNet (fixed batch shapes)")
+    cuda_graphs: bool = option(False, help="replay the compiled UNet as CUDA graphs")
+    peak_tflops: float | None = option(None, help="ceiling for the FLOP rate (CUDA default: measured bf16 matmul)")
+    json: str | None = option(None, identity=False, help="write every figure to this JSON file")
+    plot: str | None = option(None, identity=False, help="write a PNG plot here")
+
+
+def parse_args(argv: list[str] | None) -> BenchConfig:
+    parser = options.parser("itm-bench", __doc__.splitlines()[0])
+    options.add_options(parser, BenchConfig)
+    args = options.from_args(BenchConfig, parser.parse_args(argv))
     unknown = set(args.methods.split(",")) - set(METHODS)
     if unknown:
         parser.error(f"unknown method(s) {sorted(unknown)}; choose from {METHODS}")
@@ -388,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+    batch_size = args.batch_size
     scorer = DiffusionITM(
         load_components(args.model, device=device, dtype=dtype), batch_size=batch_size, kernels=args.kernels,
         attention=args.attention, channels_last=args.channels_last, compile=args.compile, cuda_graphs=args.cuda_graphs,
@@ -430,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "itm-bench " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "environment": environment(device), "model": components.source, "dtype": args.dtype,
-        "options": {k: v for k, v in vars(args).items() if k not in ("json", "plot")},
+        "options": options.identity(args),
         "unet_gflops_per_item": flops / 1e9, "peak_tflops": peak, "tolerance": tolerance,
         "workloads": summaries, "batch_sweep_items_per_s": sweep, "agree": not failed,
         "total_s": time.perf_counter() - started,

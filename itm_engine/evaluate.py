@@ -14,56 +14,92 @@ config, versions, timing, counts) and `scores.jsonl` (the raw per-example score 
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from itm_engine.data import Example, Task, get_task
-from itm_engine.data.base import load_image_ref
+from itm_engine import extras, options
+from itm_engine.options import option, parse_batch_size
+from itm_engine.tasks import Example, Task, get_task
+from itm_engine.tasks.base import load_image_ref
 
 SCORERS = ("diffusion", "clip")
+
+
+def parse_task_options(items: Sequence[str]) -> dict[str, Any]:
+    """["split=test", "seed=1"] -> {"split": "test", "seed": 1} (values parsed as JSON when they parse)."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--task-option takes KEY=VALUE, got {item!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
 
 
 @dataclass
 class EvalConfig:
     """Everything that determines the scores (stored with the results; `--resume` checks it)."""
 
-    task: str
-    data_root: str
-    model: str = "tiny"
-    lora: str | None = None
-    lora_scale: float = 1.0
-    scorer: str = "diffusion"
-    mode: str = "auto"
-    samples: int = 10
-    seed: int = 0
-    schedule: str = "uniform"
-    adaptive: str | None = None  # successive elimination policy, "2:5,10:1" or "auto:z=3" (itm_engine.adaptive)
-    candidates: str | None = None
-    prefilter: str | None = None
-    topk: int = 10
-    clip_model: str = "ViT-B-32"
-    clip_pretrained: str | None = None
-    clip_config: str | None = None
-    limit: int | None = None
-    task_options: dict = field(default_factory=dict)
-    chunk_size: int = 16
-    dtype: str = "float32"
-    skip_missing: bool = False
+    task: str = option(help="a task name (an unknown name lists the known ones)")
+    data_root: str = option(help="the dataset folder, in the task's own layout (docs/evaluation.md)")
+    model: str = option("tiny", help="diffusers folder, cached hub id, named model (shapes) or built-in "
+                                     "architecture (tiny, sd15-arch, sd21-arch)")
+    lora: str | None = option(None, metavar="DIR", help="LoRA for the UNet: a folder (diffusers safetensors or "
+                                                         "the research code's .bin) or file")
+    lora_scale: float = option(1.0, help="LoRA strength (0: the base model)")
+    scorer: str = option("diffusion", help="diffusion, clip, or both side by side: diffusion,clip")
+    mode: Literal["auto", "i2t", "t2i"] = option(
+        "auto", help="auto: the modes the task's metrics are defined on; i2t/t2i: force one for all")
+    samples: int = option(10, help="noise draws per pair")
+    seed: int = option(0, help="seed of the noise draws")
+    schedule: Literal["uniform", "stratified"] = option("uniform", help="timesteps: uniform draws or evenly spaced")
+    adaptive: str | None = option(None, metavar="POLICY", help=(
+        "successive elimination: SAMPLES:KEEP rounds (e.g. 2:5,10:1; cumulative samples) or auto:z=Z[,step=N] "
+        "(stop a query once its lead exceeds Z standard errors; budget --samples)"))
+    candidates: str | None = option(None, help="retrieval tasks: all | clip | a candidates JSON file")
+    prefilter: Literal["clip"] | None = option(None, help="CLIP top-k candidates for retrieval tasks")
+    topk: int = option(10, help="candidates per query kept by the prefilter or a candidates file")
+    clip_model: str = option("ViT-B-32", help="open_clip model of the prefilter and the CLIP scorer")
+    clip_pretrained: str | None = option(None, help="open_clip tag from the local cache, or a checkpoint path")
+    clip_config: str | None = option(None, help="folder/JSON of extra open_clip model configs")
+    limit: int | None = option(None, help="only the first N examples")
+    task_options: dict = option(default_factory=dict, flag="--task-option", metavar="KEY=VALUE", append=True,
+                                convert=parse_task_options, help=(
+                                    "a task option (see the task's docs), VALUE read as JSON when it parses; "
+                                    "repeatable: --task-option split=test --task-option seed=1"))
+    chunk_size: int = option(16, help="examples per scoring chunk (the unit of resume)")
+    dtype: Literal["float32", "float16", "bfloat16"] = option("float32", help="model dtype")
+    skip_missing: bool = option(False, identity=False,
+                                help="skip (and count) examples whose images are missing")
 
     def identity(self) -> dict:
         """The fields a resumed run must share with the stored one."""
-        return {k: v for k, v in asdict(self).items() if k not in ("skip_missing",)}
+        return options.identity(self)
+
+
+@dataclass
+class EvalRun:
+    """Where and how `itm-eval` runs (not part of the results' identity)."""
+
+    out: str | None = option(None, help="output folder (none: runs/<task>)")
+    resume: bool = option(False, help="continue the run stored in the output folder")
+    device: str = option("auto", help="auto (accelerate's device for this process), cpu, cuda, ...")
+    batch_size: int | str = option(64, parse=parse_batch_size, help="UNet work items per call, or auto")
+    kernels: str | None = option(None, help="fused-op backend: reference | triton | ext | auto")
+    progress: bool = option(True, help="show a progress bar")
 
 
 class ScoreStore:
@@ -119,7 +155,7 @@ def build_scorer(config: EvalConfig, device: torch.device, batch_size: int | str
 
 
 def _clip_model(config: EvalConfig, device: torch.device, dtype: torch.dtype):
-    from itm_engine.prefilter import ClipModel
+    from itm_engine.clip import ClipModel
 
     return ClipModel.from_name(
         config.clip_model, pretrained=config.clip_pretrained, device=device, dtype=dtype, model_config=config.clip_config
@@ -141,11 +177,13 @@ def load_task(config: EvalConfig, device: torch.device) -> Task:
         raise ValueError(f"task {config.task!r} does not take --candidates/--prefilter ({err})") from None
 
 
-def score_chunk(scorer, examples: Sequence[Example], modes: Sequence[str], config: EvalConfig) -> tuple[list[dict], int, int]:
-    """Score every image against every text of each example: rows {id, scores: {mode: matrix}},
-    with the UNet items run and the items the full budget takes (equal unless adaptive)."""
-    if config.adaptive:
-        return _score_chunk_adaptive(scorer, examples, modes, config)
+def score_examples(scorer, examples: Sequence[Example], modes: Sequence[str], *, samples: int, seed: int,
+                   schedule: str, adaptive: str | None = None) -> tuple[list[dict], int, int]:
+    """Score every image against every text of each example, all in one call per mode on one noise
+    bank (`samples` draws from `seed`, `schedule`): rows {id, scores: {mode: [n_images][n_texts]}},
+    with the UNet items run and the items the full budget takes (equal unless `adaptive`)."""
+    if adaptive:
+        return _score_adaptive(scorer, examples, modes, samples=samples, seed=seed, schedule=schedule, policy=adaptive)
     images, texts, pairs, spans = [], [], [], []
     for example in examples:
         i0, t0 = len(images), len(texts)
@@ -156,8 +194,8 @@ def score_chunk(scorer, examples: Sequence[Example], modes: Sequence[str], confi
     rows: list[dict] = [{"id": example.id, "scores": {}} for example in examples]
     items = 0
     for mode in modes:
-        flat = scorer.score_pairs(images, texts, pairs, mode=mode, samples=config.samples, seed=config.seed,
-                                  schedule=config.schedule).tolist()
+        flat = scorer.score_pairs(images, texts, pairs, mode=mode, samples=samples, seed=seed,
+                                  schedule=schedule).tolist()
         items += scorer.last_stats.unet_items
         start = 0
         for row, (n_img, n_txt) in zip(rows, spans):
@@ -166,8 +204,9 @@ def score_chunk(scorer, examples: Sequence[Example], modes: Sequence[str], confi
     return rows, items, items
 
 
-def _score_chunk_adaptive(scorer, examples: Sequence[Example], modes: Sequence[str], config: EvalConfig) -> tuple[list[dict], int, int]:
-    """`score_chunk` with adaptive elimination: each example is one query (its image in "i2t",
+def _score_adaptive(scorer, examples: Sequence[Example], modes: Sequence[str], *, samples: int, seed: int,
+                    schedule: str, policy: str) -> tuple[list[dict], int, int]:
+    """`score_examples` with adaptive elimination (`policy`): each example is one query (its image in "i2t",
     its caption in "t2i") against its candidates; examples with the same number of candidates
     share each round's scoring calls. Rows store the ranking scores (`AdaptiveResult.ranking_scores`,
     so the task's metric ranks eliminated candidates last) under scores[mode], and the partial means
@@ -190,8 +229,8 @@ def _score_chunk_adaptive(scorer, examples: Sequence[Example], modes: Sequence[s
             else:
                 queries = [e.texts[0] for e in group]
                 candidates = [[load_image_ref(ref) for ref in e.images] for e in group]
-            result = scorer.score_adaptive(queries, candidates, config.adaptive, mode=mode, samples=config.samples,
-                                           seed=config.seed, schedule=config.schedule)
+            result = scorer.score_adaptive(queries, candidates, policy, mode=mode, samples=samples, seed=seed,
+                                           schedule=schedule)
             items, full = items + result.unet_items, full + result.full_items
             for q, example in enumerate(group):
                 ranking = result.ranking_scores[q].tolist()
@@ -204,7 +243,7 @@ def _score_chunk_adaptive(scorer, examples: Sequence[Example], modes: Sequence[s
 def evaluate(config: EvalConfig, out: Path, resume: bool = False, device: str = "auto",
              batch_size: int | str = 64, kernels: str | None = None, progress: bool | None = None) -> dict | None:
     """Run one task with one scorer; returns the results (on the main process; None elsewhere)."""
-    from accelerate import PartialState
+    PartialState = extras.require("accelerate", "itm-eval").PartialState
 
     state = PartialState(cpu=device == "cpu" or (device == "auto" and not torch.cuda.is_available()))
     torch_device = state.device if device == "auto" else torch.device(device)
@@ -230,7 +269,8 @@ def evaluate(config: EvalConfig, out: Path, resume: bool = False, device: str = 
     bar = tqdm(total=sum(map(len, mine)), initial=sum(map(len, mine)) - sum(map(len, todo)), unit="ex",
                desc=f"{config.task} [{config.scorer}] rank {state.process_index}", disable=progress is False)
     for chunk in todo:
-        rows, items, full = score_chunk(scorer, chunk, modes, config)
+        rows, items, full = score_examples(scorer, chunk, modes, samples=config.samples, seed=config.seed,
+                                           schedule=config.schedule, adaptive=config.adaptive)
         store.append(rows)
         unet_items, full_items = unet_items + items, full_items + full
         scored += len(chunk)
@@ -286,12 +326,9 @@ def _adaptive_draws(config: EvalConfig, examples: Sequence[Example], stored: dic
 def _check_config(path: Path, config: EvalConfig, resume: bool) -> None:
     """Refuse to mix runs: an existing output folder needs --resume and the same configuration."""
     if path.exists():
-        stored = json.loads(path.read_text())
         if not resume:
             raise FileExistsError(f"{path.parent} already holds a run; pass --resume to continue it or choose another --out")
-        if stored != config.identity():
-            changed = sorted(k for k in set(stored) | set(config.identity()) if stored.get(k) != config.identity().get(k))
-            raise ValueError(f"--resume with a different configuration than {path} (changed: {', '.join(changed)})")
+        options.check_same_config(json.loads(path.read_text()), config.identity(), path)
     else:
         path.write_text(json.dumps(config.identity(), indent=2) + "\n")
 
@@ -315,88 +352,33 @@ def print_table(results: list[dict]) -> None:
         print(f"{name:<36}" + "".join(f"{r['metrics'].get(name, float('nan')):>14.4f}" for r in results))
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="itm-eval", description=__doc__.splitlines()[0])
-    parser.add_argument("--task", required=True, help="a GDBench task name (an unknown name lists them)")
-    parser.add_argument("--data-root", required=True)
-    parser.add_argument("--model", default="tiny", help="diffusers folder, cached hub id, or tiny|sd15-arch|sd21-arch")
-    parser.add_argument("--lora", default=None, metavar="DIR",
-                        help="LoRA for the UNet: a folder (diffusers safetensors or the research code's .bin) or file")
-    parser.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (0: the base model)")
-    parser.add_argument("--scorer", default="diffusion", help="diffusion, clip, or both: diffusion,clip")
-    parser.add_argument("--mode", default="auto", choices=["auto", "i2t", "t2i"],
-                        help="auto: the modes the task's metrics are defined on; i2t/t2i: force one for all")
-    parser.add_argument("--samples", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--schedule", default="uniform", choices=["uniform", "stratified"])
-    parser.add_argument("--adaptive", default=None, metavar="POLICY",
-                        help="successive elimination: SAMPLES:KEEP rounds (e.g. 2:5,10:1; cumulative samples) or "
-                             "auto:z=Z[,step=N] (stop a query once its lead exceeds Z standard errors; budget --samples)")
-    parser.add_argument("--candidates", default=None, help="retrieval tasks: all | clip | a candidates JSON file")
-    parser.add_argument("--prefilter", default=None, choices=["clip"], help="CLIP top-k candidates for retrieval tasks")
-    parser.add_argument("--topk", type=int, default=10)
-    parser.add_argument("--clip-model", default="ViT-B-32")
-    parser.add_argument("--clip-pretrained", default=None, help="open_clip tag from the local cache, or a checkpoint path")
-    parser.add_argument("--clip-config", default=None, help="folder/JSON of extra open_clip model configs")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N examples")
-    parser.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="a task option (see the task's docs), VALUE read as JSON when it parses: "
-                             "--task-option split=test --task-option seed=1")
-    parser.add_argument("--chunk-size", type=int, default=16, help="examples per scoring chunk (the unit of resume)")
-    parser.add_argument("--out", default=None, help="output folder (default runs/<task>)")
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--skip-missing", action="store_true", help="skip (and count) examples whose images are missing")
-    parser.add_argument("--device", default="auto", help="auto (accelerate's device for this process), cpu, cuda, ...")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--batch-size", default="64")
-    parser.add_argument("--kernels", default=None)
-    parser.add_argument("--no-progress", action="store_true")
-    return parser.parse_args(argv)
-
-
-def parse_task_options(items: Sequence[str]) -> dict[str, Any]:
-    """["split=test", "seed=1"] -> {"split": "test", "seed": 1} (values parsed as JSON when they parse)."""
-    options: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--task-option takes KEY=VALUE, got {item!r}")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    scorers = args.scorer.split(",")
+    parser = options.parser("itm-eval", __doc__.splitlines()[0])
+    options.add_options(parser, EvalConfig)
+    options.add_options(parser, EvalRun)
+    args = parser.parse_args(argv)
+    try:
+        config, run = options.from_args(EvalConfig, args), options.from_args(EvalRun, args)
+    except ValueError as err:
+        print(f"itm-eval: error: {err}", file=sys.stderr)
+        return 2
+    scorers = config.scorer.split(",")
     bad = [s for s in scorers if s not in SCORERS]
     if bad:
         print(f"itm-eval: unknown scorer(s) {bad}; choose from {SCORERS}", file=sys.stderr)
         return 2
-    out = Path(args.out or f"runs/{args.task}")
-    try:
-        task_options = parse_task_options(args.task_option)
-    except ValueError as err:
-        print(f"itm-eval: error: {err}", file=sys.stderr)
-        return 2
-    batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
-    lora = str(Path(args.lora).expanduser().resolve()) if args.lora else None
+    out = Path(run.out or f"runs/{config.task}")
+    config = replace(config, data_root=str(Path(config.data_root).expanduser().resolve()),
+                     lora=str(Path(config.lora).expanduser().resolve()) if config.lora else None)
     results = []
     try:
         for scorer in scorers:
-            config = EvalConfig(
-                task=args.task, data_root=str(Path(args.data_root).expanduser().resolve()), model=args.model,
-                lora=lora if scorer == "diffusion" else None, lora_scale=args.lora_scale if scorer == "diffusion" else 1.0,
-                scorer=scorer, mode=args.mode, samples=args.samples, seed=args.seed, schedule=args.schedule,
-                adaptive=args.adaptive if scorer == "diffusion" else None,
-                candidates=args.candidates, prefilter=args.prefilter, topk=args.topk, clip_model=args.clip_model,
-                clip_pretrained=args.clip_pretrained, clip_config=args.clip_config, limit=args.limit,
-                chunk_size=args.chunk_size, dtype=args.dtype, skip_missing=args.skip_missing, task_options=task_options,
-            )
-            result = evaluate(config, out / scorer, resume=args.resume, device=args.device, batch_size=batch_size,
-                              kernels=args.kernels, progress=False if args.no_progress else None)
+            diffusion = scorer == "diffusion"
+            one = replace(config, scorer=scorer, lora=config.lora if diffusion else None,
+                          lora_scale=config.lora_scale if diffusion else 1.0,
+                          adaptive=config.adaptive if diffusion else None)
+            result = evaluate(one, out / scorer, resume=run.resume, device=run.device, batch_size=run.batch_size,
+                              kernels=run.kernels, progress=None if run.progress else False)
             if result is not None:
                 results.append(result)
                 print(f"wrote {out / scorer / 'results.json'}")

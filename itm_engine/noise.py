@@ -1,8 +1,14 @@
-"""The noise bank: S shared draws (t_s, eps_s) of the forward diffusion process.
+"""The forward diffusion process, written once, and the noise bank of its shared draws.
 
-DiffusionITM compares candidates on the *same* draws (a paired comparison), so one bank is made
-per query (or per call) and shared by every candidate. Draws come from a CPU generator, so a seed
-gives the same bank on every device and every machine.
+    x_t    = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps                       (`add_noise`)
+    target = eps (epsilon prediction), or v = sqrt(abar_t) eps - sqrt(1 - abar_t) z0   (`denoising_target`)
+
+The fused ops' reference (`kernels.reference`), HardNeg training and ShapesWorld pretraining all
+use these two functions.
+
+DiffusionITM compares candidates on the *same* draws (a paired comparison), so one bank of S draws
+(t_s, eps_s) is made per query (or per call) and shared by every candidate. Draws come from a CPU
+generator, so a seed gives the same bank on every device and every machine.
 """
 from __future__ import annotations
 
@@ -12,6 +18,31 @@ from typing import Literal, Sequence
 import torch
 
 Schedule = Literal["uniform", "stratified"]
+
+
+def forward_coefficients(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sqrt(abar_t) and sqrt(1 - abar_t) for timesteps Long [B]: float32 [B, 1, 1, 1] each, on the
+    timesteps' device (`alphas_cumprod` [T] is the scheduler's abar)."""
+    abar = alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
+    return abar.sqrt().view(-1, 1, 1, 1), (1 - abar).sqrt().view(-1, 1, 1, 1)
+
+
+def add_noise(z0: torch.Tensor, eps: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """x_t [B, C, H, W] = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, for z0 and eps [B, C, H, W]."""
+    a, s = forward_coefficients(timesteps, alphas_cumprod)
+    return a * z0 + s * eps
+
+
+def denoising_target(z0: torch.Tensor, eps: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor,
+                     prediction_type: str) -> torch.Tensor:
+    """What the denoiser learns to predict from x_t, [B, C, H, W]: eps ("epsilon") or
+    v = sqrt(abar_t) eps - sqrt(1 - abar_t) z0 ("v_prediction")."""
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type != "v_prediction":
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    a, s = forward_coefficients(timesteps, alphas_cumprod)
+    return a * eps - s * z0
 
 
 @dataclass(frozen=True)

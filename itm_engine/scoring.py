@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from itm_engine import fastpath
+from itm_engine import extras, fastpath
 from itm_engine.adaptive import AdaptiveResult, Confidence, Policy
 from itm_engine.cache import ImageInput, LatentCache, LatentMode, ResizeMode, TextCache
 from itm_engine.engine import Executor, plan_pairs
@@ -94,11 +94,12 @@ class DiffusionITM(PairScorer):
 
         lora: a LoRA checkpoint for the UNet (a folder or file: the diffusers format
         `pytorch_lora_weights.safetensors`, or the research code's legacy `pytorch_lora_weights.bin`),
-        applied at `lora_scale` (0: the base model, 1: the fine-tuned one); see `itm_engine.lora`.
+        applied at `lora_scale` (0: the base model, 1: the fine-tuned one); see `itm_engine.models.lora`.
         """
         components = load_components(source, device=device, dtype=dtype)
         if lora is not None:
-            from itm_engine.lora import load_lora  # imports peft: only when asked for
+            extras.require("peft", "scoring with a LoRA")
+            from itm_engine.models.lora import load_lora
 
             load_lora(components.unet, lora, lora_scale)
         return cls(components, **options)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import count_unet_items, make_images
+
 from itm_engine.adaptive import Confidence, check_rounds, parse_policy, score_adaptive
 from itm_engine.noise import NoiseBank
 from itm_engine.scoring import DiffusionITM

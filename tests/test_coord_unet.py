@@ -3,14 +3,13 @@ code, and the engine's scores on it against the naive reference loop."""
 import diffusers
 import pytest
 import torch
+from helpers import make_images, max_rel_diff
 
 from itm_engine import DiffusionITM
-from itm_engine.coord_unet import CoordUNet2DConditionModel, coordinate_grid
 from itm_engine.models import load_components, save_components, save_random_model
-from itm_engine.naive import naive_scores
-from itm_engine.pretrain import PretrainConfig, build_components
-
-from helpers import make_images, max_rel_diff
+from itm_engine.reference import naive_scores
+from itm_engine.shapesworld.coord_unet import CoordUNet2DConditionModel, coordinate_grid
+from itm_engine.shapesworld.pretrain import PretrainConfig, build_components
 
 TEXTS = ["a red circle left of a blue square", "a red circle right of a blue square", ""]
 

@@ -16,8 +16,8 @@ import PIL.Image
 import pytest
 import torch
 
-from itm_engine.data import get_task
-from itm_engine.data.base import DataError
+from itm_engine.tasks import get_task
+from itm_engine.tasks.base import DataError
 
 # -- fixture writers ---------------------------------------------------------------------------
 

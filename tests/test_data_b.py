@@ -16,9 +16,9 @@ import PIL.Image
 import pytest
 import torch
 
-from itm_engine.data import get_task
-from itm_engine.data.aro import SYMMETRIC_RELATIONS, normalize_caption, perturbations, word_class
-from itm_engine.data.base import Crop, DataError, Example
+from itm_engine.tasks import get_task
+from itm_engine.tasks.aro import SYMMETRIC_RELATIONS, normalize_caption, perturbations, word_class
+from itm_engine.tasks.base import Crop, DataError, Example
 
 # -- writers -----------------------------------------------------------------------------------------
 

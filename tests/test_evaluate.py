@@ -13,14 +13,13 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+import test_data_a
+import test_data_b
 import torch
 
 from itm_engine import cli
-from itm_engine.data import get_task
-from itm_engine.data.shapes import write_shapesworld
-
-import test_data_a
-import test_data_b
+from itm_engine.shapesworld.world import write_shapesworld
+from itm_engine.tasks import get_task
 
 FAST = ["--samples", "2", "--no-progress", "--chunk-size", "4"]
 
@@ -63,7 +62,8 @@ def recomputed_metrics(task_name: str, root: Path, rows: list[dict]) -> dict:
 
 
 def test_every_registered_task_has_an_end_to_end_test():
-    from itm_engine.data import TASKS as REGISTERED, _import_all
+    from itm_engine.tasks import TASKS as REGISTERED
+    from itm_engine.tasks import _import_all
 
     _import_all()
     assert set(REGISTERED) == set(TASKS)

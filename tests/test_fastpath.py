@@ -3,11 +3,10 @@ import importlib.util
 
 import pytest
 import torch
+from helpers import count_unet_items, make_images, max_rel_diff
 
 from itm_engine import DiffusionITM
 from itm_engine.models import build_random_components
-
-from helpers import count_unet_items, make_images, max_rel_diff
 
 TEXTS = ["a red box", "a small blue ball", "three green cubes", ""]
 

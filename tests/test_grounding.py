@@ -1,4 +1,4 @@
-"""Token grounding for pretraining (`itm_engine.grounding`): recorded cross-attention maps, the words
+"""Token grounding for pretraining (`itm_engine.shapesworld.grounding`): recorded cross-attention maps, the words
 that name each object, the masks, and the loss."""
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor
 
-from itm_engine import grounding
-from itm_engine.data import shapes
-from itm_engine.pretrain import PretrainConfig, Pretrainer, build_components
+from itm_engine.shapesworld import grounding, world
+from itm_engine.shapesworld.pretrain import PretrainConfig, Pretrainer, build_components
 
 TOY = dict(unet_channels=(16, 32), text_width=32)
 
@@ -47,7 +46,7 @@ def test_words_name_their_objects_and_masks_cover_them():
     assert grounding.word_objects("a red circle left of a blue square", ("blue", "red")) == [(1, 1), (2, 1), (6, 0), (7, 0)]
     assert grounding.word_objects("a circle that is red and a square that is blue", ("red", "blue")) == [(4, 0), (10, 1)]
     assert grounding.word_objects("", ("red",)) == []
-    scene, _ = shapes.sample_example(random.Random(3), "spatial", "train")
+    scene, _ = world.sample_example(random.Random(3), "spatial", "train")
     masks = grounding.object_masks(scene, 64, 8)
     assert masks.shape == (2, 8, 8) and set(masks.unique().tolist()) == {0.0, 1.0}
     for obj, mask in zip(scene, masks):
@@ -81,7 +80,7 @@ def test_a_grounding_stage_trains_and_moves_attention_onto_the_objects(tmp_path)
                             form_weights={"spatial": 1.0, "recognition": 0.0, "binding": 0.0, "pair": 0.0,
                                           "position": 0.0})
     trainer = Pretrainer(config, tmp_path, progress=False)
-    from itm_engine.pretrain import training_scenes
+    from itm_engine.shapesworld.pretrain import training_scenes
 
     data = training_scenes(config, trainer.components)
     assert data.masks.shape == (16, 2, 8, 8)

@@ -7,15 +7,20 @@ from pathlib import Path
 import diffusers
 import pytest
 import torch
+from helpers import make_images
 
 from itm_engine import DiffusionITM
 from itm_engine.evaluate import EvalConfig, build_scorer
-from itm_engine.lora import (
-    LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, add_lora, load_lora, lora_parameters, read_lora, save_lora,
-)
 from itm_engine.models import _architecture_configs, build_random_components
-
-from helpers import make_images
+from itm_engine.models.lora import (
+    LEGACY_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    add_lora,
+    load_lora,
+    lora_parameters,
+    read_lora,
+    save_lora,
+)
 
 TEXTS = ["a red circle", "a blue square on the left", "two green triangles"]
 RELEASED = Path(__file__).parents[2] / "shared" / "fixtures" / "diffusion-itm-hardneg-lora"

@@ -10,13 +10,13 @@ import open_clip
 import PIL.Image
 import pytest
 import torch
+from helpers import make_images
 from open_clip.pretrained import _PRETRAINED
 from safetensors.torch import save_file
 
-from helpers import make_images
 from itm_engine import kernels
-from itm_engine.data.base import Crop
-from itm_engine.prefilter import ClipModel, ClipScorer
+from itm_engine.clip import ClipModel, ClipScorer
+from itm_engine.tasks.base import Crop
 
 NAME = "itm-test-tiny-clip"
 TINY = {

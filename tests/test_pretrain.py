@@ -13,13 +13,11 @@ import transformers
 from diffusers.training_utils import EMAModel
 
 from itm_engine import pretrain
-from itm_engine.data import shapes
-from itm_engine.pretrain import PretrainConfig, Pretrainer, draw_captions, word_tokenizer
-from itm_engine.prefilter import ClipModel
+from itm_engine.clip import ClipModel
+from itm_engine.hardneg.train import main as train_main
 from itm_engine.scoring import DiffusionITM
-from itm_engine.train import main as train_main
-
-from helpers import count_unet_items
+from itm_engine.shapesworld import world
+from itm_engine.shapesworld.pretrain import PretrainConfig, Pretrainer, draw_captions, word_tokenizer
 
 TOY = dict(scenes=48, vae_steps=3, vae_batch=8, steps=4, batch_size=8, warmup=1, eval_every=0, eval_examples=1,
            eval_samples=1, checkpoint_every=2, unet_channels=(16, 32), text_width=32,
@@ -35,7 +33,7 @@ def test_word_tokenizer_round_trips_through_a_folder(tmp_path):
     assert words == "a red circle left of a blue square".split()
     assert ids[0][9] == tok.eos_token_id and ids[0][10:] == [tok.pad_token_id] * 6
     assert tok.convert_ids_to_tokens(ids[1][1:3]) == ["a", "<unk>"]  # lower-cased; unknown words kept visible
-    assert all(w in tok.get_vocab() for w in shapes.VOCABULARY)
+    assert all(w in tok.get_vocab() for w in world.VOCABULARY)
     tok.save_pretrained(tmp_path)
     again = transformers.AutoTokenizer.from_pretrained(tmp_path)
     assert again("a small red circle").input_ids == tok("a small red circle").input_ids
@@ -45,31 +43,31 @@ def test_word_tokenizer_round_trips_through_a_folder(tmp_path):
 def test_training_captions_are_true_of_their_scene():
     rng = random.Random(0)
     for _ in range(20):
-        scene, _ = shapes.sample_example(rng, "spatial", "train")
-        forms = shapes.training_captions(scene)
+        scene, _ = world.sample_example(rng, "spatial", "train")
+        forms = world.training_captions(scene)
         a, b = scene
         assert set(forms) - {"position"} == {"binding", "pair", "spatial"}
         for text in forms.get("position", []):  # absolute places agree with the relation
             first = scene[0] if text.startswith(f"a {a.color} {a.shape}") else scene[1]
-            assert shapes.place(first) in text.split(" and ")[0]
-        if shapes.relation(a, b) == "left of" and "position" in forms:
+            assert world.place(first) in text.split(" and ")[0]
+        if world.relation(a, b) == "left of" and "position" in forms:
             assert forms["position"][0].split(" and ")[0].endswith("on the left") or "at the" in forms["position"][0]
-        assert forms["spatial"] == [f"a {a.color} {a.shape} {shapes.relation(a, b)} a {b.color} {b.shape}",
-                                    f"a {b.color} {b.shape} {shapes.relation(b, a)} a {a.color} {a.shape}"]
+        assert forms["spatial"] == [f"a {a.color} {a.shape} {world.relation(a, b)} a {b.color} {b.shape}",
+                                    f"a {b.color} {b.shape} {world.relation(b, a)} a {a.color} {a.shape}"]
         converse = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-        assert shapes.relation(b, a) == converse[shapes.relation(a, b)]
-    one, _ = shapes.sample_example(rng, "recognition_shape", "train")
-    assert shapes.training_captions(one)["recognition"] == [shapes.caption(one, "recognition_color")]
-    o = shapes.Obj("red", "circle", "small", 10, 30)
-    assert shapes.training_captions((o,))["position"] == ["a small red circle on the left"]
-    assert shapes.place(shapes.Obj("red", "circle", "small", 33, 60)) == "at the bottom"
-    assert shapes.place(shapes.Obj("red", "circle", "small", 33, 36)) is None
-    assert "position" not in shapes.training_captions((shapes.Obj("red", "circle", "small", 33, 36),))
+        assert world.relation(b, a) == converse[world.relation(a, b)]
+    one, _ = world.sample_example(rng, "recognition_shape", "train")
+    assert world.training_captions(one)["recognition"] == [world.caption(one, "recognition_color")]
+    o = world.Obj("red", "circle", "small", 10, 30)
+    assert world.training_captions((o,))["position"] == ["a small red circle on the left"]
+    assert world.place(world.Obj("red", "circle", "small", 33, 60)) == "at the bottom"
+    assert world.place(world.Obj("red", "circle", "small", 33, 36)) is None
+    assert "position" not in world.training_captions((world.Obj("red", "circle", "small", 33, 36),))
 
 
 def test_caption_draw_follows_weights_and_dropout():
-    scene, _ = shapes.sample_example(random.Random(1), "spatial", "train")
-    forms = shapes.training_captions(scene)
+    scene, _ = world.sample_example(random.Random(1), "spatial", "train")
+    forms = world.training_captions(scene)
     config = PretrainConfig(caption_dropout=0.25, form_weights={"binding": 0.0, "pair": 0.0, "spatial": 1.0,
                                                                 "position": 0.0})
     drawn = draw_captions(config, [forms] * 2000, random.Random(0))
@@ -97,7 +95,7 @@ def test_a_run_writes_a_model_the_scorer_loads(toy_run):
     comp = scorer.components
     assert comp.latent_shape == (8, 8, 8) and comp.image_size == 32 and comp.prediction_type == "epsilon"
     assert type(comp.unet).__name__ == "CoordUNet2DConditionModel"  # the default recipe feeds x/y coordinates
-    image = shapes.render(shapes.sample_example(random.Random(0), "spatial", "test")[0])
+    image = world.render(world.sample_example(random.Random(0), "spatial", "test")[0])
     scores = scorer([image], ["a red circle left of a blue square", "a red circle"], samples=2)
     assert scores.shape == (1, 2) and torch.isfinite(scores).all()
     # the scaling factor makes the training latents unit-variance
@@ -107,7 +105,7 @@ def test_a_run_writes_a_model_the_scorer_loads(toy_run):
     report = json.loads((out / "training.json").read_text())
     assert report["diffusion"]["steps"] == TOY["steps"] + 3 and report["config"]["scenes"] == TOY["scenes"]
     assert report["seconds"] >= report["vae"]["seconds"] + report["diffusion"]["seconds"]  # the whole run's wall time
-    assert set(report["validation"][-1]) == {"step", *shapes.SUBTASKS}
+    assert set(report["validation"][-1]) == {"step", *world.SUBTASKS}
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in rows} == {"vae", "diffusion"}
     assert [r["name"] for r in rows if r["stage"] == "diffusion"] == ["base", "places"]  # steps 0 and 4 logged
@@ -130,7 +128,7 @@ def test_stages_take_their_settings_and_scenes(tmp_path, monkeypatch):
     real_copy = EMAModel.copy_to
     monkeypatch.setattr(EMAModel, "copy_to", lambda ema, params: averaged.append(ema.optimization_step) or real_copy(ema, params))
     trainer.run()
-    one_object = {c for forms in (shapes.training_captions(s) for s in pretrain.scene_list(48, 0, config.scene_kinds, 64))
+    one_object = {c for forms in (world.training_captions(s) for s in pretrain.scene_list(48, 0, config.scene_kinds, 64))
                   if "recognition" in forms for cs in forms.values() for c in cs}
     assert len(drawn) == 7 and ranked == ["base"] * 4 + ["places"] * 3
     assert all(set(texts) <= one_object | {""} for texts in drawn[4:])  # the places stage: one object only
@@ -185,7 +183,7 @@ def test_attention_levels_set_which_unet_levels_cross_attend_and_grounding_reads
     folder = trainer.run()
     # map sides (H * W) in call order: the 8x8 down block, the middle block (4x4), the 8x8 up block's two
     assert recorded[-1] == [64, 16, 64, 64]
-    scores = DiffusionITM.from_pretrained(folder)([shapes.render(())], ["a red circle", "a blue square"], samples=2)
+    scores = DiffusionITM.from_pretrained(folder)([world.render(())], ["a red circle", "a blue square"], samples=2)
     assert scores.shape == (1, 2) and torch.isfinite(scores).all()
     with pytest.raises(ValueError, match="attention_levels must be >= 0"):
         pretrain.build_components(PretrainConfig(**{**TOY, "attention_levels": -1}))
@@ -224,7 +222,7 @@ def test_cli_reports_bad_resume(tmp_path, capsys):
 
 
 def test_tiny_clip_trains_and_loads_through_the_prefilter(tmp_path):
-    from itm_engine.pretrain_clip import CLIP_NAME, ClipPretrainConfig, train_clip
+    from itm_engine.shapesworld.pretrain_clip import CLIP_NAME, ClipPretrainConfig, train_clip
 
     weights = train_clip(ClipPretrainConfig(scenes=64, steps=3, batch_size=16), tmp_path, progress=False)
     clip = ClipModel.from_name(CLIP_NAME, pretrained=weights, model_config=tmp_path / f"{CLIP_NAME}.json")
@@ -232,7 +230,7 @@ def test_tiny_clip_trains_and_loads_through_the_prefilter(tmp_path):
     state = clip.model.state_dict()
     assert set(saved) == set(state)
     torch.testing.assert_close(state["text_projection"], saved["text_projection"].float())
-    image = shapes.render(shapes.sample_example(random.Random(0), "spatial", "test")[0])
+    image = world.render(world.sample_example(random.Random(0), "spatial", "test")[0])
     scores = clip.scorer()([image], ["a red circle", "a blue square left of a green cross"])
     assert scores.shape == (1, 2) and scores.abs().max() <= 1.0 + 1e-5
 
@@ -303,7 +301,7 @@ def test_layout_objective_reads_the_later_object_and_end_states_of_spatial_capti
     touched = sorted(map(tuple, states.grad.abs().sum(-1).nonzero().tolist()))
     assert touched == [(1, 7), (1, 8), (1, 9), (3, 6), (3, 7), (3, 8)]
     picked = states[[1, 1, 1, 3, 3, 3], [7, 8, 9, 6, 7, 8]]
-    labels = torch.tensor([shapes.RELATIONS.index("right of")] * 3 + [shapes.RELATIONS.index("above")] * 3)
+    labels = torch.tensor([world.RELATIONS.index("right of")] * 3 + [world.RELATIONS.index("above")] * 3)
     expected = 0.5 * torch.nn.functional.cross_entropy(trainer.layout_head(picked), labels)
     assert term.item() == pytest.approx(expected.item(), rel=1e-6)
     assert trainer._layout_loss(config.stage_list()[0], ["a large red circle", ""], states[:2]) == 0.0

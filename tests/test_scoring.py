@@ -1,12 +1,11 @@
 """The engine against the naive reference loop, and the scorer's contract (tiny model, CPU, fp32)."""
 import pytest
 import torch
+from helpers import count_unet_items, make_images, max_rel_diff
 
 from itm_engine import DiffusionITM
 from itm_engine.models import build_random_components, load_components, save_random_model
-from itm_engine.naive import batched_pair_scores, naive_scores
-
-from helpers import count_unet_items, make_images, max_rel_diff
+from itm_engine.reference import batched_pair_scores, naive_scores
 
 TEXTS = ["a red circle", "a blue square on the left", "", "two green triangles"]
 

@@ -13,10 +13,19 @@ import PIL.Image
 import pytest
 import torch
 
-from itm_engine.data import get_task
-from itm_engine.data import shapes
-from itm_engine.data.shapes import (ALL_SUBTASKS, COLORS, COMPLEXITY, HELD_OUT_COMBOS, RELATIONS, SHAPES, SIZES,
-                                    SUBTASKS, write_shapesworld)
+from itm_engine.shapesworld import world
+from itm_engine.shapesworld.world import (
+    ALL_SUBTASKS,
+    COLORS,
+    COMPLEXITY,
+    HELD_OUT_COMBOS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    SUBTASKS,
+    write_shapesworld,
+)
+from itm_engine.tasks import get_task
 
 PROBED = {"recognition_color": "color", "recognition_shape": "shape", "binding_color_shape": "color",
           "binding_shape_color": "shape", "pair_binding_color": "color", "pair_binding_size": "size",
@@ -59,7 +68,7 @@ def test_train_and_held_out_splits_share_no_image(splits):
     for split, buckets in (("train", range(7)), ("test", range(8, 9)), ("compositional", range(9, 10))):
         for ex in splits[split]["examples"]:
             for objects in [ex["objects"], *(n["objects"] for n in ex["negatives"])]:
-                assert shapes.bucket(tuple(shapes.Obj(**o) for o in objects)) in buckets
+                assert world.bucket(tuple(world.Obj(**o) for o in objects)) in buckets
 
 
 def test_compositional_split_uses_only_held_out_combos_and_train_never_does(splits):
@@ -81,7 +90,7 @@ def test_captions_match_the_drawn_pixels(splits):
         image = PIL.Image.open(root / ex["image"]).convert("RGB")
         array = np.asarray(image)
         pixels = Counter(map(tuple, array.reshape(-1, 3).tolist()))
-        pixels.pop(shapes.BACKGROUND)
+        pixels.pop(world.BACKGROUND)
         drawn = {rgb for rgb, _ in pixels.most_common()}
         assert drawn == {COLORS[o["color"]] for o in ex["objects"]}  # no anti-aliasing: exact colours only
         if ex["subtask"].startswith("recognition"):
@@ -146,7 +155,7 @@ def test_image_size_is_an_option(tmp_path):
     with pytest.raises(ValueError, match="unknown split"):
         write_shapesworld(tmp_path, split="nope")
     with pytest.raises(ValueError, match="unknown split"):
-        shapes.sample_example(random.Random(0), "spatial", "nope")
+        world.sample_example(random.Random(0), "spatial", "nope")
 
 
 def test_tasks_load_and_score_hand_made_matrices(splits):
@@ -196,16 +205,16 @@ def test_retrieval_recall_on_hand_made_scores(splits):
 
 
 def test_cli_writes_a_data_root(tmp_path, capsys):
-    shapes.main(["--out", str(tmp_path), "--n", "1", "--split", "val", "--size", "32"])
+    world.main(["--out", str(tmp_path), "--n", "1", "--split", "val", "--size", "32"])
     data = json.loads((tmp_path / "examples.json").read_text())
     assert data["split"] == "val" and data["size"] == 32 and len(data["examples"]) == len(ALL_SUBTASKS)
     assert "wrote 8 val examples" in capsys.readouterr().out
 
 
 def test_negclip_tsv_reads_as_hardneg_training_data(splits):
-    from itm_engine.train_data import read_pairs
+    from itm_engine.hardneg.data import read_pairs
 
-    path = shapes.write_negclip_tsv(splits["train"]["root"])
+    path = world.write_negclip_tsv(splits["train"]["root"])
     pairs = read_pairs(path)
     examples = splits["train"]["examples"]
     assert len(pairs) == sum(1 + len(ex["negatives"]) for ex in examples)
@@ -226,30 +235,30 @@ def test_hard_negative_captions_describe_the_swapped_scenes():
     negatives); for one object without a place, of another shape (recognition_shape's negatives)."""
     rng = random.Random(0)
     for _ in range(30):
-        scene, (flipped,) = shapes.sample_example(rng, "spatial", "train")
-        assert shapes.hard_negative_caption(shapes.caption(scene, "spatial"), rng) == shapes.caption(flipped, "spatial")
-        sized, (resized,) = shapes.sample_example(rng, "pair_binding_size", "train")  # sizes differ
-        recolored = shapes._negatives(sized, "pair_binding_color")[0]
-        drawn = {shapes.hard_negative_caption(shapes.caption(sized, "pair_binding_size"), rng) for _ in range(40)}
+        scene, (flipped,) = world.sample_example(rng, "spatial", "train")
+        assert world.hard_negative_caption(world.caption(scene, "spatial"), rng) == world.caption(flipped, "spatial")
+        sized, (resized,) = world.sample_example(rng, "pair_binding_size", "train")  # sizes differ
+        recolored = world._negatives(sized, "pair_binding_color")[0]
+        drawn = {world.hard_negative_caption(world.caption(sized, "pair_binding_size"), rng) for _ in range(40)}
         held_out = any((o.color, o.shape) in HELD_OUT_COMBOS for o in recolored)  # never named, even as a negative
-        assert drawn == {shapes.caption(resized, "pair_binding_size")} | \
-            (set() if held_out else {shapes.caption(recolored, "pair_binding_size")})
-    named = {shapes.hard_negative_caption(caption, rng) for _ in range(300)
-             for caption in shapes.training_captions(shapes.sample_example(rng, "spatial")[0])["binding"]}
+        assert drawn == {world.caption(resized, "pair_binding_size")} | \
+            (set() if held_out else {world.caption(recolored, "pair_binding_size")})
+    named = {world.hard_negative_caption(caption, rng) for _ in range(300)
+             for caption in world.training_captions(world.sample_example(rng, "spatial")[0])["binding"]}
     assert named - {None} and not any(f"{c} {s}" in n or f"{s} that is {c}" in n
                                       for n in named - {None} for c, s in HELD_OUT_COMBOS)
-    for forms in (shapes.training_captions(s) for s, _ in (shapes.sample_example(rng, "binding_color_shape") for _ in range(20))):
+    for forms in (world.training_captions(s) for s, _ in (world.sample_example(rng, "binding_color_shape") for _ in range(20))):
         for caption in forms.get("position", []):
-            negative = shapes.hard_negative_caption(caption, rng)
+            negative = world.hard_negative_caption(caption, rng)
             assert negative != caption and len(negative.split()) == len(caption.split())
     for _ in range(30):  # one object: the other-shape scene of recognition_shape, never a held-out combination
-        scene, negatives = shapes.sample_example(rng, "recognition_shape", "train")
-        drawn = {shapes.hard_negative_caption(shapes.caption(scene, "recognition_color"), rng) for _ in range(60)}
-        assert drawn == {c for c in (shapes.caption(n, "recognition_color") for n in negatives)
-                         if not shapes._names_held_out_combo(c.split())}
-    assert shapes.hard_negative_caption("", rng) is None
-    assert shapes.hard_negative_caption("a small red circle on the left", rng) == "a small red circle on the right"
-    assert shapes.hard_negative_caption("a red circle at the top", rng) == "a red circle at the bottom"
+        scene, negatives = world.sample_example(rng, "recognition_shape", "train")
+        drawn = {world.hard_negative_caption(world.caption(scene, "recognition_color"), rng) for _ in range(60)}
+        assert drawn == {c for c in (world.caption(n, "recognition_color") for n in negatives)
+                         if not world._names_held_out_combo(c.split())}
+    assert world.hard_negative_caption("", rng) is None
+    assert world.hard_negative_caption("a small red circle on the left", rng) == "a small red circle on the right"
+    assert world.hard_negative_caption("a red circle at the top", rng) == "a red circle at the bottom"
 
 
 def test_later_object_side_names_the_second_object_and_the_converse_relation():
@@ -259,15 +268,15 @@ def test_later_object_side_names_the_second_object_and_the_converse_relation():
     rng = random.Random(1)
     seen = set()
     for _ in range(60):
-        scene, _ = shapes.sample_example(rng, "spatial", "train")
-        text = shapes.caption(scene, "spatial")
-        positions, side = shapes.later_object_side(text)
+        scene, _ = world.sample_example(rng, "spatial", "train")
+        text = world.caption(scene, "spatial")
+        positions, side = world.later_object_side(text)
         words = text.split()
         assert [words[i] for i in positions] == [scene[1].color, scene[1].shape]
-        assert shapes.RELATIONS[side] == shapes.relation(scene[1], scene[0])
+        assert world.RELATIONS[side] == world.relation(scene[1], scene[0])
         seen.add(side)
-        for form, captions in shapes.training_captions(scene).items():
-            assert all((shapes.later_object_side(c) is None) == (form != "spatial") for c in captions)
+        for form, captions in world.training_captions(scene).items():
+            assert all((world.later_object_side(c) is None) == (form != "spatial") for c in captions)
     assert seen == {0, 1, 2, 3}
-    assert shapes.later_object_side("a red circle left of a blue") is None
-    assert shapes.later_object_side("a red circle on the left of a blue square") is None
+    assert world.later_object_side("a red circle left of a blue") is None
+    assert world.later_object_side("a red circle on the left of a blue square") is None

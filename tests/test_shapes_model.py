@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 
 from itm_engine import bundled, shapes_eval
-from itm_engine.data import shapes
-from itm_engine.prefilter import ClipModel
+from itm_engine.clip import ClipModel
 from itm_engine.scoring import DiffusionITM
+from itm_engine.shapesworld import world
 
 N = 40
 BINDING = ("binding_color_shape", "binding_shape_color", "pair_binding_color", "pair_binding_size")
@@ -31,7 +31,7 @@ def held_out() -> shapes_eval.Examples:
 
 @pytest.fixture(scope="module")
 def i2t(scorer, held_out) -> dict[str, float]:
-    return shapes_eval.accuracy(scorer, {k: v for k, v in held_out.items() if k in shapes.SUBTASKS}, "i2t")
+    return shapes_eval.accuracy(scorer, {k: v for k, v in held_out.items() if k in world.SUBTASKS}, "i2t")
 
 
 def test_bundled_model_is_a_small_diffusers_folder(scorer):
@@ -63,9 +63,9 @@ def test_text_to_image_recognition(scorer, held_out):
 
 
 def test_null_normalisation_removes_the_complexity_bias(scorer, held_out):
-    rows = {shapes.COMPLEXITY: held_out[shapes.COMPLEXITY]}
-    raw = shapes_eval.accuracy(scorer, rows, "t2i-raw")[shapes.COMPLEXITY]
-    normalised = shapes_eval.accuracy(scorer, rows, "t2i")[shapes.COMPLEXITY]
+    rows = {world.COMPLEXITY: held_out[world.COMPLEXITY]}
+    raw = shapes_eval.accuracy(scorer, rows, "t2i-raw")[world.COMPLEXITY]
+    normalised = shapes_eval.accuracy(scorer, rows, "t2i")[world.COMPLEXITY]
     assert normalised >= 0.9 and normalised >= raw + 0.1, (raw, normalised)
 
 

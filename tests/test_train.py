@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_images
 
 from itm_engine import cli
-from itm_engine.train import TrainConfig, Trainer, hardneg_loss
-
-from helpers import make_images
+from itm_engine.hardneg.train import TrainConfig, Trainer, hardneg_loss
 
 CAPTIONS = ["a red box on a table", "a small blue ball under a chair", "two green cubes left of a tree",
             "a yellow dog next to a black cat", "a white cup behind a brown bag", "an orange kite above a house"]

@@ -10,15 +10,22 @@ from pathlib import Path
 import PIL.Image
 import pytest
 import torch
-
 from helpers import make_images
-from itm_engine import kernels
-from itm_engine.data.base import DataError
-from itm_engine.train_data import (
-    HARD_NEGATIVE_KINDS, NEGATIVE_KINDS, Negative, NegativeSampler, TrainPair, clip_nearest_images,
-    hard_negative_captions, hard_negatives, read_pairs,
-)
 from test_prefilter import NAME, TINY, make_clip
+
+from itm_engine import kernels
+from itm_engine.hardneg.data import (
+    HARD_NEGATIVE_KINDS,
+    NEGATIVE_KINDS,
+    Negative,
+    NegativeSampler,
+    TrainPair,
+    clip_nearest_images,
+    hard_negative_captions,
+    hard_negatives,
+    read_pairs,
+)
+from itm_engine.tasks.base import DataError
 
 COLOURS = ["red", "green", "blue", "white", "black"]
 
@@ -372,7 +379,7 @@ def test_bad_arguments_raise():
 
 def test_relation_swaps_of_unequal_length_keep_articles_right():
     """"left of" and "on" differ in length: a swap changes the token count (a past IndexError)."""
-    from itm_engine.train_data import HARD_NEGATIVE_KINDS, hard_negatives
+    from itm_engine.hardneg.data import HARD_NEGATIVE_KINDS, hard_negatives
 
     swaps = HARD_NEGATIVE_KINDS[:4]  # the shuffles may put any word after an article
     for caption in ["two green cubes left of a tree", "a white cup behind a brown bag", "a cat in front of an apple"]:

@@ -6,11 +6,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _coefficients(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """sqrt(abar_t) and sqrt(1 - abar_t), float32 [B, 1, 1, 1]."""
-    abar = alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
-    return abar.sqrt().view(-1, 1, 1, 1), (1 - abar).sqrt().view(-1, 1, 1, 1)
+from itm_engine.noise import add_noise, denoising_target
 
 
 def noisy_latents(
@@ -30,8 +26,7 @@ def noisy_latents(
     Returns:
         x_t [B, C, H, W], computed in float32, in `out`'s dtype (else the latents' dtype).
     """
-    a, s = _coefficients(timesteps, alphas_cumprod)
-    x_t = a * latents[img_idx].float() + s * noise[sample_idx].float()
+    x_t = add_noise(latents[img_idx].float(), noise[sample_idx].float(), timesteps, alphas_cumprod)
     if out is None:
         return x_t.to(latents.dtype)
     return out.copy_(x_t)
@@ -61,8 +56,7 @@ def item_error(
     elif target == "v":
         if latents is None or img_idx is None or timesteps is None or alphas_cumprod is None:
             raise ValueError("target='v' needs latents, img_idx, timesteps and alphas_cumprod")
-        a, s = _coefficients(timesteps, alphas_cumprod)
-        goal = a * eps - s * latents[img_idx].float()
+        goal = denoising_target(latents[img_idx].float(), eps, timesteps, alphas_cumprod, "v_prediction")
     else:
         raise ValueError(f"target must be 'epsilon' or 'v', got {target!r}")
     return (pred.float() - goal).square().flatten(1).mean(dim=1)

@@ -11,9 +11,9 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from itm_engine.data import register
-from itm_engine.data.base import Crop, DataError, Example, Task, require
 from itm_engine.metrics import macro_accuracy
+from itm_engine.tasks import register
+from itm_engine.tasks.base import Crop, DataError, Example, Task, require
 
 # -- VG-Relation / VG-Attribution -----------------------------------------------------------------
 

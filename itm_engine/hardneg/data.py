@@ -9,9 +9,9 @@ The training loop denoises `pairs[index].image` under `pairs[index].caption` (L_
 `neg.image` under `neg.caption` (L_neg) with the same latent noise and timestep.
 
 Hard-negative captions are made here, as in ARO / NegCLIP but without a parser or tagger download:
-words are tagged with ARO's built-in lexicon (`itm_engine.data.aro.word_class`), relations are
+words are tagged with ARO's built-in lexicon (`itm_engine.tasks.aro.word_class`), relations are
 found in a built-in list of spatial and action relation words, and the four ARO word-order
-shuffles come from `itm_engine.data.aro.perturbations`. Everything is a pure function of
+shuffles come from `itm_engine.tasks.aro.perturbations`. Everything is a pure function of
 (caption, seed).
 """
 from __future__ import annotations
@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import torch
 
 from itm_engine import kernels
-from itm_engine.data.aro import PERTURBATIONS, perturbations, word_class
-from itm_engine.data.base import DataError
+from itm_engine.tasks.aro import PERTURBATIONS, perturbations, word_class
+from itm_engine.tasks.base import DataError, require
 
 if TYPE_CHECKING:
-    from itm_engine.prefilter import ClipModel
+    from itm_engine.clip import ClipModel
 
 
 @dataclass(frozen=True)
@@ -165,14 +165,14 @@ def _read_coco(file: Path, limit: int | None) -> list[_Row]:
     names: dict[Any, str] = {}
     for i, row in enumerate(data["images"]):
         where = f"{file} images[{i}]"
-        _require(row, ("id", "file_name"), where)
+        require(row, ("id", "file_name"), where)
         if row["id"] in names:
             raise DataError(f"{where}: malformed row: image id {row['id']!r} is listed twice")
         names[row["id"]] = _image_name(row["file_name"], "file_name", where)
     rows = []
     for i, row in enumerate(data["annotations"][:limit]):
         where = f"{file} annotations[{i}]"
-        _require(row, ("image_id", "caption"), where)
+        require(row, ("image_id", "caption"), where)
         if row["image_id"] not in names:
             raise DataError(f"{where}: malformed row: image_id {row['image_id']!r} is not in 'images'")
         rows.append(_Row(where, names[row["image_id"]], _caption(row["caption"], "caption", where)))
@@ -192,7 +192,7 @@ def _read_jsonl(file: Path, limit: int | None) -> list[_Row]:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{where}: malformed row ({err})") from None
-            _require(row, ("image", "caption"), where)
+            require(row, ("image", "caption"), where)
             image, caption = _image_name(row["image"], "image", where), _caption(row["caption"], "caption", where)
             rows.append(_Row(where, image, caption))
     return rows
@@ -254,14 +254,6 @@ def _literal_list(cell: str | None, column: str, where: str) -> list:
     if not isinstance(value, (list, tuple)):
         raise DataError(f"{where}: malformed row: {column} must be a list, got {type(value).__name__}")
     return list(value)
-
-
-def _require(row: Any, keys: tuple[str, ...], where: str) -> None:
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: malformed row: expected an object, got {type(row).__name__}")
-    missing = [k for k in keys if k not in row]
-    if missing:
-        raise DataError(f"{where}: malformed row: missing field(s) {', '.join(missing)}")
 
 
 def _caption(value: Any, key: str, where: str) -> str:
@@ -336,9 +328,9 @@ def hard_negatives(caption: str, seed: int = 0) -> dict[str, str]:
         replace_relation: a relation is replaced by its opposite ("a dog on a table" -> "a dog
             under a table"; on/under, above/below, left/right, in front of/behind, inside/outside...).
         shuffle_nouns_and_adj, shuffle_allbut_nouns_and_adj, shuffle_within_trigrams,
-        shuffle_trigrams: ARO's word-order shuffles (`itm_engine.data.aro.perturbations`).
+        shuffle_trigrams: ARO's word-order shuffles (`itm_engine.tasks.aro.perturbations`).
 
-    Words are whitespace-separated tokens tagged by `itm_engine.data.aro.word_class`; swaps move
+    Words are whitespace-separated tokens tagged by `itm_engine.tasks.aro.word_class`; swaps move
     the words and leave punctuation attached to a position (a comma after "table" stays there),
     words inside relation phrases ("front" in "in front of") are not swapped as nouns, and the
     sentence's end (a final ".") stays at the end; after a swap, "a"/"an" are made to agree with
@@ -535,7 +527,7 @@ def clip_nearest_images(pairs: list[TrainPair], clip: "ClipModel", k: int = 3) -
     Raises:
         ValueError: no pairs, or k not in [1, number of distinct images - 1].
     """
-    from itm_engine.prefilter import QUERY_CHUNK
+    from itm_engine.clip import QUERY_CHUNK
 
     files = list(dict.fromkeys(pair.image for pair in pairs))
     if not files:

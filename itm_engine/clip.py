@@ -32,17 +32,18 @@ import torch.nn.functional as F
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from tqdm.auto import tqdm
 
-from itm_engine import bundled, kernels
+from itm_engine import kernels
 from itm_engine.cache import ImageInput, check_list, check_texts, content_key, load_rgb
-from itm_engine.data.base import Crop
+from itm_engine.models import registry
 from itm_engine.noise import NoiseBank, Schedule
 from itm_engine.pairs import Mode, PairScorer, check_mode, check_pairs
 from itm_engine.stats import RunStats
-
+from itm_engine.tasks.base import Crop
 
 ClipImage = Union[ImageInput, Crop]
 PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
+REGISTERED_TAG = "bundled"  # pretrained= value naming the weights a plugin registered for the model
 QUERY_CHUNK = 1024  # queries per topk_similarity call: bounds its [chunk, gallery chunk] scratch
 
 
@@ -108,8 +109,9 @@ class ClipModel:
                 or one defined by `model_config`.
             pretrained: a pretrained tag of `name` ("laion2b_s34b_b79k", "openai", ...) found in
                 the local cache, a checkpoint file path, or None for random weights (warns).
-                The bundled ShapesWorld CLIP: name "shapes-clip", pretrained "bundled"
-                (`itm_engine.bundled`; its config is registered automatically).
+                A CLIP a plugin registered (`itm_engine.models.registry.register_clip`), such
+                as the bundled ShapesWorld CLIP: name "shapes-clip", pretrained "bundled"
+                (its config is added automatically).
             dtype: float32, float16 or bfloat16 (open_clip's "fp32" / "fp16" / "bf16" precision).
             model_config: a JSON model config file, or a folder of them, registered with
                 `open_clip.add_model_config` (the file name without ".json" is the model name).
@@ -122,8 +124,9 @@ class ClipModel:
         """
         if dtype not in PRECISIONS:
             raise ValueError(f"dtype must be one of {list(PRECISIONS)}, got {dtype}")
-        if model_config is None and name in bundled.CLIP_MODELS:
-            model_config = bundled.clip_files(name)[0]
+        registered = registry.clip_files(name) if name not in open_clip.list_models() else None
+        if model_config is None and registered is not None:
+            model_config = registered[0]
         if model_config is not None:
             config_path = Path(model_config).expanduser()
             if not config_path.exists():
@@ -320,8 +323,12 @@ def _resolve_pretrained(
     """
     if pretrained is None:
         return None, {}
-    if name in bundled.CLIP_MODELS and str(pretrained) == bundled.CLIP_TAG:
-        return str(bundled.clip_files(name)[1]), {}
+    if str(pretrained) == REGISTERED_TAG:
+        registered = registry.clip_files(name)
+        if registered is None:
+            raise ValueError(f"pretrained={REGISTERED_TAG!r} names the weights a plugin registered for the model, "
+                             f"and none is registered for {name!r}")
+        return str(registered[1]), {}
     tag_cfg = open_clip.get_pretrained_cfg(name, str(pretrained))
     if tag_cfg:
         options = {

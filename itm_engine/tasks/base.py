@@ -1,6 +1,7 @@
-"""The task protocol shared by every GDBench loader: examples, image references, bad-data policy.
+"""The task protocol shared by every benchmark loader: examples, image references, bad-data policy.
 
-A task turns a dataset in its usual on-disk layout into `Example`s. Each example lists images and
+A task turns a dataset in its usual on-disk layout (or, for a task that can draw its own, examples
+made in memory) into `Example`s. Each example lists images and
 texts; the evaluator scores every image against every text of the example, in each score mode
 the task asks for (`Task.modes`), and hands the task one `[n_images, n_texts]` matrix per example
 and mode. The task then computes its metrics from those matrices (`Task.metrics`).
@@ -40,11 +41,12 @@ class Crop:
             return image.convert("RGB").crop(self.box)
 
 
-ImageRef = Union[str, Crop]  # an image file path (absolute, inside the data root), or a crop of one
+# an image file path (absolute, inside the data root), a crop of one, or an image in memory
+ImageRef = Union[str, Crop, PIL.Image.Image]
 
 
 def load_image_ref(ref: ImageRef) -> str | PIL.Image.Image:
-    """What the scorers accept: the path itself, or the cropped PIL image."""
+    """What the scorers accept: the path or the image itself, or the cropped PIL image."""
     return ref.load() if isinstance(ref, Crop) else ref
 
 
@@ -80,15 +82,20 @@ class Task(abc.ABC):
     modes: tuple[str, ...] = ("i2t",)  # the score matrices `metrics` needs: "i2t" and/or "t2i"
     description: str = ""
     option_names: tuple[str, ...] = ()  # the options the task takes; any other is a ValueError
+    needs_root: bool = True  # False for a task that can also make its examples in memory (root None)
 
-    def __init__(self, root: str | os.PathLike, skip_missing: bool = False, **options: Any) -> None:
+    def __init__(self, root: str | os.PathLike | None, skip_missing: bool = False, **options: Any) -> None:
         unknown = sorted(set(options) - set(self.option_names))
         if unknown:
             known = ", ".join(self.option_names) if self.option_names else "this task takes none"
             raise ValueError(f"{self.name}: unknown option(s) {', '.join(unknown)}; known: {known}")
-        self.root = Path(root).expanduser().resolve()
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"{self.name}: data root {str(self.root)!r} is not a folder")
+        self.root: Path | None = None
+        if root is not None:
+            self.root = Path(root).expanduser().resolve()
+            if not self.root.is_dir():
+                raise FileNotFoundError(f"{self.name}: data root {str(self.root)!r} is not a folder")
+        elif self.needs_root:
+            raise ValueError(f"{self.name}: a data root is needed (this task reads its examples from files)")
         self.skip_missing = skip_missing
         self.options = options
         self.skipped: list[str] = []  # "file (row)" of every example skipped for missing data
@@ -134,6 +141,10 @@ class Task(abc.ABC):
         return [is_correct(s.reshape(-1), ex.label) for ex, s in zip(examples, matrices)]
 
     # -- helpers for loaders ----------------------------------------------------------------
+
+    def image(self, value: Any, where: str) -> ImageRef:
+        """An image a row names: an image made in memory as it is, else a file path (`path`)."""
+        return value if isinstance(value, PIL.Image.Image) else self.path(value, where)
 
     def path(self, relative: str | os.PathLike, where: str) -> str:
         """Absolute path of a file the dataset names, checked.
@@ -201,10 +212,12 @@ class MissingData(Exception):
     """A file a row names does not exist (turned into DataError or a skip by `examples_from`)."""
 
 
-def require(row: Any, keys: Sequence[str], where: str, task: str) -> None:
-    """Raise DataError unless `row` is a dict with all `keys`."""
+def require(row: Any, keys: Sequence[str], where: str, task: str | None = None) -> None:
+    """Raise DataError unless `row` is a dict with all `keys`; the message names `task` (when
+    given) and `where` (file and row)."""
+    prefix = f"{task}: {where}" if task else where
     if not isinstance(row, dict):
-        raise DataError(f"{task}: {where}: malformed row: expected an object, got {type(row).__name__}")
+        raise DataError(f"{prefix}: malformed row: expected an object, got {type(row).__name__}")
     missing = [k for k in keys if k not in row]
     if missing:
-        raise DataError(f"{task}: {where}: malformed row: missing field(s) {', '.join(missing)}")
+        raise DataError(f"{prefix}: malformed row: missing field(s) {', '.join(missing)}")

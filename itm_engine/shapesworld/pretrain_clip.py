@@ -1,4 +1,4 @@
-"""`itm-train pretrain-clip --world shapes`: a tiny open_clip CLIP trained contrastively on ShapesWorld.
+"""`itm-shapes pretrain-clip`: a tiny open_clip CLIP trained contrastively on ShapesWorld.
 
 The CLIP baseline of the bundled ShapesWorld model: the same training scenes and captions as the
 diffusion model (`pretrain.scene_list`, `pretrain.draw_captions` without dropout), open_clip's
@@ -12,9 +12,7 @@ images (4x4 patches) and a 2-layer text transformer over open_clip's own BPE tok
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,8 +23,9 @@ from diffusers.optimization import get_scheduler
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from itm_engine.data import shapes
-from itm_engine.pretrain import PretrainConfig, draw_captions, scene_list, step_rng
+from itm_engine.options import option
+from itm_engine.shapesworld import world
+from itm_engine.shapesworld.pretrain import PretrainConfig, draw_captions, scene_list, step_rng
 
 CLIP_NAME = "shapes-clip"
 CLIP_CONFIG = {
@@ -40,13 +39,21 @@ CLIP_CONFIG = {
 class ClipPretrainConfig:
     """Recipe of the bundled ShapesWorld CLIP (saved in `clip-training.json`)."""
 
-    seed: int = 0
-    scenes: int = 40_000
-    steps: int = 2_000
-    batch_size: int = 256
-    lr: float = 1e-3
-    warmup: int = 100
-    weight_decay: float = 0.1
+    seed: int = option(0, help="seed of the scenes, the initial weights and the batches")
+    scenes: int = option(40_000, help="training scenes (the diffusion model's, `pretrain.scene_list`)")
+    steps: int = option(2_000, help="training steps")
+    batch_size: int = option(256, help="image-caption pairs per step (in-batch negatives)")
+    lr: float = option(1e-3, help="peak learning rate (AdamW, warm-up then cosine)")
+    warmup: int = option(100, help="warm-up steps")
+    weight_decay: float = option(0.1, help="AdamW weight decay")
+
+
+@dataclass
+class ClipPretrainRun:
+    """Where and how `itm-shapes pretrain-clip` runs."""
+
+    out: str = option(help="folder for shapes-clip.json and shapes-clip.safetensors", identity=False)
+    threads: int | None = option(None, help="torch CPU threads (default: torch's)", identity=False)
 
 
 def train_clip(config: ClipPretrainConfig, out: str | Path, progress: bool | None = None) -> Path:
@@ -63,8 +70,8 @@ def train_clip(config: ClipPretrainConfig, out: str | Path, progress: bool | Non
                                                                       pretrained_text=False)
     tokenizer = open_clip.get_tokenizer(CLIP_NAME)
     scenes = scene_list(config.scenes, config.seed, recipe.scene_kinds, recipe.render_size)
-    pixels = torch.stack([preprocess(shapes.render(s, recipe.render_size)) for s in scenes])
-    captions = [shapes.training_captions(s, recipe.render_size) for s in scenes]
+    pixels = torch.stack([preprocess(world.render(s, recipe.render_size)) for s in scenes])
+    captions = [world.training_captions(s, recipe.render_size) for s in scenes]
     loss_fn = open_clip.ClipLoss()
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = get_scheduler("cosine", optimiser, num_warmup_steps=config.warmup, num_training_steps=config.steps)
@@ -96,23 +103,9 @@ def train_clip(config: ClipPretrainConfig, out: str | Path, progress: bool | Non
     return weights
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`itm-train pretrain-clip --world shapes --out DIR [--steps N] [--seed S] ...`."""
-    defaults = ClipPretrainConfig()
-    parser = argparse.ArgumentParser(prog="itm-train pretrain-clip", description=__doc__.splitlines()[0])
-    parser.add_argument("--world", choices=["shapes"], default="shapes", help="the world to train on")
-    parser.add_argument("--out", required=True, help="folder for shapes-clip.json/.safetensors")
-    for name in ("seed", "scenes", "steps", "batch_size"):
-        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    fields = {k: v for k, v in vars(args).items() if k in ClipPretrainConfig.__dataclass_fields__}
-    print(f"CLIP written to {train_clip(ClipPretrainConfig(**fields), args.out)}")
+def clip_command(config: ClipPretrainConfig, run: ClipPretrainRun) -> int:
+    """`itm-shapes pretrain-clip`: train into `run.out`; the exit code."""
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    print(f"CLIP written to {train_clip(config, run.out)}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

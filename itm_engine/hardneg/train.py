@@ -16,22 +16,25 @@ and N processes sharing a global batch compute the gradient one process would.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
+from itm_engine import extras, options
 from itm_engine.cache import LatentCache, TextCache
+from itm_engine.hardneg.data import NEGATIVE_KINDS
 from itm_engine.models import SDComponents, load_components
-from itm_engine.train_data import NEGATIVE_KINDS
+from itm_engine.noise import add_noise, denoising_target
+from itm_engine.options import option
+
 
 def hardneg_loss(l_pos: torch.Tensor, l_neg: torch.Tensor, factor: float, has_neg: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over the batch of L_pos - clamp(L_neg, max = factor * L_pos.detach()).
@@ -51,47 +54,57 @@ def hardneg_loss(l_pos: torch.Tensor, l_neg: torch.Tensor, factor: float, has_ne
 class TrainConfig:
     """The run's settings (saved with every checkpoint; `--resume` checks them)."""
 
-    data: str
-    model: str = "tiny"
-    image_root: str | None = None
-    limit: int | None = None
-    val_data: str | None = None
-    val_limit: int | None = 64
-    negatives: str = "mixed"
-    neg_prob: float = 1.0
-    neg_loss_factor: float = 1.0
-    clip_neighbours: int = 0  # k: hard-negative images = the k nearest images in CLIP space (0: only given neg_image)
-    clip_model: str = "ViT-B-32"
-    clip_pretrained: str | None = None
-    clip_config: str | None = None
-    rank: int = 4
-    alpha: float | None = None
-    dropout: float = 0.0
-    attention: str = "cross"
-    lr: float = 1e-4
-    lr_warmup_steps: int = 0
-    weight_decay: float = 1e-2
-    epochs: int = 8
-    max_steps: int | None = None
-    batch_size: int = 8  # per process and micro-batch; x grad_accum x processes = the global batch
-    grad_accum: int = 14  # 8 x 14 = 112, the research code's batch
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    val_every: int = 500
-    val_samples: int = 4
-    checkpoint_every: int = 500
+    data: str = option(help="training pairs: COCO captions JSON, JSONL/CSV of (image, caption), or NegCLIP TSV")
+    model: str = option("tiny", help="the base model: diffusers folder, cached hub id, named or built-in model")
+    image_root: str | None = option(None, help="folder the image paths are relative to (default: the data file's folder; COCO JSON: its train2014/)")
+    limit: int | None = option(None, help="only the first N training pairs")
+    val_data: str | None = option(None, help="held-out pairs for validation, same formats as --data")
+    val_limit: int | None = option(64, help="only the first N validation pairs")
+    negatives: str = option("mixed", choices=NEGATIVE_KINDS, help="where each example's negative comes from")
+    neg_prob: float = option(1.0, help="probability that an example gets a negative")
+    neg_loss_factor: float = option(1.0, help="lambda of the loss L_pos - clamp(L_neg, max = lambda * L_pos)")
+    clip_neighbours: int = option(0, help="hard-negative images: the k nearest images in CLIP space "
+                                          "(0: only the data's own neg_image)")
+    clip_model: str = option("ViT-B-32", help="open_clip model for --clip-neighbours")
+    clip_pretrained: str | None = option(None, help="open_clip tag from the local cache, or a checkpoint path")
+    clip_config: str | None = option(None, help="folder/JSON of extra open_clip model configs")
+    rank: int = option(4, help="LoRA rank")
+    alpha: float | None = option(None, help="LoRA alpha (default: the rank)")
+    dropout: float = option(0.0, help="LoRA dropout")
+    attention: Literal["cross", "all"] = option("cross", help="LoRA on the cross-attention only, or on all attention")
+    lr: float = option(1e-4, help="peak learning rate (AdamW)")
+    lr_warmup_steps: int = option(0, help="linear warm-up steps")
+    weight_decay: float = option(1e-2, help="AdamW weight decay")
+    epochs: int = option(8, help="passes over the training pairs")
+    max_steps: int | None = option(None, help="stop after this many optimiser steps")
+    batch_size: int = option(8, help="pairs per process and micro-batch (x grad-accum x processes = the global batch)")
+    grad_accum: int = option(14, help="micro-batches per optimiser step (8 x 14 = 112, the research code's batch)")
+    max_grad_norm: float = option(1.0, help="gradient-norm clip")
+    seed: int = option(0, help="seed of every random choice: data order, noise, timesteps, negatives, LoRA init")
+    mixed_precision: Literal["no", "fp16", "bf16"] = option("no", help="Accelerate mixed precision")
+    gradient_checkpointing: bool = option(False, help="trade compute for memory in the UNet")
+    val_every: int = option(500, help="validate every N steps")
+    val_samples: int = option(4, help="noise draws per pair in validation")
+    checkpoint_every: int = option(500, help="save a checkpoint every N steps")
+
+
+@dataclass
+class TrainRun:
+    """Where `itm-train` writes (not part of the run's configuration)."""
+
+    out: str = option(help="run folder: checkpoints/, log.jsonl, lora/", identity=False)
+    resume: bool = option(False, help="continue from the latest checkpoint under --out", identity=False)
 
 
 class Trainer:
     """One HardNeg LoRA run: data, model, optimiser, the step, checkpoints and validation."""
 
     def __init__(self, config: TrainConfig, out: Path) -> None:
-        from accelerate import Accelerator
+        Accelerator = extras.require("accelerate", "itm-train").Accelerator
+        extras.require("peft", "itm-train")
 
-        from itm_engine.lora import add_lora, lora_parameters
-        from itm_engine.train_data import NegativeSampler, clip_nearest_images, read_pairs
+        from itm_engine.hardneg.data import NegativeSampler, clip_nearest_images, read_pairs
+        from itm_engine.models.lora import add_lora, lora_parameters
 
         if config.negatives not in NEGATIVE_KINDS:
             raise ValueError(f"negatives must be one of {NEGATIVE_KINDS}, got {config.negatives!r}")
@@ -105,7 +118,7 @@ class Trainer:
         self.val_pairs = read_pairs(config.val_data, config.image_root, config.val_limit) if config.val_data else []
         neighbours = None
         if config.clip_neighbours:  # hard-negative images: nearest neighbours in CLIP image space
-            from itm_engine.prefilter import ClipModel
+            from itm_engine.clip import ClipModel
 
             clip = ClipModel.from_name(config.clip_model, pretrained=config.clip_pretrained,
                                        model_config=config.clip_config, device=self.accelerator.device)
@@ -175,9 +188,8 @@ class Trainer:
 
     def denoising_loss(self, z0: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Per-example MSE of the UNet's prediction against eps (or v): [B]."""
-        abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        x_t = abar.sqrt() * z0 + (1 - abar).sqrt() * eps
-        target = eps if self.components.prediction_type == "epsilon" else abar.sqrt() * eps - (1 - abar).sqrt() * z0
+        x_t = add_noise(z0, eps, t, self.alphas_cumprod)
+        target = denoising_target(z0, eps, t, self.alphas_cumprod, self.components.prediction_type)
         pred = self.unet(x_t, t, encoder_hidden_states=cond).sample
         return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
 
@@ -215,7 +227,7 @@ class Trainer:
 
     def train(self) -> list[dict]:
         """Run to `total_steps`; returns the log rows of this call."""
-        from itm_engine.lora import lora_parameters
+        from itm_engine.models.lora import lora_parameters
 
         rows = []
         bar = tqdm(total=self.total_steps, initial=self.step, desc="itm-train", unit="step",
@@ -254,8 +266,8 @@ class Trainer:
     def validate(self) -> float:
         """ITM accuracy on held-out pairs against a hard-negative caption (2-way, I2T)."""
         from itm_engine import metrics
+        from itm_engine.hardneg.data import hard_negative_captions
         from itm_engine.scoring import DiffusionITM
-        from itm_engine.train_data import hard_negative_captions
 
         examples = [(p, list(p.neg_captions) + hard_negative_captions(p.caption, self.config.seed)) for p in self.val_pairs]
         examples = [(p, negs[0]) for p, negs in examples if negs]
@@ -284,7 +296,7 @@ class Trainer:
         folder = self.out / "checkpoints" / f"step-{self.step:07d}"
         self.accelerator.save_state(str(folder))
         if self.accelerator.is_main_process:
-            (folder / "trainer.json").write_text(json.dumps({"step": self.step, "config": asdict(self.config)}))
+            (folder / "trainer.json").write_text(json.dumps({"step": self.step, "config": options.identity(self.config)}))
         self.accelerator.wait_for_everyone()
 
     def resume(self, folder: Path | None = None) -> None:
@@ -295,14 +307,12 @@ class Trainer:
                 raise FileNotFoundError(f"--resume: no checkpoint under {self.out / 'checkpoints'}")
             folder = found[-1].parent
         state = json.loads((folder / "trainer.json").read_text())
-        if state["config"] != asdict(self.config):
-            changed = sorted(k for k in state["config"] if state["config"][k] != asdict(self.config).get(k))
-            raise ValueError(f"--resume with a different configuration than {folder} (changed: {', '.join(changed)})")
+        options.check_same_config(state["config"], options.identity(self.config), folder)
         self.accelerator.load_state(str(folder))
         self.step = state["step"]
 
     def save_lora(self) -> Path | None:
-        from itm_engine.lora import save_lora
+        from itm_engine.models.lora import save_lora
 
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
@@ -321,47 +331,17 @@ def _tensorboard_writer(folder: Path):
     return SummaryWriter(str(folder))
 
 
-CHOICES = {
-    "negatives": NEGATIVE_KINDS,
-    "attention": ("cross", "all"),
-    "mixed_precision": ("no", "fp16", "bf16"),
-}
-
-
-def parse_args(argv: list[str] | None) -> tuple[TrainConfig, Path, bool]:
-    defaults = TrainConfig(data="")
-    parser = argparse.ArgumentParser(prog="itm-train", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="COCO captions JSON, JSONL/CSV of (image, caption), or NegCLIP TSV")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under --out")
-    for name, value in asdict(defaults).items():
-        if name == "data":
-            continue
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            parser.add_argument(flag, action="store_true")
-        else:
-            kind = type(value) if value is not None else (float if name == "alpha" else int if "limit" in name or "steps" in name else str)
-            parser.add_argument(flag, type=kind, default=value, choices=CHOICES.get(name))
-    args = vars(parser.parse_args(argv))
-    out, resume = Path(args.pop("out")), args.pop("resume")
-    return TrainConfig(**args), out, resume
-
-
-PRETRAIN_COMMANDS = {"pretrain": "itm_engine.pretrain", "pretrain-clip": "itm_engine.pretrain_clip"}
-
-
 def main(argv: list[str] | None = None) -> int:
-    """`itm-train [options]` (HardNeg LoRA), or `itm-train pretrain|pretrain-clip --world shapes ...`."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in PRETRAIN_COMMANDS:
-        import importlib
-
-        return importlib.import_module(PRETRAIN_COMMANDS[argv[0]]).main(argv[1:])
-    config, out, resume = parse_args(argv)
+    """`itm-train [options]`: HardNeg LoRA fine-tuning."""
+    parser = options.parser("itm-train", __doc__.splitlines()[0])
+    options.add_options(parser, TrainConfig)
+    options.add_options(parser, TrainRun)
+    args = parser.parse_args(argv)
+    config, run = options.from_args(TrainConfig, args), options.from_args(TrainRun, args)
+    out = Path(run.out)
     try:
         trainer = Trainer(config, out)
-        if resume:
+        if run.resume:
             trainer.resume()
         elif any((out / "checkpoints").glob("step-*")):
             raise FileExistsError(f"{out} already holds checkpoints: pass --resume or choose another --out")

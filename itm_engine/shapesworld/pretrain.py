@@ -1,29 +1,26 @@
-"""`itm-train pretrain --world shapes`: train ShapesWorld's small latent diffusion model from scratch.
+"""`itm-shapes pretrain`: train ShapesWorld's small latent diffusion model from scratch.
 
-Three stages, one seed, all on the training split of `itm_engine.data.shapes` (held-out colour-shape
-combinations never shown):
+All on the training split of `itm_engine.shapesworld.world` (held-out colour-shape combinations
+never shown), one seed, every setting in `PretrainConfig`:
 
 1. **VAE** (`diffusers.AutoencoderKL`, 32x32 RGB -> 8x8x8): reconstruction MSE (object pixels
    weighted `foreground_weight` times the plain background: small shapes are a few pixels) + a
-   small KL term on a fixed set of rendered scenes; afterwards the latent scaling factor is set to 1/std of the
-   posterior means, as Stable Diffusion's 0.18215 was.
-2. **Text encoder + UNet, jointly** (`transformers.CLIPTextModel` over a word-level tokenizer,
-   `diffusers.UNet2DConditionModel`, DDPM scaled-linear schedule, epsilon prediction): the
-   denoising loss of latents under one of their true captions (`shapes.training_captions`, the
-   grammar form drawn with `form_weights`), the caption replaced by the empty prompt with
-   probability `caption_dropout` so the unconditional prediction exists (T2I normalisation needs
-   it). AdamW, cosine schedule with warm-up, an exponential moving average of the weights (saved).
-   In **stages** (`Stage`, `PretrainConfig.stages`): each later stage starts from the previous one's
-   averaged weights with a fresh optimiser, schedule and average, and may change the caption odds,
-   the scenes drawn and the hard-negative ranking term (the same noisy latent under a caption with
-   positions flipped, colours/sizes swapped or one object's shape replaced must denoise worse).
-   For spatial relations, the shipped recipe adds x/y coordinate channels to the UNet
-   (`coord_unet`), a layout objective that puts the relation into the text states of the object
-   named after it (`layout_weight`) and, from the first step, light token grounding, which pulls
-   the cross-attention maps of the words naming an object onto that object (`grounding_weight`,
-   `itm_engine.grounding`); without grounding, nothing tried left chance
-   (benchmarks/results/shapes-spatial-attempts.md). Shipped stages: the first (5,000 steps), a
-   ranking stage (1,000) and a "polish" stage without grounding (800; shapes).
+   small KL term on the rendered training scenes; afterwards the latent scaling factor is set to
+   1/std of the posterior means, as Stable Diffusion's 0.18215 was.
+2. **Text encoder + UNet, jointly** (`transformers.CLIPTextModel` over a word-level tokenizer, a
+   UNet with x/y coordinate channels (`coord_unet`), DDPM scaled-linear schedule): the denoising
+   loss of latents under one of their true captions (`world.training_captions`, the grammar form
+   drawn with `form_weights`), the caption replaced by the empty prompt with probability
+   `caption_dropout` so the unconditional prediction exists (T2I normalisation needs it), plus the
+   text encoder's layout objective (`layout_weight`) and token grounding of the cross-attention
+   (`grounding_weight`, `grounding`). AdamW, cosine schedule with warm-up, an exponential moving
+   average of the weights (saved). In **stages** (`Stage`, `PretrainConfig.stages`): each later
+   stage starts from the previous one's averaged weights with a fresh optimiser, schedule and
+   average, and may change the caption odds, the scenes drawn, the grounding weight and the
+   hard-negative ranking term (the same noisy latent under a caption with positions flipped,
+   colours/sizes swapped or one object's shape replaced must denoise worse). The default recipe:
+   a first stage, a ranking stage and a "polish" stage (docs/shapesworld.md; how it was found:
+   docs/shapesworld-recipe.md).
 3. **Save**: a diffusers StableDiffusionPipeline folder (`models.save_components`), loadable with
    `DiffusionITM.from_pretrained(out)`, plus `training.json` (the config, wall times, losses and
    the validation accuracies).
@@ -34,17 +31,15 @@ end of every stage) ends with the weights of an uninterrupted run.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
-import math
 import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import diffusers
 import torch
@@ -54,12 +49,13 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from itm_engine import grounding
+from itm_engine import options
 from itm_engine.cache import encode_pixels, preprocess_images
-from itm_engine.coord_unet import COORDINATE_CHANNELS, CoordUNet2DConditionModel
-from itm_engine.data import shapes
-from itm_engine.models import SDComponents, _scheduler, save_components
-from itm_engine.shapes_eval import accuracy, world_examples
+from itm_engine.models import SDComponents, ddpm_scheduler, save_components
+from itm_engine.noise import add_noise, denoising_target
+from itm_engine.options import option
+from itm_engine.shapesworld import grounding, report, world
+from itm_engine.shapesworld.coord_unet import COORDINATE_CHANNELS, CoordUNet2DConditionModel
 
 NULL_PROMPT = ""
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>", "<unk>")
@@ -69,88 +65,77 @@ SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>", "<unk>")
 class PretrainConfig:
     """Recipe of the bundled ShapesWorld model (saved in `training.json`; a resumed run must match)."""
 
-    seed: int = 0
-    render_size: int = 64            # scenes are drawn at this size, then resized like at scoring time
-    image_size: int = 32             # model resolution (latents image_size / 4)
-    scenes: int = 40_000             # training scenes (positives of the training split)
-    vae_steps: int = 1_000
-    vae_batch: int = 32
-    vae_lr: float = 2e-3
-    kl_weight: float = 1e-6
-    foreground_weight: float = 10.0  # reconstruction weight of object pixels vs background (objects are small)
-    latent_channels: int = 8
-    steps: int = 4_000              # the first diffusion stage; later ones in `stages`
-    # "epsilon" or "v_prediction" (as SD 2.x; its loss weighs the clean-image error by SNR + 1, so
-    # high-noise steps, where only the caption tells where things are, count more). Tried for
-    # spatial relations: still at chance after 6,000 steps
-    prediction_type: str = "epsilon"
-    batch_size: int = 64
-    lr: float = 1e-3
-    warmup: int = 200
-    weight_decay: float = 0.01
-    ema_decay: float = 0.999
-    caption_dropout: float = 0.1
-    # hard-negative ranking term: for up to `hard_negatives` items of a batch (position captions first),
-    # the caption's `shapes.hard_negative_caption` (positions flipped, else colours or sizes swapped, or one
-    # object's shape replaced) on the same noisy latent; loss + rank_weight * T * softplus((error_true -
-    # error_negative) / T), T = rank_temperature.
-    # Off in the first stage of the shipped recipe, on in its ranking stage (`stages`). Tried in the first
-    # stage (16, with v-prediction and coordinates, 8,000 steps): spatial stayed at chance (52.5% on the
-    # test subset); pair binding 95%, shape recognition 92.5%
-    hard_negatives: int = 0
-    rank_weight: float = 1.0
-    rank_temperature: float = 0.01
-    # relative odds of the caption forms of a scene (`shapes.training_captions`; absent forms skipped)
-    form_weights: dict = field(default_factory=lambda: {"recognition": 0.4, "binding": 0.25, "pair": 0.15,
-                                                        "spatial": 0.4, "position": 0.2})
-    # the scene kinds drawn (sample_example's subtasks); spatial scenes are binding scenes
-    scene_kinds: tuple = ("recognition_color", "binding_color_shape", "pair_binding_size", "spatial")
-    # UNet level widths: 8x8, 4x4, 2x2 latents
-    unet_channels: tuple = (32, 64, 64)
-    # how many levels, from the finest, have cross-attention (transformer blocks) in their down and up
-    # blocks; the middle block always has. Shipped without at the 2x2 level: 3 of 10 transformer blocks,
-    # ~15% off a training step; shapes then learn slower (the longer polish stage makes them up) and
-    # token grounding reads the 8x8 and 4x4 levels as before
-    attention_levels: int = 2
-    # feed the UNet x/y coordinate channels (`coord_unet`), so position is explicit (alone: no effect on
-    # spatial relations in 4,000-4,500 steps, epsilon or v-prediction; on in the shipped recipe)
-    coordinates: bool = True
-    # later stages of the diffusion training, in order; each a dict of `Stage` fields ("name" and
-    # "steps" required; the rest default to the first stage's, the fields above). A stage starts from
-    # the previous stage's averaged (EMA) weights with a fresh optimiser, schedule and average.
-    # Shipped: a ranking stage with lighter grounding, which takes pair binding from ~85% to ~100% on
-    # validation (alone, without grounding from the first step, it does not move spatial relations:
-    # benchmarks/results/shapes-spatial-attempts.md), then a "polish" stage, ranking without grounding
-    # and recognition captions weighted up: shapes. Both at batch 32 (a step costs what a first-stage
-    # step does) with a share of one-object scenes, whose shape-swapped negatives teach shapes
-    stages: tuple = ({"name": "ranking", "steps": 1000, "lr": 5e-4, "warmup": 50, "hard_negatives": 32,
-                      "batch_size": 32, "one_object_share": 0.3, "grounding_weight": 0.05,
-                      "form_weights": {"recognition": 0.4, "binding": 0.25, "pair": 0.3, "spatial": 0.6,
-                                       "position": 0.6}},
-                     {"name": "polish", "steps": 1500, "lr": 5e-4, "warmup": 50, "hard_negatives": 32,
-                      "batch_size": 32, "one_object_share": 0.6, "grounding_weight": 0.0,
-                      "form_weights": {"recognition": 0.8, "binding": 0.25, "pair": 0.3, "spatial": 0.6,
-                                       "position": 0.6}})
-    text_width: int = 64
-    text_layers: int = 2
-    # the text encoder's layout objective: in a spatial caption "a X REL a Y", a linear head reads
-    # from the states of Y's colour and shape words and of the end token where Y is relative to X
-    # (`shapes.later_object_side`; 4 classes, cross-entropy, weight `layout_weight`). A causal encoder
-    # reaches those states after the relation word, so they can carry it; the objective puts it
-    # there. A function of the caption's words only (no image), standing in for the language
-    # pretraining a real text encoder has. The head is not part of the saved model
-    layout_weight: float = 1.0
-    # token grounding (`grounding`, TokenCompose's token loss): the cross-attention maps of the words
-    # that name an object (its colour, and its shape right after) at the 8x8 and 4x4 levels pulled
-    # onto that object's mask (exact, from the renderer), weight `grounding_weight`. With the layout
-    # objective, spatial-only training reaches 100% on validation in 1,000 steps (the layout objective alone: 58%).
-    # From the first step, lightly: 0.1 slows shape learning (shape recognition 58% at 4,000 steps, 96%
-    # without grounding), 0.02-0.03 less so (79%); grounding a trained model does not bind places
-    grounding_weight: float = 0.02
-    checkpoint_every: int = 500
-    eval_every: int = 2_000          # 0: only at the end
-    eval_examples: int = 24          # per subtask, validation split
-    eval_samples: int = 10
+    seed: int = option(0, help="seed of every random choice: scenes, initial weights, batches, noise, captions")
+    render_size: int = option(64, help="scenes are drawn at this side in pixels, then resized to --image-size "
+                                       "as the scorer resizes its inputs")
+    image_size: int = option(32, help="the model's image side in pixels (latents: a quarter of it)")
+    scenes: int = option(40_000, help="training scenes (positives of the training split)")
+    vae_steps: int = option(1_000, help="VAE training steps")
+    vae_batch: int = option(32, help="VAE batch size")
+    vae_lr: float = option(2e-3, help="VAE learning rate (AdamW, cosine schedule)")
+    kl_weight: float = option(1e-6, help="weight of the VAE's KL term")
+    foreground_weight: float = option(10.0, help="VAE reconstruction weight of object pixels relative to the "
+                                                 "background (objects are small)")
+    latent_channels: int = option(8, help="VAE latent channels")
+    steps: int = option(4_000, help="steps of the first diffusion stage (later stages: --stages)")
+    prediction_type: Literal["epsilon", "v_prediction"] = option(
+        "epsilon", help="what the UNet learns to predict (and the scorer's error measures)")
+    batch_size: int = option(64, help="scenes per step of the first diffusion stage (a later stage inherits "
+                                      "it unless it sets its own)")
+    lr: float = option(1e-3, help="peak learning rate of the first diffusion stage (AdamW, warm-up then cosine)")
+    warmup: int = option(200, help="warm-up steps of the first diffusion stage")
+    weight_decay: float = option(0.01, help="AdamW weight decay of the diffusion stages")
+    ema_decay: float = option(0.999, help="decay of the exponential moving average of the weights (saved)")
+    caption_dropout: float = option(0.1, help="probability that a training caption is the empty (null) prompt")
+    hard_negatives: int = option(0, help=(
+        "first stage: items per batch that get the hard-negative ranking term, captions with place words "
+        "first; each is denoised again on the same noisy latent under its world.hard_negative_caption "
+        "(positions flipped, else colours or sizes swapped, or one object's shape replaced) and the loss adds "
+        "rank_weight * T * softplus((error_true - error_negative) / T), T = rank_temperature"))
+    rank_weight: float = option(1.0, help="weight of the ranking term")
+    rank_temperature: float = option(0.01, help="T of the ranking term")
+    form_weights: dict = option(
+        default_factory=lambda: {"recognition": 0.4, "binding": 0.25, "pair": 0.15, "spatial": 0.4, "position": 0.2},
+        help="relative odds of the caption forms of a scene (world.training_captions; absent forms skipped), JSON")
+    scene_kinds: tuple[str, ...] = option(
+        ("recognition_color", "binding_color_shape", "pair_binding_size", "spatial"),
+        help="the kinds of training scene, drawn in turn (world.sample_example's subtasks)")
+    unet_channels: tuple[int, ...] = option((32, 64, 64), help="UNet level widths at the 8x8, 4x4 and 2x2 latent "
+                                                                "levels (one to three levels)")
+    attention_levels: int = option(2, help="how many UNet levels, from the finest, have cross-attention in their "
+                                           "down and up blocks (the middle block always has)")
+    coordinates: bool = option(True, help="feed the UNet x/y coordinate channels (CoordUNet2DConditionModel)")
+    stages: tuple = option(
+        ({"name": "ranking", "steps": 1000, "lr": 5e-4, "warmup": 50, "hard_negatives": 32, "batch_size": 32,
+          "one_object_share": 0.3, "grounding_weight": 0.05,
+          "form_weights": {"recognition": 0.4, "binding": 0.25, "pair": 0.3, "spatial": 0.6, "position": 0.6}},
+         {"name": "polish", "steps": 1500, "lr": 5e-4, "warmup": 50, "hard_negatives": 32, "batch_size": 32,
+          "one_object_share": 0.6, "grounding_weight": 0.0,
+          "form_weights": {"recognition": 0.8, "binding": 0.25, "pair": 0.3, "spatial": 0.6, "position": 0.6}}),
+        help=("the later diffusion stages in order, a JSON list of objects with the fields of Stage (name and steps "
+              "required; the others default to the first stage's); each starts from the previous stage's "
+              "averaged weights with a fresh optimiser, schedule and average; '[]': the first stage only"))
+    text_width: int = option(64, help="text encoder width")
+    text_layers: int = option(2, help="text encoder layers")
+    layout_weight: float = option(1.0, help=(
+        "weight of the text encoder's layout objective: in a spatial caption 'a X REL a Y' a linear head (not "
+        "saved) reads where Y is relative to X from the states of Y's colour and shape words and of the end "
+        "token (world.later_object_side; 4 classes, cross-entropy)"))
+    grounding_weight: float = option(0.02, help=(
+        "first stage: weight of token grounding (TokenCompose's token loss): the cross-attention maps of the "
+        "words naming an object (its colour and its shape) at the 8x8 and 4x4 levels pulled onto the object's "
+        "mask from the renderer"))
+    checkpoint_every: int = option(500, help="write OUT/checkpoint.pt every N diffusion steps")
+    eval_every: int = option(2_000, help="validate every N diffusion steps (0: only at the end)")
+    eval_examples: int = option(24, help="validation examples per subtask")
+    eval_samples: int = option(10, help="noise draws per pair in validation")
+
+    def __post_init__(self) -> None:
+        # JSON and the command line give lists; the recipe keeps tuples
+        self.scene_kinds, self.unet_channels, self.stages = (
+            tuple(self.scene_kinds), tuple(self.unet_channels), tuple(self.stages))
+        if not 1 <= len(self.unet_channels) <= 3:
+            raise ValueError(f"unet_channels takes one to three widths, got {self.unet_channels}")
 
     def stage_list(self) -> list[Stage]:
         """The diffusion stages: the first from the top-level fields, then `stages` over it."""
@@ -185,10 +170,7 @@ class Stage:
     batches of `batch_size` scenes (a later stage: the first stage's unless set) from scenes with
     `objects` objects (0: all scenes), except a share `one_object_share` of each batch drawn from
     the one-object scenes (0: none set apart), the text encoder's layout objective weighted
-    `layout_weight` and the token grounding term weighted `grounding_weight` (see `PretrainConfig`).
-    A shorter recipe with a final stage of one-object scenes (`objects` 1: shapes up, binding and
-    the complexity task down) or half of each batch (`one_object_share` 0.5) is in
-    benchmarks/results/shapes-spatial-attempts.md ("Sixth session")."""
+    `layout_weight` and the token grounding term weighted `grounding_weight` (see `PretrainConfig`)."""
 
     name: str
     steps: int
@@ -207,12 +189,12 @@ class Stage:
 # -- architecture ------------------------------------------------------------------------------
 
 def word_tokenizer(max_length: int = 16) -> transformers.PreTrainedTokenizerFast:
-    """A word-level tokenizer over ShapesWorld's vocabulary (`shapes.VOCABULARY`), CLIP-style:
+    """A word-level tokenizer over ShapesWorld's vocabulary (`world.VOCABULARY`), CLIP-style:
     lower-cased, "<|startoftext|> words <|endoftext|>", padded with "<|endoftext|>"; unknown
     words map to "<unk>". Saved and loaded like any Hugging Face tokenizer."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + shapes.VOCABULARY)}
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + world.VOCABULARY)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -257,7 +239,7 @@ def build_components(config: PretrainConfig) -> SDComponents:
             layers_per_block=1, cross_attention_dim=width, norm_num_groups=16,
             attention_head_dim=tuple(w // 16 for w in widths))  # diffusers' name for the head count: 16-wide heads
     return SDComponents(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
-                        scheduler=_scheduler(config.prediction_type), source="shapes-pretrain")
+                        scheduler=ddpm_scheduler(config.prediction_type), source="shapes-pretrain")
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -275,22 +257,22 @@ class SceneSet:
     masks: torch.Tensor | None = None
 
 
-def scene_list(n: int, seed: int, kinds: Sequence[str], size: int) -> list[shapes.Scene]:
+def scene_list(n: int, seed: int, kinds: Sequence[str], size: int) -> list[world.Scene]:
     """`n` positive scenes of the training split (the scene kinds in turn), reproducible from `seed`."""
-    rng = random.Random(shapes.SPLIT_SEEDS["train"] + seed)
-    return [shapes.sample_example(rng, kinds[i % len(kinds)], "train", size)[0] for i in range(n)]
+    rng = random.Random(world.SPLIT_SEEDS["train"] + seed)
+    return [world.sample_example(rng, kinds[i % len(kinds)], "train", size)[0] for i in range(n)]
 
 
 def training_scenes(config: PretrainConfig, components: SDComponents) -> SceneSet:
     """`config.scenes` training scenes (`scene_list`), rendered and resized exactly as the scorer
     resizes its inputs (`cache.preprocess_images`)."""
     scenes = scene_list(config.scenes, config.seed, config.scene_kinds, config.render_size)
-    pixels = torch.cat([preprocess_images(components, [shapes.render(s, config.render_size) for s in chunk])
+    pixels = torch.cat([preprocess_images(components, [world.render(s, config.render_size) for s in chunk])
                         for chunk in _chunks(scenes, 1024)])
     masks = None
     if any(stage.grounding_weight for stage in config.stage_list()):
         masks = torch.stack([grounding.object_masks(s, config.render_size, config.image_size // 4) for s in scenes])
-    return SceneSet(pixels, [shapes.training_captions(s, config.render_size) for s in scenes],
+    return SceneSet(pixels, [world.training_captions(s, config.render_size) for s in scenes],
                     torch.tensor([len(s) for s in scenes]), [tuple(o.color for o in s) for s in scenes], masks)
 
 
@@ -333,7 +315,7 @@ class Pretrainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed + 1)
             # the layout objective's head (`PretrainConfig.layout_weight`): text state -> side, 4 classes
-            self.layout_head = torch.nn.Linear(config.text_width, len(shapes.RELATIONS))
+            self.layout_head = torch.nn.Linear(config.text_width, len(world.RELATIONS))
         self.recorder = grounding.AttentionRecorder(self.components.unet)  # installs itself on first use
         self.report: dict = {"config": asdict(config), "vae": {}, "diffusion": {}, "validation": []}
         self.step = 0  # diffusion steps done
@@ -345,7 +327,7 @@ class Pretrainer:
     def train_vae(self, data: SceneSet) -> None:
         c, vae = self.config, self.components.vae
         vae.train().requires_grad_(True)
-        background = preprocess_images(self.components, [shapes.render((), c.render_size)])[0, :, :1, :1]  # [3, 1, 1]
+        background = preprocess_images(self.components, [world.render((), c.render_size)])[0, :, :1, :1]  # [3, 1, 1]
         optimiser = torch.optim.AdamW(vae.parameters(), lr=c.vae_lr, fused=True)
         schedule = get_scheduler("cosine", optimiser, num_warmup_steps=100, num_training_steps=c.vae_steps)
         start, bar = time.perf_counter(), tqdm(range(c.vae_steps), desc="VAE", disable=self._quiet())
@@ -427,15 +409,14 @@ class Pretrainer:
             z0 = latents[idx]
             noise = torch.randn(z0.shape, generator=gen)
             t = torch.randint(0, len(alphas), (stage.batch_size,), generator=gen)
-            a = alphas[t].view(-1, 1, 1, 1)
-            zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+            zt = add_noise(z0, noise, t, alphas)
             # the ranking term's items, again under their hard negatives: one UNet call over both
             negatives = self._hard_negatives(stage, texts, rng)
             rows = torch.tensor([i for i, _ in negatives], dtype=torch.long)
             states = self._encode(texts + [caption for _, caption in negatives])
             with self.recorder.record() if stage.grounding_weight else contextlib.nullcontext() as maps:
                 pred = comp.unet(torch.cat([zt, zt[rows]]), torch.cat([t, t[rows]]), encoder_hidden_states=states).sample
-            target = comp.scheduler.get_velocity(z0, noise, t) if c.prediction_type == "v_prediction" else noise
+            target = denoising_target(z0, noise, t, alphas, c.prediction_type)
             batch = len(texts)
             loss = (F.mse_loss(pred[:batch], target) + self._ranking_loss(stage, rows, pred, target)
                     + self._layout_loss(stage, texts, states[:batch])
@@ -478,13 +459,13 @@ class Pretrainer:
 
     def _hard_negatives(self, stage: Stage, texts: list[str], rng: random.Random) -> list[tuple[int, str]]:
         """The items of the hard-negative ranking term of `stage` (see `PretrainConfig.hard_negatives`):
-        (row in `texts`, its `shapes.hard_negative_caption`) for up to `stage.hard_negatives` rows whose
+        (row in `texts`, its `world.hard_negative_caption`) for up to `stage.hard_negatives` rows whose
         caption has one, those with place words first, then in batch order; [] when the stage does not rank."""
         if not stage.hard_negatives:
             return []
-        negatives = [(i, shapes.hard_negative_caption(text, rng)) for i, text in enumerate(texts)]
+        negatives = [(i, world.hard_negative_caption(text, rng)) for i, text in enumerate(texts)]
         pairs = [(i, negative) for i, negative in negatives if negative is not None]
-        pairs.sort(key=lambda pair: not shapes.has_place_words(texts[pair[0]]))  # stable: batch order within
+        pairs.sort(key=lambda pair: not world.has_place_words(texts[pair[0]]))  # stable: batch order within
         return pairs[:stage.hard_negatives]
 
     def _ranking_loss(self, stage: Stage, rows: torch.Tensor, pred: torch.Tensor,
@@ -509,7 +490,7 @@ class Pretrainer:
             return 0.0
         rows, columns, labels = [], [], []
         for i, text in enumerate(texts):
-            found = shapes.later_object_side(text)
+            found = world.later_object_side(text)
             if found is None:
                 continue
             positions, side = found
@@ -542,10 +523,9 @@ class Pretrainer:
             net.eval()
         try:
             c = self.config
-            examples = world_examples("val", c.eval_examples, size=c.render_size, subtasks=shapes.SUBTASKS)
+            draw = world.Draw("val", c.eval_examples, size=c.render_size, subtasks=world.SUBTASKS)
             with torch.no_grad():
-                scores = accuracy(DiffusionITM(self.components, progress=False), examples, "i2t", c.eval_samples,
-                                  size=c.render_size)
+                scores = report.accuracy(DiffusionITM(self.components, progress=False), draw, "i2t", c.eval_samples)
             return {k: round(v, 4) for k, v in scores.items()}
         finally:
             for net, mode in zip(nets, modes):
@@ -597,8 +577,7 @@ class Pretrainer:
         if not path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {path}")
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if json.loads(state["config"]) != json.loads(json.dumps(asdict(self.config))):
-            raise ValueError(f"{path} was written with another config; use another --out or the same options")
+        options.check_same_config(json.loads(state["config"]), options.identity(self.config), path)
         comp = self.components
         comp.vae.load_state_dict(state["vae"])
         comp.vae.register_to_config(scaling_factor=state["scaling_factor"])
@@ -624,49 +603,24 @@ class _ema_weights:
         self.ema.restore(self.params)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`itm-train pretrain --world shapes --out DIR [--steps N] [--seed S] ...`."""
-    defaults = PretrainConfig()
-    parser = argparse.ArgumentParser(prog="itm-train pretrain", description=__doc__.splitlines()[0])
-    parser.add_argument("--world", choices=["shapes"], default="shapes", help="the world to train on")
-    parser.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.jsonl, training.json, model/")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    for name in ("seed", "scenes", "vae_steps", "steps", "batch_size", "hard_negatives", "attention_levels", "eval_every",
-                 "eval_examples", "checkpoint_every"):
-        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
-    for name in ("lr", "vae_lr", "caption_dropout", "ema_decay", "rank_weight", "rank_temperature", "layout_weight",
-                 "grounding_weight"):
-        parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
-    parser.add_argument("--unet-channels", default=",".join(map(str, defaults.unet_channels)),
-                        help="UNet level widths, comma-separated (one level per halving of the 8x8 latent)")
-    parser.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=defaults.prediction_type,
-                        help="what the UNet learns to predict (and the scorer's error measures)")
-    parser.add_argument("--coordinates", action=argparse.BooleanOptionalAction, default=defaults.coordinates,
-                        help="feed the UNet x/y coordinate channels (CoordUNet2DConditionModel)")
-    parser.add_argument("--stages", type=json.loads, default=list(defaults.stages),
-                        help="later diffusion stages, a JSON list of objects with the fields of `Stage` "
-                             "(name, steps; lr, warmup, hard_negatives, rank_weight, form_weights, objects, "
-                             "one_object_share, layout_weight, grounding_weight, batch_size); "
-                             "'[]' trains the first stage only")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    fields = {k: v for k, v in vars(args).items() if k in PretrainConfig.__dataclass_fields__}
-    fields["unet_channels"] = tuple(int(v) for v in args.unet_channels.split(","))
-    fields["stages"] = tuple(args.stages)
-    if not 1 <= len(fields["unet_channels"]) <= 3:
-        parser.error("--unet-channels takes one to three integers")
+@dataclass
+class PretrainRun:
+    """Where and how `itm-shapes pretrain` runs (not part of the recipe)."""
+
+    out: str = option(help="run folder: checkpoint.pt, log.jsonl, training.json, model/", identity=False)
+    resume: bool = option(False, help="continue from OUT/checkpoint.pt", identity=False)
+    threads: int | None = option(None, help="torch CPU threads (default: torch's)", identity=False)
+
+
+def pretrain_command(config: PretrainConfig, run: PretrainRun) -> int:
+    """`itm-shapes pretrain`: train into `run.out` (resuming with `run.resume`); the exit code."""
     try:
-        config = PretrainConfig(**fields)
+        if run.threads:
+            torch.set_num_threads(run.threads)
         config.stage_list()  # a bad --stages fails here, before any work
-        model = Pretrainer(config, args.out).run(resume=args.resume)
+        model = Pretrainer(config, run.out).run(resume=run.resume)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"itm-train pretrain: error: {err}", file=sys.stderr)
+        print(f"itm-shapes pretrain: error: {err}", file=sys.stderr)
         return 2
     print(f"model written to {model}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

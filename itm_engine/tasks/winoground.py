@@ -6,9 +6,9 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from itm_engine.data import register
-from itm_engine.data.base import DataError, Example, Task, require
 from itm_engine.metrics import grouped_accuracy, winoground
+from itm_engine.tasks import register
+from itm_engine.tasks.base import DataError, Example, Task, require
 
 
 @register

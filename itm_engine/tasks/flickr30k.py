@@ -9,9 +9,9 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from itm_engine.data import register
-from itm_engine.data.base import DataError, Example, Task, require
 from itm_engine.metrics import recall_at_k
+from itm_engine.tasks import register
+from itm_engine.tasks.base import DataError, Example, Task, require
 
 KARPATHY_JSON = "dataset_flickr30k.json"
 IMAGE_DIRS = ("flickr30k-images", "images")

@@ -1,23 +1,24 @@
-"""Install trained ShapesWorld models as the package's bundled models, with a model card.
+"""`itm-shapes bundle`: install trained ShapesWorld models as the package's bundled models, with a model card.
 
-    python benchmarks/bundle_shapes.py --run runs/shapes-ldm --clip runs/shapes-clip \
-        [--accuracy benchmarks/results/shapes-accuracy.json]
+    itm-shapes bundle --run runs/shapes-ldm --clip runs/shapes-clip [--accuracy benchmarks/results/shapes-accuracy.json]
+    itm-shapes bundle --accuracy benchmarks/results/shapes-accuracy.json     # rewrite the installed card only
 
-Copies RUN/model (from `itm-train pretrain`) and RUN/training.json to itm_engine/assets/shapes/,
-the CLIP files (from `itm-train pretrain-clip`) to itm_engine/assets/shapes-clip/, and writes the
-model card itm_engine/assets/shapes/README.md from the recipe and, when given, the measured accuracy.
+Copies RUN/model (from `itm-shapes pretrain`) and RUN/training.json to
+itm_engine/shapesworld/assets/shapes/, the CLIP files (from `itm-shapes pretrain-clip`) to
+itm_engine/shapesworld/assets/shapes-clip/, and writes the model card assets/shapes/README.md from
+the recipe and, when given, the measured accuracy (`itm-shapes report`'s JSON).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from itm_engine import bundled
-from itm_engine.grounding import GROUNDING_RESOLUTIONS
-from itm_engine.pretrain import PretrainConfig
+from itm_engine.options import option
+from itm_engine.shapesworld import ASSETS, CLIP, MODEL
+from itm_engine.shapesworld.grounding import GROUNDING_RESOLUTIONS
+from itm_engine.shapesworld.pretrain import PretrainConfig
 
 
 def _count(folder: Path) -> dict[str, int]:
@@ -50,8 +51,8 @@ def model_card(training: dict, clip_training: dict, unet_config: dict, counts: d
     lines = [
         "# shapes: a small latent diffusion model of ShapesWorld",
         "",
-        "Trained from scratch by itm-engine (`itm-train pretrain --world shapes`) on the training split of",
-        "ShapesWorld (`itm_engine/data/shapes.py`): one- and two-object scenes of 6 colours x 5 shapes x 2 sizes",
+        "Trained from scratch by itm-engine (`itm-shapes pretrain`) on the training split of",
+        "ShapesWorld (`itm_engine/shapesworld/world.py`): one- and two-object scenes of 6 colours x 5 shapes x 2 sizes",
         "with grammar captions; the held-out colour-shape combinations never appear in training. It exists",
         "so the engine can be checked end to end on a model whose answers mean something, offline.",
         "Load it with `DiffusionITM.from_pretrained(\"shapes\")` (or this folder's path).",
@@ -62,7 +63,7 @@ def model_card(training: dict, clip_training: dict, unet_config: dict, counts: d
         f"{c['image_size'] // 4}, {counts['vae']:,} parameters, scaling factor {training['vae']['scaling_factor']:.4f}",
         f"- text encoder: `CLIPTextModel`, {c['text_layers']} layers, width {c['text_width']}, {counts['text_encoder']:,}"
         " parameters, over a word-level tokenizer (`tokenizer/`, 16 tokens, CLIP-style start/end tokens)",
-        ("- UNet: `itm_engine.coord_unet.CoordUNet2DConditionModel` (a `UNet2DConditionModel` whose input is the "
+        ("- UNet: `itm_engine.shapesworld.coord_unet.CoordUNet2DConditionModel` (a `UNet2DConditionModel` whose input is the "
          "noisy latent plus two x/y coordinate channels, so it can tell left from right)" if c.get("coordinates")
          else "- UNet: `UNet2DConditionModel`")
         + f", channels {tuple(c['unet_channels'])}, {attention_text(unet_config)}, {counts['unet']:,} parameters",
@@ -92,7 +93,7 @@ def model_card(training: dict, clip_training: dict, unet_config: dict, counts: d
         "   Captions: the evaluation grammar (recognition, binding, pair, spatial and its converse) plus absolute",
         "   places for training only (\"a small red circle on the left\").",
         *(["   Hard-negative ranking term: the same noisy latent is denoised again under a false caption "
-           "(`shapes.hard_negative_caption`: every position word flipped, or the two colours or two sizes swapped, "
+           "(`world.hard_negative_caption`: every position word flipped, or the two colours or two sizes swapped, "
            "or one object's shape replaced), "
            f"and the loss adds {c['rank_weight']} x T x softplus((error_true - error_false) / T), "
            f"T = {c['rank_temperature']}. Note that these negatives are of the kinds the recognition_shape, binding "
@@ -100,11 +101,11 @@ def model_card(training: dict, clip_training: dict, unet_config: dict, counts: d
           if any(st.hard_negatives for st in stages) else []),
         *(["   Layout objective for the text encoder (weight " + str(c["layout_weight"]) + "): in a spatial caption "
            "\"a X REL a Y\", a linear head (not saved) classifies from the states of Y's colour and shape words and "
-           "of the end token where Y is relative to X; a function of the words only (`shapes.later_object_side`)."]
+           "of the end token where Y is relative to X; a function of the words only (`world.later_object_side`)."]
           if c.get("layout_weight") else []),
         *(["   Token grounding (weight " + str(c["grounding_weight"]) + " in the first stage, later ones as above; "
            "TokenCompose's token loss, "
-           "`itm_engine.grounding`): the UNet's cross-attention maps, at the "
+           "`itm_engine.shapesworld.grounding`): the UNet's cross-attention maps, at the "
            + " and ".join(f"{r}x{r}" for r in GROUNDING_RESOLUTIONS) + " levels, of each word that "
            "names an object (its colour, and its shape right after) are pulled onto that object's mask from the "
            "renderer: the loss adds 1 - (attention inside the mask) / (all its attention)."]
@@ -115,21 +116,23 @@ def model_card(training: dict, clip_training: dict, unet_config: dict, counts: d
         f"{(training['vae']['seconds'] + training['diffusion']['seconds']) / 60:.1f} min for the VAE and diffusion stages"
         + (f", {training['seconds'] / 60:.1f} min for the whole run (scenes, VAE, diffusion, validation, save). "
            if "seconds" in training else ". ") +
-        "Reproduce: `itm-train pretrain --world shapes --out DIR`.",
+        "Reproduce: `itm-shapes pretrain --out DIR`.",
         "",
         "Validation (image->text, " + str(c["eval_examples"]) + " validation examples per subtask, "
         + str(c["eval_samples"]) + " draws): " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in val.items() if k != "step"),
         "",
         "## CLIP baseline (`../shapes-clip/`)",
         "",
-        f"A tiny open_clip CLIP (`itm-train pretrain-clip --world shapes`): {clip_training['architecture']}; "
+        f"A tiny open_clip CLIP (`itm-shapes pretrain-clip`): {clip_training['architecture']}; "
         f"{clip_training['config']['steps']:,} steps at batch {clip_training['config']['batch_size']}, "
         f"{clip_training['seconds'] / 60:.1f} min, final loss {clip_training['final_loss']:.3f}. Same scenes and captions.",
     ]
     if accuracy:
         lines += ["", "## Measured accuracy", "",
-                  f"`{accuracy['command']}` ({accuracy['n']} examples per subtask, {accuracy['samples']} stratified "
-                  "draws per pair, seed " + str(accuracy["seed"]) + "); the true candidate must score strictly highest.", ""]
+                  f"`itm-shapes report` ({accuracy['n']} examples per subtask, {accuracy['samples']} stratified "
+                  "draws per pair, seed " + str(accuracy["seed"])
+                  + ("; the HardNeg columns: the LoRA of `benchmarks/shapes_hardneg.sh`" if accuracy.get("lora") else "")
+                  + "); the true candidate must score strictly highest.", ""]
         for split, table in accuracy["accuracy"].items():
             headers = list(table)
             lines += [f"{split} split:", "", "| subtask | " + " | ".join(headers) + " |", "|---" * (len(headers) + 1) + "|"]
@@ -145,37 +148,42 @@ def model_card(training: dict, clip_training: dict, unet_config: dict, counts: d
                       + ".", ""]
             if "spatial" in weak:
                 lines += ["Spatial relations at chance: the model does not bind two objects to two places. What was "
-                          "tried, with figures: `benchmarks/results/shapes-spatial-attempts.md` in the repository.", ""]
+                          "tried, with figures: `docs/shapesworld-recipe.md` in the repository.", ""]
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, help="an `itm-train pretrain` output folder")
-    parser.add_argument("--clip", required=True, help="an `itm-train pretrain-clip` output folder")
-    parser.add_argument("--accuracy", default=None, help="shapes_report.py JSON to put in the card")
-    args = parser.parse_args(argv)
-    run, clip = Path(args.run), Path(args.clip)
-    target, clip_target = bundled.ASSETS / "shapes", bundled.ASSETS / "shapes-clip"
-    for folder in (target, clip_target):
-        shutil.rmtree(folder, ignore_errors=True)
-    shutil.copytree(run / "model", target)
-    shutil.copy(run / "training.json", target / "training.json")
-    clip_target.mkdir(parents=True)
-    for name in ("shapes-clip.json", "shapes-clip.safetensors", "clip-training.json"):
-        shutil.copy(clip / name, clip_target / name)
-    training = json.loads((run / "training.json").read_text())
-    clip_training = json.loads((clip / "clip-training.json").read_text())
+@dataclass
+class BundleConfig:
+    """Options of `itm-shapes bundle`."""
+
+    run: str | None = option(None, help="an itm-shapes pretrain output folder to install (with --clip; omit both "
+                                        "to rewrite the installed model's card only)")
+    clip: str | None = option(None, help="an itm-shapes pretrain-clip output folder to install")
+    accuracy: str | None = option(None, help="an itm-shapes report JSON to put in the card")
+
+
+def bundle(config: BundleConfig) -> Path:
+    """Install `config.run` and `config.clip` (when given) and write the model card; returns the model folder."""
+    target, clip_target = ASSETS / MODEL, ASSETS / CLIP
+    if (config.run is None) != (config.clip is None):
+        raise ValueError("give both --run and --clip (to install a trained pair), or neither (to rewrite the card)")
+    if config.run is not None:
+        run, clip = Path(config.run), Path(config.clip)
+        for folder in (target, clip_target):
+            shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(run / "model", target)
+        shutil.copy(run / "training.json", target / "training.json")
+        clip_target.mkdir(parents=True)
+        for name in (f"{CLIP}.json", f"{CLIP}.safetensors", "clip-training.json"):
+            shutil.copy(clip / name, clip_target / name)
+    training = json.loads((target / "training.json").read_text())
+    clip_training = json.loads((clip_target / "clip-training.json").read_text())
     clip_training.pop("log", None)
     (clip_target / "clip-training.json").write_text(json.dumps(clip_training, indent=1) + "\n")
-    accuracy = json.loads(Path(args.accuracy).read_text()) if args.accuracy else None
-    size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file()) / 2**20
+    accuracy = json.loads(Path(config.accuracy).read_text()) if config.accuracy else None
+    size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file() and p.name != "README.md") / 2**20
     unet_config = json.loads((target / "unet" / "config.json").read_text())
     card = model_card(training, clip_training, unet_config, _count(target), size, accuracy)
     (target / "README.md").write_text(card)
     print(f"bundled {target} ({size:.1f} MB) and {clip_target}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return target

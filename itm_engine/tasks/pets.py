@@ -6,9 +6,9 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from itm_engine.data import register
-from itm_engine.data.base import DataError, Example, Task
 from itm_engine.metrics import macro_accuracy
+from itm_engine.tasks import register
+from itm_engine.tasks.base import DataError, Example, Task
 
 PROMPT = "a photo of a {breed}, a type of pet."
 _IMAGE_NAME = re.compile(r"^(?P<breed>.+)_(?P<n>\d+)$")  # Breed_Name_123 (cats capitalised, dogs lower case)

@@ -6,8 +6,9 @@ right" condition it identically. `CoordUNet2DConditionModel` appends two fixed c
 (x and y, from -1 at the first pixel to 1 at the last) to the noisy latent before `conv_in`, as
 CoordConv does (Liu et al., 2018), so position words can be grounded. Everything else, weights
 layout, config, saving and loading, attention processors, `torch.compile`, is the parent's; its
-config's ``in_channels`` counts the two coordinate channels (latent channels + 2) and its
-``_class_name`` names this class, which `itm_engine.models` reads to pick it when loading a folder.
+config's ``in_channels`` counts the two coordinate channels (latent channels + 2, which the class
+attribute ``extra_input_channels`` declares) and its ``_class_name`` names this class: registered
+with `itm_engine.models.register_unet_class` by the lab's plugin, a saved folder loads as it.
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ class CoordUNet2DConditionModel(diffusers.UNet2DConditionModel):
     """`UNet2DConditionModel` fed [noisy latent, x, y]: call it like the parent with a latent
     `sample` [B, in_channels - 2, H, W]; returns the parent's output ([B, out_channels, H, W])."""
 
+    extra_input_channels = COORDINATE_CHANNELS
+
     def forward(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor,
                 *args: Any, **kwargs: Any) -> Any:
         expected = self.config.in_channels - COORDINATE_CHANNELS
@@ -41,17 +44,3 @@ class CoordUNet2DConditionModel(diffusers.UNet2DConditionModel):
                              f"{COORDINATE_CHANNELS} coordinate channels itself), got {sample.shape[1]}")
         sample = torch.cat([sample, coordinate_grid(sample)], dim=1)
         return super().forward(sample, timestep, encoder_hidden_states, *args, **kwargs)
-
-
-def latent_channels(unet: diffusers.UNet2DConditionModel) -> int:
-    """Channels of the latents `unet` takes (its ``in_channels`` less any coordinate channels)."""
-    extra = COORDINATE_CHANNELS if isinstance(unet, CoordUNet2DConditionModel) else 0
-    return unet.config.in_channels - extra
-
-
-def unet_class(config: dict[str, Any]) -> type[diffusers.UNet2DConditionModel]:
-    """The class a saved UNet config names (``_class_name``): this module's for
-    ``CoordUNet2DConditionModel``, diffusers' `UNet2DConditionModel` otherwise."""
-    if config.get("_class_name") == CoordUNet2DConditionModel.__name__:
-        return CoordUNet2DConditionModel
-    return diffusers.UNet2DConditionModel

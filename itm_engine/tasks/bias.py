@@ -7,9 +7,9 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from itm_engine.data import register
-from itm_engine.data.base import DataError, Example, Task
 from itm_engine.metrics import bias_phi, effect_size, permutation_p_value
+from itm_engine.tasks import register
+from itm_engine.tasks.base import DataError, Example, Task
 
 CATEGORIES = {
     "Religion": ("Christian", "Muslim", "Jewish", "Hindu", "Buddhist"),

@@ -6,9 +6,9 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from itm_engine.data import register
-from itm_engine.data.base import DataError, Example, Task
 from itm_engine.metrics import accuracy_by_group
+from itm_engine.tasks import register
+from itm_engine.tasks.base import DataError, Example, Task
 
 SUBTASKS = ("pair_binding_size", "pair_binding_color", "recognition_color", "recognition_shape", "spatial",
             "binding_color_shape", "binding_shape_color")

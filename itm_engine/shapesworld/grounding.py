@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor
 
-from itm_engine.data import shapes
+from itm_engine.shapesworld import world
 
 # latent sides (H = W) whose cross-attention maps the pretraining grounding term reads
 GROUNDING_RESOLUTIONS = (8, 4)
@@ -84,18 +84,18 @@ def word_objects(caption: str, colors: Sequence[str]) -> list[tuple[int, int]]:
     for i, word in enumerate(words):
         if word in colors:
             out.append((i, colors.index(word)))
-            if i + 1 < len(words) and words[i + 1] in shapes.SHAPES:
+            if i + 1 < len(words) and words[i + 1] in world.SHAPES:
                 out.append((i + 1, colors.index(word)))
     return out
 
 
-def object_masks(scene: shapes.Scene, size: int, latent: int, objects: int = 2) -> torch.Tensor:
+def object_masks(scene: world.Scene, size: int, latent: int, objects: int = 2) -> torch.Tensor:
     """[objects, latent, latent] float masks: 1 where a latent cell (of a `size`-px render) holds
     any pixel of that object of `scene`, 0 elsewhere and for absent objects."""
     out = torch.zeros(objects, latent, latent)
-    background = torch.tensor(shapes.BACKGROUND, dtype=torch.uint8)
+    background = torch.tensor(world.BACKGROUND, dtype=torch.uint8)
     for k, obj in enumerate(scene[:objects]):
-        pixels = torch.from_numpy(np.array(shapes.render((obj,), size)))  # [size, size, 3]
+        pixels = torch.from_numpy(np.array(world.render((obj,), size)))  # [size, size, 3]
         drawn = (pixels != background).any(-1).float()[None, None]
         out[k] = F.adaptive_max_pool2d(drawn, latent)[0, 0]
     return out

@@ -1,5 +1,6 @@
 """ShapesWorld: a procedural image-caption world with the compositional structure of GDBench's
-CLEVR subtasks, generated from a seed (nothing to download), and its evaluation tasks.
+CLEVR subtasks, generated from a seed (nothing to download). Its evaluation tasks read what
+`write_shapesworld` writes, or take examples straight from here (`itm_engine.shapesworld.tasks`).
 
 World. An image (default 64 x 64 px, grey background, no anti-aliasing) holds one or two objects;
 an object has a colour (`COLORS`, named RGB), a shape (`SHAPES`), a size (`SIZES`: small/large)
@@ -33,7 +34,7 @@ Splits (disjoint by construction, not by chance):
       "compositional" split every object of every positive scene has a held-out combination
       (its negatives may use any). Report it separately: it measures generalisation.
 
-On disk (`write_shapesworld`, or `python -m itm_engine.data.shapes --out DIR`)::
+On disk (`write_shapesworld`, or `itm-shapes write --out DIR`)::
 
     ROOT/examples.json   {"split", "seed", "size", "held_out_combos", "examples": [{"id",
                          "subtask", "image", "caption", "objects", "negatives": [{"image",
@@ -42,21 +43,15 @@ On disk (`write_shapesworld`, or `python -m itm_engine.data.shapes --out DIR`)::
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import zlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import PIL.Image
 import PIL.ImageDraw
-import torch
-
-from itm_engine.data import register
-from itm_engine.data.base import DataError, Example, Task, require
-from itm_engine.metrics import accuracy_by_group, recall_at_k
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 230),
@@ -342,35 +337,67 @@ def _names_held_out_combo(words: list[str]) -> bool:
     return any(pair in HELD_OUT_COMBOS for pair in pairs)
 
 
+@dataclass(frozen=True)
+class Draw:
+    """Which examples to draw: `n` per subtask of `split`, in the order of `subtasks`, from
+    `random.Random(SPLIT_SEEDS[split] + seed)`, images rendered at `size` px. The same Draw always
+    gives the same examples, on disk (`write_shapesworld`) or in memory (`example_rows`)."""
+
+    split: str = "test"
+    n: int = 50
+    seed: int = 0
+    size: int = 64
+    subtasks: tuple[str, ...] = ALL_SUBTASKS
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLIT_SEEDS:
+            raise ValueError(f"unknown split {self.split!r}; known: {', '.join(SPLIT_SEEDS)}")
+        unknown = [s for s in self.subtasks if s not in ALL_SUBTASKS]
+        if unknown or not self.subtasks:
+            raise ValueError(f"subtasks must name some of {', '.join(ALL_SUBTASKS)}, got {list(self.subtasks)}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+
+
+def draw_scenes(draw: Draw) -> list[tuple[str, Scene, list[Scene]]]:
+    """(subtask, positive scene, negative scenes) of each example of `draw`, in order."""
+    rng = random.Random(SPLIT_SEEDS[draw.split] + draw.seed)
+    return [(subtask, *sample_example(rng, subtask, draw.split, draw.size))
+            for subtask in draw.subtasks for _ in range(draw.n)]
+
+
+def example_rows(draw: Draw, image: Callable[[Scene, str], Any]) -> list[dict]:
+    """The rows of `examples.json` for `draw` (layout: module docstring), each scene's "image" being
+    `image(scene, stem)`: a file path for the writer, the rendered image for examples in memory."""
+    rows = []
+    for index, (subtask, scene, negatives) in enumerate(draw_scenes(draw)):
+        k = index % draw.n
+        stem = f"{subtask}_{k:05d}"
+        rows.append({
+            "id": f"{subtask}/{k:05d}", "subtask": subtask, "image": image(scene, stem),
+            "caption": caption(scene, subtask), "objects": [asdict(o) for o in scene],
+            "negatives": [{"image": image(neg, f"{stem}_neg{j}"), "caption": caption(neg, subtask),
+                           "objects": [asdict(o) for o in neg]} for j, neg in enumerate(negatives)],
+        })
+    return rows
+
+
 def write_shapesworld(root, split: str = "test", n: int = 50, seed: int = 0, size: int = 64,
                       subtasks: Sequence[str] = ALL_SUBTASKS) -> Path:
     """Generate `n` examples per subtask of `split` into `root` (images/ + examples.json); returns root.
 
     The same (split, n, seed, size, subtasks) always writes the same files."""
-    if split not in SPLIT_SEEDS:
-        raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLIT_SEEDS)}")
+    draw = Draw(split, n, seed, size, tuple(subtasks))
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
-    rng = random.Random(SPLIT_SEEDS[split] + seed)
 
-    def save(scene: Scene, name: str) -> str:
-        relative = f"images/{name}.png"
+    def save(scene: Scene, stem: str) -> str:
+        relative = f"images/{stem}.png"
         render(scene, size).save(root / relative)
         return relative
 
-    examples = []
-    for subtask in subtasks:
-        for k in range(n):
-            scene, negatives = sample_example(rng, subtask, split, size)
-            stem = f"{subtask}_{k:05d}"
-            examples.append({
-                "id": f"{subtask}/{k:05d}", "subtask": subtask, "image": save(scene, stem),
-                "caption": caption(scene, subtask), "objects": [asdict(o) for o in scene],
-                "negatives": [{"image": save(neg, f"{stem}_neg{j}"), "caption": caption(neg, subtask),
-                               "objects": [asdict(o) for o in neg]} for j, neg in enumerate(negatives)],
-            })
     meta = {"split": split, "seed": seed, "size": size, "held_out_combos": sorted(HELD_OUT_COMBOS),
-            "examples": examples}
+            "examples": example_rows(draw, save)}
     (root / "examples.json").write_text(json.dumps(meta, indent=1))
     return root
 
@@ -397,163 +424,3 @@ def write_negclip_tsv(root) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
-
-
-# -- tasks -------------------------------------------------------------------------------------
-
-class _Shapes(Task):
-    """Reads ROOT/examples.json written by `write_shapesworld` (layout: module docstring).
-
-    Options:
-        subtasks: the subtasks to load, a list or a comma-separated string (default: the seven
-            CLEVR-style `SUBTASKS`; for `shapes_t2i` also `complexity`).
-    """
-
-    option_names = ("subtasks",)
-    default_subtasks: tuple[str, ...] = SUBTASKS
-
-    def __init__(self, root, skip_missing: bool = False, **options: Any) -> None:
-        super().__init__(root, skip_missing, **options)
-        chosen = options.get("subtasks")
-        names = [s.strip() for s in chosen.split(",")] if isinstance(chosen, str) else chosen
-        if names is not None and (not isinstance(names, (list, tuple)) or not names
-                                  or any(s not in ALL_SUBTASKS for s in names)):
-            raise ValueError(f"{self.name}: option subtasks must name some of {', '.join(ALL_SUBTASKS)}, got {chosen!r}")
-        self.subtasks = tuple(names) if names else self.default_subtasks
-
-    def rows(self) -> list[tuple[str, dict]]:
-        """(where, row) of each example of the chosen subtasks, validated (files not checked)."""
-        data = self.read_json("examples.json")
-        if not isinstance(data, dict) or not isinstance(data.get("examples"), list):
-            raise DataError(f"{self.name}: examples.json: expected an object with an 'examples' list")
-        rows = []
-        for i, row in enumerate(data["examples"]):
-            where = f"examples.json examples[{i}]"
-            require(row, ("id", "subtask", "image", "caption", "negatives"), where, self.name)
-            if not isinstance(row["negatives"], list) or not row["negatives"]:
-                raise DataError(f"{self.name}: {where}: malformed row: negatives must be a non-empty list")
-            for j, neg in enumerate(row["negatives"]):
-                require(neg, ("image", "caption"), f"{where} negatives[{j}]", self.name)
-            if row["subtask"] in self.subtasks:
-                rows.append((where, row))
-        return rows
-
-    def load_examples(self) -> Iterable[Example]:
-        return list(self.examples_from(self.rows(), self.build))  # `build`: one Example per row
-
-    def metrics(self, examples: Sequence[Example], scores: dict[str, Sequence[torch.Tensor]]) -> dict[str, float]:
-        """"accuracy" (micro), "accuracy/macro" (mean over subtasks), "accuracy/<subtask>"; the
-        correct candidate must score strictly highest (a tie is wrong)."""
-        return accuracy_by_group(self.correct(examples, scores), [ex.meta["subtask"] for ex in examples])
-
-
-@register
-class ShapesI2T(_Shapes):
-    """ShapesWorld image->text: one image against its positive and hard-negative captions.
-
-    Example (id = the row's id): images = (scene,), texts = (positive, *negatives), label 0,
-    meta {"subtask"}. Chance: 1/(1 + #negatives) (1/6 or 1/5 for recognition, 1/2 otherwise).
-    """
-
-    name = "shapes"
-    modes = ("i2t",)
-    description = "ShapesWorld: image vs positive and hard-negative captions, accuracy per subtask"
-
-    def build(self, row: dict) -> Example:
-        return Example(id=row["id"], images=(self.path(row["image"], row["id"]),),
-                       texts=(row["caption"], *(n["caption"] for n in row["negatives"])), label=0,
-                       meta={"subtask": row["subtask"]})
-
-
-@register
-class ShapesT2I(_Shapes):
-    """ShapesWorld text->image: the positive caption against the positive image and the negative
-    scenes' images (each differs from it in the one attribute the subtask probes).
-
-    Example (id = the row's id): images = (scene, *negative scenes), texts = (caption,), label 0,
-    meta {"subtask"}.
-    """
-
-    name = "shapes_t2i"
-    modes = ("t2i",)
-    default_subtasks = ALL_SUBTASKS  # with COMPLEXITY, built for text->image
-    description = "ShapesWorld: caption vs images differing in one attribute, accuracy per subtask"
-
-    def build(self, row: dict) -> Example:
-        images = [self.path(row["image"], row["id"])]
-        images += [self.path(n["image"], f"{row['id']} negatives[{j}]") for j, n in enumerate(row["negatives"])]
-        return Example(id=row["id"], images=tuple(images), texts=(row["caption"],), label=0,
-                       meta={"subtask": row["subtask"]})
-
-
-@register
-class ShapesRetrieval(_Shapes):
-    """ShapesWorld retrieval, like Flickr30K: the positive images of the first `pool` examples
-    (taking the subtasks in turn) against their distinct positive captions, all candidates, both directions.
-
-    One example (id "pool{n}"): images = the n images, texts = the distinct captions; label
-    {"i2t": [[caption index] per image], "t2i": [[indices of the images with that caption] per
-    caption]}. Options: subtasks, pool (default 100). Metrics: "i2t/R@1", "i2t/R@5", "t2i/R@1",
-    "t2i/R@5" (`metrics.recall_at_k`, ties count against).
-    """
-
-    name = "shapes_retrieval"
-    modes = ("i2t", "t2i")
-    description = "ShapesWorld: N images x N captions, R@1/R@5 image->text and text->image"
-    option_names = ("subtasks", "pool")
-    ks = (1, 5)
-
-    def __init__(self, root, skip_missing: bool = False, **options: Any) -> None:
-        super().__init__(root, skip_missing, **options)
-        self.pool = options.get("pool", 100)
-        if isinstance(self.pool, bool) or not isinstance(self.pool, int) or self.pool < 2:
-            raise ValueError(f"{self.name}: option pool must be an integer >= 2, got {self.pool!r}")
-
-    def load_examples(self) -> Iterable[Example]:
-        turn: dict[str, int] = {}  # the k-th example of each subtask comes before any (k+1)-th
-        keyed = []
-        for item in self.rows():
-            subtask = item[1]["subtask"]
-            keyed.append((turn.get(subtask, 0), item))
-            turn[subtask] = turn.get(subtask, 0) + 1
-        rows = [item for _, item in sorted(keyed, key=lambda k: k[0])][: self.pool]
-        rows = list(self.examples_from(rows, lambda r: (self.path(r["image"], r["id"]), r["caption"])))
-        texts = list(dict.fromkeys(text for _, text in rows))
-        label = {"i2t": [[texts.index(text)] for _, text in rows],
-                 "t2i": [[i for i, (_, t) in enumerate(rows) if t == text] for text in texts]}
-        return [Example(id=f"pool{len(rows)}", images=tuple(image for image, _ in rows), texts=tuple(texts),
-                        label=label)]
-
-    def metrics(self, examples: Sequence[Example], scores: dict[str, Sequence[torch.Tensor]]) -> dict[str, float]:
-        if len(examples) != 1 or any(len(scores[m]) != 1 for m in self.modes):
-            raise ValueError(f"{self.name}: expected one example with one matrix per mode")
-        label = examples[0].label
-        out = {f"i2t/{k}": v for k, v in recall_at_k(scores["i2t"][0], label["i2t"], self.ks).items()}
-        out.update({f"t2i/{k}": v for k, v in recall_at_k(scores["t2i"][0].T, label["t2i"], self.ks).items()})
-        return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m itm_engine.data.shapes --out DIR [--split test] [--n 50] [--seed 0] [--size 64] [--negclip]`."""
-    parser = argparse.ArgumentParser(description="Generate a ShapesWorld split for itm-eval --task shapes*")
-    parser.add_argument("--out", required=True, help="the data root to write (images/ + examples.json)")
-    parser.add_argument("--split", default="test", choices=list(SPLIT_SEEDS))
-    parser.add_argument("--n", type=int, default=50, help="examples per subtask")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
-    parser.add_argument("--subtasks", default=",".join(ALL_SUBTASKS), help="comma-separated subtasks to write")
-    parser.add_argument("--negclip", action="store_true",
-                        help="also write negclip.tsv (HardNeg training data for itm-train --data)")
-    args = parser.parse_args(argv)
-    subtasks = [t.strip() for t in args.subtasks.split(",")]
-    unknown = [t for t in subtasks if t not in ALL_SUBTASKS]
-    if unknown:
-        parser.error(f"unknown subtask(s) {unknown}; known: {', '.join(ALL_SUBTASKS)}")
-    root = write_shapesworld(args.out, args.split, args.n, args.seed, args.size, subtasks)
-    print(f"wrote {args.n * len(subtasks)} {args.split} examples to {root}")
-    if args.negclip:
-        print(f"wrote {write_negclip_tsv(root)}")
-
-
-if __name__ == "__main__":
-    main()

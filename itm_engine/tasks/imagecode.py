@@ -5,9 +5,9 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from itm_engine.data import register
-from itm_engine.data.base import DataError, Example, Task
 from itm_engine.metrics import accuracy
+from itm_engine.tasks import register
+from itm_engine.tasks.base import DataError, Example, Task
 
 SET_SIZE = 10
 SUBSETS = ("static", "video", "all")

@@ -1,7 +1,11 @@
-"""GDBench tasks: one loader protocol (`base.Task`), one module per task, a registry by name."""
+"""Benchmark tasks: one loader protocol (`base.Task`), one module per task, a registry by name.
+
+Tasks of this package register themselves when imported; plugins add theirs the same way (the
+ShapesWorld lab's `shapes*` tasks, see `itm_engine.plugins`).
+"""
 from __future__ import annotations
 
-from itm_engine.data.base import Crop, DataError, Example, Task
+from itm_engine.tasks.base import Crop, DataError, Example, Task
 
 TASKS: dict[str, type[Task]] = {}
 
@@ -14,19 +18,23 @@ def register(task: type[Task]) -> type[Task]:
 
 def get_task(name: str, root, **options) -> Task:
     """The task `name` over the dataset folder `root`; an unknown name lists the known ones."""
-    _import_all()
-    if name not in TASKS:
+    if name not in all_tasks():
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
     return TASKS[name](root, **options)
 
 
-def _import_all() -> None:
+def all_tasks() -> dict[str, type[Task]]:
+    """Every task by name: this package's and the installed plugins'."""
     import importlib
     import pkgutil
+
+    from itm_engine.plugins import load_plugins
 
     for module in pkgutil.iter_modules(__path__):
         if module.name != "base":
             importlib.import_module(f"{__name__}.{module.name}")
+    load_plugins()
+    return TASKS
 
 
-__all__ = ["Crop", "DataError", "Example", "Task", "TASKS", "get_task", "register"]
+__all__ = ["Crop", "DataError", "Example", "Task", "TASKS", "all_tasks", "get_task", "register"]

@@ -1,0 +1,138 @@
+"""Built-in architectures with random weights: "tiny" (fast on a CPU) and the exact SD 1.5 /
+SD 2.1-base shapes ("sd15-arch", "sd21-arch"), with the real CLIP BPE tokenizer built offline from
+open_clip's vocabulary, and the SD 1.x/2.x training noise schedule. For tests and benchmarks that
+need no checkpoint: FLOP counts and timings are those of the real models."""
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+import transformers
+
+from itm_engine.models.components import PREDICTION_TYPES, SDComponents, frozen
+
+ARCHITECTURES: tuple[str, ...] = ("tiny", "sd15-arch", "sd21-arch")
+
+
+@functools.lru_cache(maxsize=1)
+def _clip_bpe() -> tuple[str, str]:
+    """CLIP's ``vocab.json`` and ``merges.txt`` contents, rebuilt from the BPE file open_clip ships."""
+    import open_clip  # here, not at the top: importing it takes seconds and folder loads never need it
+
+    lines = gzip.open(open_clip.tokenizer.default_bpe()).read().decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]  # the same slice as open_clip's SimpleTokenizer
+    chars = list(open_clip.tokenizer.bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = json.dumps({token: i for i, token in enumerate(tokens)})
+    return vocab, "#version: 0.2\n" + "\n".join(merges) + "\n"
+
+
+def clip_tokenizer(pad_token: str = "<|endoftext|>") -> transformers.CLIPTokenizer:
+    """The CLIP BPE tokenizer (49408 tokens, bos 49406, eos 49407, 77 tokens), built offline.
+
+    Built from open_clip's vocabulary file, so no download is needed; ids match open_clip's
+    tokenizer except where HF's CLIP tokenizer itself differs (HF does not unescape HTML entities
+    or apply ftfy fixes such as ligatures). SD 1.x pads with ``"<|endoftext|>"``, SD 2.x with
+    ``"!"`` (id 0). Returns a fresh instance on every call, so callers may modify it.
+    """
+    vocab, merges = _clip_bpe()
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file, merges_file = Path(tmp, "vocab.json"), Path(tmp, "merges.txt")
+        vocab_file.write_text(vocab, encoding="utf-8")
+        merges_file.write_text(merges, encoding="utf-8")
+        return transformers.CLIPTokenizer(
+            str(vocab_file), str(merges_file), pad_token=pad_token, model_max_length=77
+        )
+
+
+def architecture_configs(arch: str) -> dict[str, dict[str, Any]]:
+    """Constructor arguments of ``arch``: ``unet``/``vae`` kwargs, ``text_encoder`` CLIPTextConfig
+    kwargs and the tokenizer's ``pad_token``."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
+    if arch == "tiny":
+        return {
+            "unet": dict(
+                sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                layers_per_block=1, attention_head_dim=8, cross_attention_dim=32, norm_num_groups=8,
+            ),
+            "vae": dict(
+                sample_size=32, in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                layers_per_block=1, norm_num_groups=8, scaling_factor=0.18215,
+            ),
+            "text_encoder": dict(
+                vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu",
+            ),
+            "pad_token": "<|endoftext|>",
+        }
+    sd15 = arch == "sd15-arch"
+    return {  # runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-2-1-base
+        "unet": dict(
+            sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            layers_per_block=2, norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0, downsample_padding=1,
+            attention_head_dim=8 if sd15 else (5, 10, 20, 20),
+            cross_attention_dim=768 if sd15 else 1024,
+            use_linear_projection=not sd15,
+        ),
+        "vae": dict(
+            sample_size=512, in_channels=3, out_channels=3, latent_channels=4,
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2, norm_num_groups=32, scaling_factor=0.18215,
+        ),
+        "text_encoder": dict(  # CLIP ViT-L/14 (SD 1.5) or OpenCLIP ViT-H/14 (SD 2.1) text tower
+            vocab_size=49408, max_position_embeddings=77,
+            hidden_size=768 if sd15 else 1024,
+            intermediate_size=3072 if sd15 else 4096,
+            num_hidden_layers=12 if sd15 else 23,
+            num_attention_heads=12 if sd15 else 16,
+            projection_dim=768 if sd15 else 512,
+            hidden_act="quick_gelu" if sd15 else "gelu",
+        ),
+        "pad_token": "<|endoftext|>" if sd15 else "!",
+    }
+
+
+def ddpm_scheduler(prediction_type: str) -> diffusers.DDPMScheduler:
+    """The SD 1.x/2.x training noise schedule (scaled-linear betas, 1000 steps)."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unsupported prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+    return diffusers.DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type=prediction_type, clip_sample=False, steps_offset=1,
+    )
+
+
+def build_random_components(arch: str, seed: int = 0, prediction_type: str = "epsilon") -> SDComponents:
+    """Randomly initialised components of a built-in architecture (one of ``ARCHITECTURES``).
+
+    The weights depend only on ``seed``; the global torch RNG is left untouched. ``tiny`` takes
+    32x32 images (4x16x16 latents) and runs fast on a CPU; ``sd15-arch``/``sd21-arch`` have the
+    exact shapes of Stable Diffusion 1.5 / 2.1-base (512x512 images, 4x64x64 latents).
+    """
+    configs = architecture_configs(arch)
+    scheduler = ddpm_scheduler(prediction_type)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        components = SDComponents(
+            vae=diffusers.AutoencoderKL(**configs["vae"]),
+            unet=diffusers.UNet2DConditionModel(**configs["unet"]),
+            text_encoder=transformers.CLIPTextModel(transformers.CLIPTextConfig(**configs["text_encoder"])),
+            tokenizer=clip_tokenizer(configs["pad_token"]),
+            scheduler=scheduler,
+            source=f"builtin:{arch}",
+        )
+    return frozen(components, "cpu", torch.float32)

@@ -1,0 +1,152 @@
+"""Load the Stable Diffusion parts DiffusionITM needs: VAE, UNet, text encoder, tokenizer, scheduler.
+
+Four kinds of source, all offline (nothing is ever downloaded):
+
+- a built-in architecture with random weights (``"tiny"``, ``"sd15-arch"``, ``"sd21-arch"``), for
+  tests and benchmarks without checkpoints;
+- a named model a plugin registered (`itm_engine.models.registry`), such as ``"shapes"``, the
+  trained ShapesWorld model shipped in the package;
+- a local diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ...);
+- a Hugging Face hub id (``"stabilityai/stable-diffusion-2-1-base"``), resolved only from the local
+  HF cache.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import huggingface_hub
+import torch
+import transformers
+from huggingface_hub.errors import HFValidationError, IncompleteSnapshotError, LocalEntryNotFoundError
+
+from itm_engine.models import registry
+from itm_engine.models.architectures import ARCHITECTURES, build_random_components
+from itm_engine.models.components import SDComponents, frozen, quiet
+
+_COMPONENTS: tuple[str, ...] = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def save_random_model(
+    arch: str, path: str | os.PathLike, seed: int = 0, prediction_type: str = "epsilon"
+) -> Path:
+    """Write ``build_random_components(arch, seed, prediction_type)`` as a complete diffusers
+    StableDiffusionPipeline folder (safetensors weights); returns the folder's path."""
+    return save_components(build_random_components(arch, seed, prediction_type), path)
+
+
+def save_components(components: SDComponents, path: str | os.PathLike) -> Path:
+    """Write ``components`` as a complete diffusers StableDiffusionPipeline folder (safetensors
+    weights, no safety checker); returns the folder's path."""
+    path = Path(path)
+    index: dict[str, Any] = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "requires_safety_checker": False,
+        **{name: [None, None] for name in ("safety_checker", "feature_extractor", "image_encoder")},
+    }
+    with quiet():
+        for name in _COMPONENTS:
+            part = getattr(components, name)
+            part.save_pretrained(path / name)
+            index[name] = [type(part).__module__.split(".")[0], type(part).__name__]
+    (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return path
+
+
+def _load_folder(folder: Path, source: str) -> SDComponents:
+    """Load every component from the subfolders of a diffusers folder (the UNet as the class its
+    config names: a class a plugin registered, else diffusers' `UNet2DConditionModel`)."""
+    missing = [name for name in _COMPONENTS if not (folder / name).is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder} is not a complete diffusers folder: missing subfolder(s) {', '.join(missing)}"
+        )
+
+    def weights(cls: Any, name: str) -> Any:
+        use_safetensors = any((folder / name).glob("*.safetensors"))
+        return cls.from_pretrained(folder, subfolder=name, use_safetensors=use_safetensors)
+
+    unet_config_file = folder / "unet" / "config.json"
+    unet_config = json.loads(unet_config_file.read_text()) if unet_config_file.is_file() else {}
+    with quiet():
+        return SDComponents(
+            vae=weights(diffusers.AutoencoderKL, "vae"),
+            unet=weights(registry.unet_class(unet_config), "unet"),
+            text_encoder=weights(transformers.CLIPTextModel, "text_encoder"),
+            tokenizer=transformers.AutoTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+            scheduler=diffusers.DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
+            source=source,
+        )
+
+
+def _cached_snapshot(repo_id: str, cache_dir: str | os.PathLike | None) -> Path:
+    """The folder of ``repo_id`` in the local Hugging Face cache; FileNotFoundError when absent."""
+    cache = Path(cache_dir or huggingface_hub.constants.HF_HUB_CACHE).expanduser()
+    try:
+        return Path(huggingface_hub.snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True))
+    except IncompleteSnapshotError as err:
+        raise FileNotFoundError(
+            f"{repo_id!r} is only partly downloaded in the Hugging Face cache at {cache}: {err}"
+        ) from None
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"cannot load {repo_id!r}: not a local folder, a built-in architecture {ARCHITECTURES} "
+            "or a hub id"
+        ) from None
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(
+            f"cannot load {repo_id!r}: it is not a local folder, not a built-in architecture "
+            f"{ARCHITECTURES}, and not in the Hugging Face cache at {cache}. Nothing is downloaded at "
+            f"run time. To get it, run `hf download {repo_id}` on a machine with network access and "
+            f"point HF_HOME (or HF_HUB_CACHE) at that cache, or pass the path of a local diffusers folder."
+        ) from None
+
+
+def _looks_like_path(source: str) -> bool:
+    """True for strings that can only be paths, never ``name`` or ``org/name`` hub ids."""
+    return source.startswith((".", "~", os.sep)) or source.count("/") > 1 or "\\" in source
+
+
+def load_components(
+    source: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    cache_dir: str | os.PathLike | None = None,
+) -> SDComponents:
+    """Load Stable Diffusion components from a built-in architecture, a folder or a cached hub id.
+
+    ``source`` is tried as, in order:
+
+    1. one of ``ARCHITECTURES``: random weights from ``build_random_components(source)``; or a
+       named model a plugin registered (``"shapes"``: the trained ShapesWorld model shipped in
+       the package; `itm_engine.models.registry`);
+    2. an existing local diffusers folder with ``unet/``, ``vae/``, ``text_encoder/``,
+       ``tokenizer/`` and ``scheduler/`` subfolders. Weights are read from ``*.safetensors`` when
+       a subfolder has them, else from PyTorch ``.bin`` files, which diffusers 0.42 and
+       transformers 5.x open with ``torch.load(weights_only=True)`` (no arbitrary code runs).
+       The scheduler is read as a ``DDPMScheduler`` whatever class the folder names (only its
+       betas and prediction_type are used);
+    3. a hub id such as ``"stabilityai/stable-diffusion-2-1-base"``, looked up only in the local
+       Hugging Face cache (``cache_dir``, default ``HF_HUB_CACHE``/``HF_HOME``), then loaded as 2.
+
+    Raises FileNotFoundError when the source cannot be found (the message says how to get it)
+    or a folder lacks a component, and ValueError for a prediction type other than
+    ``"epsilon"``/``"v_prediction"``. The result is on ``device``/``dtype``, in eval mode,
+    with gradients off.
+    """
+    name = os.fspath(source)
+    if name in ARCHITECTURES:
+        return frozen(build_random_components(name), device, dtype)
+    named = registry.model_folder(name) if not _looks_like_path(name) and "/" not in name else None
+    if named is not None:
+        return frozen(_load_folder(named, f"builtin:{name}"), device, dtype)
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return frozen(_load_folder(folder, name), device, dtype)
+    if isinstance(source, os.PathLike) or _looks_like_path(name):
+        raise FileNotFoundError(f"no such folder: {folder}")
+    return frozen(_load_folder(_cached_snapshot(name, cache_dir), name), device, dtype)

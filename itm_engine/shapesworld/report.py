@@ -1,0 +1,154 @@
+"""ShapesWorld accuracy per subtask, DiffusionITM and CLIP side by side: `itm-shapes report`.
+
+The examples are drawn in memory (`tasks.ShapesI2T.from_world`), and are scored and judged by the
+same code as `itm-eval --task shapes|shapes_t2i` on a data root written from the same draw
+(`evaluate.score_examples`, the task's `metrics`: the positive must score strictly highest). The
+examples of each subtask are scored in one call, on `samples` stratified draws from `seed`.
+
+    draw = Draw("test", n=40)
+    i2t = accuracy(scorer, draw, "i2t")          # one image vs its k captions
+    t2i = accuracy(scorer, draw, "t2i")          # one caption vs its k images, null-normalised
+    raw = accuracy(scorer, draw, "t2i-raw")      # ... by raw denoising error (no normalisation)
+
+`scorer` is any `PairScorer` (DiffusionITM, the CLIP baseline); for CLIP the three directions
+differ only in which candidates compete.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from itm_engine.evaluate import score_examples
+from itm_engine.options import option
+from itm_engine.pairs import PairScorer
+from itm_engine.shapesworld.tasks import ShapesI2T, ShapesT2I
+from itm_engine.shapesworld.world import ALL_SUBTASKS, SUBTASKS, Draw
+
+Direction = Literal["i2t", "t2i", "t2i-raw"]
+# direction -> (the task, the score mode): raw T2I scores the T2I examples by their plain errors
+DIRECTIONS = {"i2t": (ShapesI2T, "i2t"), "t2i": (ShapesT2I, "t2i"), "t2i-raw": (ShapesT2I, "i2t")}
+# the splits of the report: the held-out test split with the complexity task, and the compositional
+# split (colour-shape combinations never seen in training)
+SPLITS = {"test": ALL_SUBTASKS, "compositional": SUBTASKS}
+
+
+def accuracy(scorer: PairScorer, draw: Draw, direction: Direction, samples: int = 10, seed: int = 0) -> dict[str, float]:
+    """{subtask: accuracy} of `scorer` on the examples of `draw` in `direction`."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
+    task_class, mode = DIRECTIONS[direction]
+    task = task_class.from_world(draw, subtasks=draw.subtasks)
+    examples = task.examples
+    matrices: dict[str, torch.Tensor] = {}
+    for subtask in task.subtasks:
+        group = [example for example in examples if example.meta["subtask"] == subtask]
+        rows, _, _ = score_examples(scorer, group, [mode], samples=samples, seed=seed, schedule="stratified")
+        matrices.update({row["id"]: torch.tensor(row["scores"][mode]) for row in rows})
+    metrics = task.metrics(examples, {task.modes[0]: [matrices[example.id] for example in examples]})
+    return {subtask: metrics[f"accuracy/{subtask}"] for subtask in task.subtasks}
+
+
+def chance(draw: Draw) -> dict[str, float]:
+    """Accuracy of a random ranking per subtask: 1 / k, k the fewest candidates of its examples."""
+    task = ShapesI2T.from_world(draw, subtasks=draw.subtasks)
+    fewest: dict[str, int] = {}
+    for example in task.examples:
+        subtask = example.meta["subtask"]
+        fewest[subtask] = min(fewest.get(subtask, len(example.texts)), len(example.texts))
+    return {subtask: 1.0 / k for subtask, k in fewest.items()}
+
+
+def standard_columns(diffusion: PairScorer, clip: PairScorer, hardneg: PairScorer | None = None
+                     ) -> dict[str, tuple[PairScorer, Direction]]:
+    """The report's columns: DiffusionITM I2T / T2I raw / T2I normalised, optionally a HardNeg
+    fine-tuned DiffusionITM (I2T, T2I normalised), and CLIP both ways."""
+    columns = {"I2T": (diffusion, "i2t"), "T2I raw": (diffusion, "t2i-raw"), "T2I norm": (diffusion, "t2i")}
+    if hardneg is not None:
+        columns.update({"HardNeg I2T": (hardneg, "i2t"), "HardNeg T2I norm": (hardneg, "t2i")})
+    columns.update({"CLIP I2T": (clip, "i2t"), "CLIP T2I": (clip, "t2i")})
+    return columns
+
+
+def accuracy_table(columns: dict[str, tuple[PairScorer, Direction]], draw: Draw, samples: int = 10,
+                   seed: int = 0) -> dict[str, dict[str, float]]:
+    """{header: {subtask: accuracy}} for each column (header -> (scorer, direction)), plus "chance"."""
+    table = {header: accuracy(scorer, draw, direction, samples, seed) for header, (scorer, direction) in columns.items()}
+    table["chance"] = chance(draw)
+    return table
+
+
+def format_table(title: str, table: dict[str, dict[str, float]]) -> str:
+    """`table` (from `accuracy_table`) as text: a row per subtask, percentages, and the mean row."""
+    rows = list(dict.fromkeys(row for column in table.values() for row in column))
+    width = max(10, *(len(h) + 2 for h in table))
+    lines = [title, f"{'subtask':<22}" + "".join(f"{h:>{width}}" for h in table)]
+    for row in rows:
+        lines.append(f"{row:<22}" + "".join(f"{100 * table[h][row]:>{width - 1}.1f}%" if row in table[h]
+                                             else " " * width for h in table))
+    means = {h: sum(v.values()) / len(v) for h, v in table.items()}
+    lines.append(f"{'mean':<22}" + "".join(f"{100 * means[h]:>{width - 1}.1f}%" for h in table))
+    return "\n".join(lines)
+
+
+@dataclass
+class ReportConfig:
+    """Options of `itm-shapes report`."""
+
+    out: str = option(help="output path without suffix: OUT.json (every figure) and OUT.md are written",
+                      identity=False)
+    model: str = option("shapes", help="the diffusion model: a diffusers folder, a named or built-in model")
+    lora: str | None = option(None, help="a HardNeg LoRA folder for the model (adds its columns)")
+    n: int = option(100, help="examples per subtask and split")
+    samples: int = option(10, help="stratified noise draws per pair")
+    seed: int = option(0, help="seed of the examples and of the noise draws")
+
+
+def write_report(config: ReportConfig, command: str) -> dict:
+    """Score both splits (`SPLITS`), print their tables, write OUT.json and OUT.md; returns the report."""
+    from itm_engine.clip import ClipModel
+    from itm_engine.scoring import DiffusionITM
+    from itm_engine.shapesworld import CLIP
+
+    start = time.perf_counter()
+    base = DiffusionITM.from_pretrained(config.model, progress=False)
+    clip = ClipModel.from_name(CLIP, pretrained="bundled").scorer()
+    tuned = DiffusionITM.from_pretrained(config.model, lora=config.lora, progress=False) if config.lora else None
+    columns = standard_columns(base, clip, tuned)
+    tables, text = {}, []
+    for split, subtasks in SPLITS.items():
+        tables[split] = accuracy_table(columns, Draw(split, config.n, config.seed, subtasks=subtasks),
+                                       config.samples, config.seed)
+        text.append(format_table(f"{split} split, {config.n} examples per subtask", tables[split]))
+        print(text[-1] + "\n", flush=True)
+    report = {
+        "command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads()},
+        "versions": _versions(), **{k: v for k, v in asdict(config).items() if k != "out"},
+        "schedule": "stratified", "seconds": round(time.perf_counter() - start, 1), "accuracy": tables,
+    }
+    out = Path(config.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    body = "\n\n".join(f"```\n{t}\n```" for t in text)
+    out.with_suffix(".md").write_text(
+        f"# ShapesWorld accuracy\n\n`{report['command']}` on {report['date']}, {report['machine']['platform']}, "
+        f"{report['seconds']} s. {config.samples} stratified noise draws per pair, seed {config.seed}; the true "
+        f"candidate must score strictly highest.\n\n{body}\n")
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}", file=sys.stderr)
+    return report
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import transformers
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
