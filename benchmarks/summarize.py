@@ -28,7 +28,8 @@ def main(path: str) -> None:
         for bench in benches:
             info, median = bench["extra_info"], bench["stats"]["median"]
             dtype = next((d for d in ceiling if d in bench["name"]), None)
-            fraction = f"{info['gb_per_s'] / ceiling[dtype]:.0%}" if dtype and "gb_per_s" in info and group != "copy ceiling" else ""
+            measured = dtype and "gb_per_s" in info and group != "copy ceiling"
+            fraction = f"{info['gb_per_s'] / ceiling[dtype]:.0%}" if measured else ""
             print(f"{bench['name']:<64}{median * 1e3:>11.3f}"
                   f"{info.get('gb_per_s', float('nan')):>9.1f}{info.get('tflops', float('nan')):>9.2f}"
                   f"{(reference / median if reference else float('nan')):>7.1f}x{fraction:>9}")

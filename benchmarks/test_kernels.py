@@ -66,7 +66,8 @@ def test_noisy_latents(benchmark, latent_inputs, backend, dtype):
     latents, noise = latents.to(dtype), noise.to(dtype)
     out = torch.empty((B, *LATENT), dtype=dtype, device=DEVICE)
     benchmark.group = f"noisy_latents {str(dtype).split('.')[-1]}"
-    _timed(benchmark, kernels.noisy_latents, latents, noise, img_idx, sample_idx, timesteps, abar, out=out, backend=backend)
+    _timed(benchmark, kernels.noisy_latents, latents, noise, img_idx, sample_idx, timesteps, abar, out=out,
+           backend=backend)
     _record_bandwidth(benchmark, 3 * out.numel() * out.element_size())  # gather z0, eps; write x_t
 
 
@@ -77,7 +78,8 @@ def test_item_error(benchmark, latent_inputs, backend, dtype, target):
     latents, noise, img_idx, sample_idx, timesteps, abar, pred = latent_inputs
     pred, noise, latents = pred.to(dtype), noise.to(dtype), latents.to(dtype)
     benchmark.group = f"item_error {target} {str(dtype).split('.')[-1]}"
-    _timed(benchmark, kernels.item_error, pred, noise, sample_idx, latents, img_idx, target, timesteps, abar, backend=backend)
+    _timed(benchmark, kernels.item_error, pred, noise, sample_idx, latents, img_idx, target, timesteps, abar,
+           backend=backend)
     reads = 2 + (target == "v")  # pred, eps (and z0 for v)
     _record_bandwidth(benchmark, reads * pred.numel() * pred.element_size())
 

@@ -309,7 +309,8 @@ def batch_sweep(scorer: DiffusionITM, workload: Workload, sizes: list[int]) -> d
     """Engine UNet items/s (UNet + kernels time) against batch size."""
     rates = {}
     for size in sizes:
-        scorer.score_pairs(workload.images, workload.texts, workload.pairs, workload.mode, noise=workload.bank, batch_size=size)
+        scorer.score_pairs(workload.images, workload.texts, workload.pairs, workload.mode, noise=workload.bank,
+                           batch_size=size)
         rates[size] = scorer.last_stats.items_per_second
     return rates
 
@@ -424,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
                 results[method].append(timed_run(method, runner, workload, scorer))
         # The size of the denoising errors themselves (|I2T score|): T2I scores are small
         # differences of such errors, so their rounding is measured against it.
-        scale = float(scorer.score_pairs(workload.images, workload.texts, workload.pairs, "i2t", noise=workload.bank).abs().max())
+        i2t = scorer.score_pairs(workload.images, workload.texts, workload.pairs, "i2t", noise=workload.bank)
+        scale = float(i2t.abs().max())
         agree = agreement(results, scale)
         summary = summarise(workload, results, flops, peak)
         summary["agreement"] = agree
@@ -433,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
         summaries.append(summary)
         agreements.append(agree)
 
-    sweep = batch_sweep(scorer, workload, [int(b) for b in args.batch_sweep.split(",") if b]) if args.batch_sweep else {}
+    sizes = [int(b) for b in args.batch_sweep.split(",") if b]
+    sweep = batch_sweep(scorer, workload, sizes) if sizes else {}
     if sweep:
         print("engine UNet items/s by batch size: " + ", ".join(f"{b}: {r:.1f}" for b, r in sweep.items()))
     report = {

@@ -160,7 +160,8 @@ class ClipModel:
         tokenizer = open_clip.get_tokenizer(name)
         label = None if pretrained is None else str(pretrained)
         return cls(
-            model, preprocess, tokenizer, name=name, pretrained=label, dtype=dtype, batch_size=batch_size, progress=progress
+            model, preprocess, tokenizer, name=name, pretrained=label, dtype=dtype, batch_size=batch_size,
+            progress=progress,
         )
 
     def scorer(self) -> "ClipScorer":

@@ -90,7 +90,8 @@ class Executor:
     def resolved_batch_size(self, context_shape: tuple[int, int]) -> int:
         """The batch size in use, measuring it first when it is "auto"."""
         if self.batch_size == "auto":
-            self.batch_size = fastpath.auto_batch_size(self.components.unet, self.components.latent_shape, context_shape)
+            self.batch_size = fastpath.auto_batch_size(
+                self.components.unet, self.components.latent_shape, context_shape)
         return self.batch_size
 
     @torch.inference_mode()

@@ -158,7 +158,8 @@ def _clip_model(config: EvalConfig, device: torch.device, dtype: torch.dtype):
     from itm_engine.clip import ClipModel
 
     return ClipModel.from_name(
-        config.clip_model, pretrained=config.clip_pretrained, device=device, dtype=dtype, model_config=config.clip_config
+        config.clip_model, pretrained=config.clip_pretrained, device=device, dtype=dtype,
+        model_config=config.clip_config,
     )
 
 
@@ -327,7 +328,8 @@ def _check_config(path: Path, config: EvalConfig, resume: bool) -> None:
     """Refuse to mix runs: an existing output folder needs --resume and the same configuration."""
     if path.exists():
         if not resume:
-            raise FileExistsError(f"{path.parent} already holds a run; pass --resume to continue it or choose another --out")
+            raise FileExistsError(f"{path.parent} already holds a run; pass --resume to continue it or choose "
+                                  "another --out")
         options.check_same_config(json.loads(path.read_text()), config.identity(), path)
     else:
         path.write_text(json.dumps(config.identity(), indent=2) + "\n")

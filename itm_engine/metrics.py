@@ -54,7 +54,8 @@ def accuracy_by_group(correct: Sequence[bool], groups: Sequence[str]) -> dict[st
     if len(correct) == 0:
         raise ValueError("accuracy of no examples")
     per_group = grouped_accuracy(correct, groups)
-    out = {"accuracy": sum(map(bool, correct)) / len(correct), "accuracy/macro": sum(per_group.values()) / len(per_group)}
+    out = {"accuracy": sum(map(bool, correct)) / len(correct),
+           "accuracy/macro": sum(per_group.values()) / len(per_group)}
     out.update({f"accuracy/{g}": v for g, v in per_group.items()})
     return out
 
@@ -77,7 +78,8 @@ def ranks(scores: torch.Tensor, positives: Sequence[Sequence[int]]) -> torch.Ten
     return out
 
 
-def recall_at_k(scores: torch.Tensor, positives: Sequence[Sequence[int]], ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+def recall_at_k(scores: torch.Tensor, positives: Sequence[Sequence[int]],
+                ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
     """R@k = fraction of queries whose best positive has rank <= k (see `ranks`)."""
     r = ranks(scores, positives)
     return {f"R@{k}": float((r <= k).double().mean()) for k in ks}

@@ -27,7 +27,8 @@ def forward_coefficients(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) 
     return abar.sqrt().view(-1, 1, 1, 1), (1 - abar).sqrt().view(-1, 1, 1, 1)
 
 
-def add_noise(z0: torch.Tensor, eps: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+def add_noise(z0: torch.Tensor, eps: torch.Tensor, timesteps: torch.Tensor,
+              alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """x_t [B, C, H, W] = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, for z0 and eps [B, C, H, W]."""
     a, s = forward_coefficients(timesteps, alphas_cumprod)
     return a * z0 + s * eps

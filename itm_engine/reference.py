@@ -44,7 +44,8 @@ def _encode_text(components: SDComponents, text: str) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def _draw_errors(components: SDComponents, z0: torch.Tensor, cond: torch.Tensor, bank: NoiseBank, draws: slice) -> torch.Tensor:
+def _draw_errors(components: SDComponents, z0: torch.Tensor, cond: torch.Tensor, bank: NoiseBank,
+                 draws: slice) -> torch.Tensor:
     """err(z0, cond, s) for the draws s in `draws`, in one UNet call: float32 [len(draws)]."""
     unet, scheduler = components.unet, components.scheduler
     t = bank.timesteps[draws].to(unet.device)

@@ -75,7 +75,8 @@ class DiffusionITM(PairScorer):
         self.latent_cache = LatentCache(components, latent=latent, resize_mode=resize_mode)
         self.text_cache = TextCache(components)
         self.executor = Executor(
-            components, batch_size=batch_size, progress=progress, kernels=kernels, compile=compile, cuda_graphs=cuda_graphs
+            components, batch_size=batch_size, progress=progress, kernels=kernels, compile=compile,
+            cuda_graphs=cuda_graphs,
         )
         self.last_stats = RunStats()
 

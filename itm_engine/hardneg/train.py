@@ -36,7 +36,8 @@ from itm_engine.noise import add_noise, denoising_target
 from itm_engine.options import option
 
 
-def hardneg_loss(l_pos: torch.Tensor, l_neg: torch.Tensor, factor: float, has_neg: torch.Tensor | None = None) -> torch.Tensor:
+def hardneg_loss(l_pos: torch.Tensor, l_neg: torch.Tensor, factor: float,
+                 has_neg: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over the batch of L_pos - clamp(L_neg, max = factor * L_pos.detach()).
 
     l_pos, l_neg: per-example denoising losses [B]; has_neg: bool [B], False where an example
@@ -56,7 +57,8 @@ class TrainConfig:
 
     data: str = option(help="training pairs: COCO captions JSON, JSONL/CSV of (image, caption), or NegCLIP TSV")
     model: str = option("tiny", help="the base model: diffusers folder, cached hub id, named or built-in model")
-    image_root: str | None = option(None, help="folder the image paths are relative to (default: the data file's folder; COCO JSON: its train2014/)")
+    image_root: str | None = option(None, help="folder the image paths are relative to (default: the data "
+                                               "file's folder; COCO JSON: its train2014/)")
     limit: int | None = option(None, help="only the first N training pairs")
     val_data: str | None = option(None, help="held-out pairs for validation, same formats as --data")
     val_limit: int | None = option(64, help="only the first N validation pairs")
@@ -169,7 +171,8 @@ class Trainer:
     def micro_batch(self, micro: int) -> tuple[int, list[int]]:
         """(epoch, this process's example indices) of global micro-batch number `micro`."""
         epoch, position = divmod(micro, self.micro_batches_per_epoch)
-        order = torch.randperm(len(self.pairs), generator=torch.Generator().manual_seed(self.config.seed * 100003 + epoch))
+        generator = torch.Generator().manual_seed(self.config.seed * 100003 + epoch)
+        order = torch.randperm(len(self.pairs), generator=generator)
         batch = order[position * self.global_batch : (position + 1) * self.global_batch].tolist()
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         return epoch, batch[rank::world]
@@ -239,13 +242,15 @@ class Trainer:
                 with self.accelerator.accumulate(self.unet):
                     losses.append(self.micro_step(self.step * self.config.grad_accum + k))
                     if self.accelerator.sync_gradients:
-                        grad_norm = self.accelerator.clip_grad_norm_(lora_parameters(self.unet), self.config.max_grad_norm)
+                        grad_norm = self.accelerator.clip_grad_norm_(lora_parameters(self.unet),
+                                                                     self.config.max_grad_norm)
                     self.optimizer.step()
                     self.optimizer.zero_grad()
             self.lr_schedule.step()  # once per optimiser step, whatever the number of processes
             self.step += 1
-            local = {key: sum(l[key] for l in losses) / len(losses) for key in ("loss", "l_pos")}
-            gathered = self.accelerator.reduce(torch.tensor([local["loss"], local["l_pos"]], device=self.accelerator.device), "mean")
+            local = {key: sum(row[key] for row in losses) / len(losses) for key in ("loss", "l_pos")}
+            local_means = torch.tensor([local["loss"], local["l_pos"]], device=self.accelerator.device)
+            gathered = self.accelerator.reduce(local_means, "mean")
             row = {"step": self.step, "loss": gathered[0].item(), "l_pos": gathered[1].item(),
                    "grad_norm": float(grad_norm), "lr": self.optimizer.param_groups[0]["lr"],
                    "seconds": time.perf_counter() - started}
@@ -269,7 +274,8 @@ class Trainer:
         from itm_engine.hardneg.data import hard_negative_captions
         from itm_engine.scoring import DiffusionITM
 
-        examples = [(p, list(p.neg_captions) + hard_negative_captions(p.caption, self.config.seed)) for p in self.val_pairs]
+        examples = [(p, list(p.neg_captions) + hard_negative_captions(p.caption, self.config.seed))
+                    for p in self.val_pairs]
         examples = [(p, negs[0]) for p, negs in examples if negs]
         if not examples:
             return float("nan")
@@ -296,7 +302,8 @@ class Trainer:
         folder = self.out / "checkpoints" / f"step-{self.step:07d}"
         self.accelerator.save_state(str(folder))
         if self.accelerator.is_main_process:
-            (folder / "trainer.json").write_text(json.dumps({"step": self.step, "config": options.identity(self.config)}))
+            state = {"step": self.step, "config": options.identity(self.config)}
+            (folder / "trainer.json").write_text(json.dumps(state))
         self.accelerator.wait_for_everyone()
 
     def resume(self, folder: Path | None = None) -> None:

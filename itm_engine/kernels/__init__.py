@@ -122,4 +122,5 @@ def topk_similarity(
     return fn(queries, gallery, k)
 
 
-__all__ = ["BACKENDS", "OPS", "available", "item_error", "last_backend", "noisy_latents", "resolve_backend", "topk_similarity"]
+__all__ = ["BACKENDS", "OPS", "available", "item_error", "last_backend", "noisy_latents", "resolve_backend",
+           "topk_similarity"]

@@ -48,23 +48,27 @@ def model_card(training: dict, clip_training: dict, unet_config: dict, counts: d
     stages = PretrainConfig(**c).stage_list()
     grounded = any(st.grounding_weight for st in stages)
     val = training["validation"][-1] if training["validation"] else {}
+    side, latent, diffusion = c["image_size"], c["image_size"] // 4, training["diffusion"]
     lines = [
         "# shapes: a small latent diffusion model of ShapesWorld",
         "",
         "Trained from scratch by itm-engine (`itm-shapes pretrain`) on the training split of",
-        "ShapesWorld (`itm_engine/shapesworld/world.py`): one- and two-object scenes of 6 colours x 5 shapes x 2 sizes",
+        "ShapesWorld (`itm_engine/shapesworld/world.py`): one- and two-object scenes of 6 colours x 5 shapes x",
+        "2 sizes",
         "with grammar captions; the held-out colour-shape combinations never appear in training. It exists",
         "so the engine can be checked end to end on a model whose answers mean something, offline.",
         "Load it with `DiffusionITM.from_pretrained(\"shapes\")` (or this folder's path).",
         "",
         "## Architecture (diffusers / transformers classes, safetensors weights)",
         "",
-        f"- VAE: `AutoencoderKL`, {c['image_size']}x{c['image_size']} RGB -> {c['latent_channels']}x{c['image_size'] // 4}x"
-        f"{c['image_size'] // 4}, {counts['vae']:,} parameters, scaling factor {training['vae']['scaling_factor']:.4f}",
-        f"- text encoder: `CLIPTextModel`, {c['text_layers']} layers, width {c['text_width']}, {counts['text_encoder']:,}"
-        " parameters, over a word-level tokenizer (`tokenizer/`, 16 tokens, CLIP-style start/end tokens)",
-        ("- UNet: `itm_engine.shapesworld.coord_unet.CoordUNet2DConditionModel` (a `UNet2DConditionModel` whose input is the "
-         "noisy latent plus two x/y coordinate channels, so it can tell left from right)" if c.get("coordinates")
+        f"- VAE: `AutoencoderKL`, {side}x{side} RGB -> {c['latent_channels']}x{latent}x{latent}, "
+        f"{counts['vae']:,} parameters, scaling factor {training['vae']['scaling_factor']:.4f}",
+        f"- text encoder: `CLIPTextModel`, {c['text_layers']} layers, width {c['text_width']}, "
+        f"{counts['text_encoder']:,} parameters, over a word-level tokenizer (`tokenizer/`, 16 tokens, CLIP-style "
+        "start/end tokens)",
+        ("- UNet: `itm_engine.shapesworld.coord_unet.CoordUNet2DConditionModel` (a `UNet2DConditionModel` whose "
+         "input is the noisy latent plus two x/y coordinate channels, so it can tell left from right)"
+         if c.get("coordinates")
          else "- UNet: `UNet2DConditionModel`")
         + f", channels {tuple(c['unet_channels'])}, {attention_text(unet_config)}, {counts['unet']:,} parameters",
         "- noise schedule: DDPM, 1000 steps, scaled-linear betas 0.00085-0.012 (Stable Diffusion's), "
@@ -73,13 +77,13 @@ def model_card(training: dict, clip_training: dict, unet_config: dict, counts: d
         "",
         "## Recipe (seed " + str(c["seed"]) + "; `training.json` holds every setting)",
         "",
-        f"1. {c['scenes']:,} training scenes drawn at {c['render_size']} px and resized to {c['image_size']} px as the scorer "
-        "resizes its inputs.",
+        f"1. {c['scenes']:,} training scenes drawn at {c['render_size']} px and resized to {side} px as the "
+        "scorer resizes its inputs.",
         f"2. VAE: {c['vae_steps']:,} steps at batch {c['vae_batch']}, AdamW lr {c['vae_lr']}, MSE with object pixels "
         f"weighted {c['foreground_weight']}x, KL weight {c['kl_weight']}: {training['vae']['seconds']:.0f} s.",
-        f"3. Text encoder + UNet jointly: {c['steps']:,} steps at batch {c['batch_size']}, AdamW lr {c['lr']} (cosine, "
-        f"{c['warmup']} warm-up steps), EMA {c['ema_decay']}, caption dropout {c['caption_dropout']} (the null prompt), "
-        f"caption forms drawn with odds {c['form_weights']}"
+        f"3. Text encoder + UNet jointly: {c['steps']:,} steps at batch {c['batch_size']}, AdamW lr {c['lr']} "
+        f"(cosine, {c['warmup']} warm-up steps), EMA {c['ema_decay']}, caption dropout {c['caption_dropout']} "
+        f"(the null prompt), caption forms drawn with odds {c['form_weights']}"
         + (f", ranking term on {c['hard_negatives']} items per batch" if c.get("hard_negatives") else "") + ".",
         *[f"   Then stage \"{st.name}\", from the averaged weights with a fresh optimiser and average: {st.steps:,} "
           f"steps at batch {st.batch_size}, lr {st.lr} ({st.warmup} warm-up steps)"
@@ -89,7 +93,7 @@ def model_card(training: dict, clip_training: dict, unet_config: dict, counts: d
           + (f", ranking term on up to {st.hard_negatives} items per batch" if st.hard_negatives else "")
           + (f", token grounding weight {st.grounding_weight}" if grounded else "") + "."
           for st in stages[1:]],
-        f"   All diffusion stages: {training['diffusion']['steps']:,} steps, {training['diffusion']['seconds'] / 60:.1f} min.",
+        f"   All diffusion stages: {diffusion['steps']:,} steps, {diffusion['seconds'] / 60:.1f} min.",
         "   Captions: the evaluation grammar (recognition, binding, pair, spatial and its converse) plus absolute",
         "   places for training only (\"a small red circle on the left\").",
         *(["   Hard-negative ranking term: the same noisy latent is denoised again under a false caption "
@@ -110,32 +114,36 @@ def model_card(training: dict, clip_training: dict, unet_config: dict, counts: d
            "names an object (its colour, and its shape right after) are pulled onto that object's mask from the "
            "renderer: the loss adds 1 - (attention inside the mask) / (all its attention)."]
           if grounded else []),
-        f"4. Final training loss (running average; with the extra terms where they are on) {training['diffusion']['loss']:.4f}.",
+        f"4. Final training loss (running average; with the extra terms where they are on) {diffusion['loss']:.4f}.",
         "",
         f"Wall times on a 2-core CPU (torch threads 2), "
-        f"{(training['vae']['seconds'] + training['diffusion']['seconds']) / 60:.1f} min for the VAE and diffusion stages"
+        f"{(training['vae']['seconds'] + diffusion['seconds']) / 60:.1f} min for the VAE and diffusion stages"
         + (f", {training['seconds'] / 60:.1f} min for the whole run (scenes, VAE, diffusion, validation, save). "
            if "seconds" in training else ". ") +
         "Reproduce: `itm-shapes pretrain --out DIR`.",
         "",
         "Validation (image->text, " + str(c["eval_examples"]) + " validation examples per subtask, "
-        + str(c["eval_samples"]) + " draws): " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in val.items() if k != "step"),
+        + str(c["eval_samples"]) + " draws): "
+        + ", ".join(f"{k} {100 * v:.0f}%" for k, v in val.items() if k != "step"),
         "",
         "## CLIP baseline (`../shapes-clip/`)",
         "",
         f"A tiny open_clip CLIP (`itm-shapes pretrain-clip`): {clip_training['architecture']}; "
         f"{clip_training['config']['steps']:,} steps at batch {clip_training['config']['batch_size']}, "
-        f"{clip_training['seconds'] / 60:.1f} min, final loss {clip_training['final_loss']:.3f}. Same scenes and captions.",
+        f"{clip_training['seconds'] / 60:.1f} min, final loss {clip_training['final_loss']:.3f}. "
+        "Same scenes and captions.",
     ]
     if accuracy:
         lines += ["", "## Measured accuracy", "",
                   f"`itm-shapes report` ({accuracy['n']} examples per subtask, {accuracy['samples']} stratified "
                   "draws per pair, seed " + str(accuracy["seed"])
-                  + ("; the HardNeg columns: the LoRA of `benchmarks/shapes_hardneg.sh`" if accuracy.get("lora") else "")
+                  + ("; the HardNeg columns: the LoRA of `benchmarks/shapes_hardneg.sh`"
+                     if accuracy.get("lora") else "")
                   + "); the true candidate must score strictly highest.", ""]
         for split, table in accuracy["accuracy"].items():
             headers = list(table)
-            lines += [f"{split} split:", "", "| subtask | " + " | ".join(headers) + " |", "|---" * (len(headers) + 1) + "|"]
+            lines += [f"{split} split:", "", "| subtask | " + " | ".join(headers) + " |",
+                      "|---" * (len(headers) + 1) + "|"]
             for row in table[headers[0]]:
                 lines.append(f"| {row} | " + " | ".join(f"{100 * table[h][row]:.1f}%" if row in table[h] else ""
                                                         for h in headers) + " |")
@@ -144,8 +152,8 @@ def model_card(training: dict, clip_training: dict, unet_config: dict, counts: d
         weak = {k: v for k, v in i2t.items() if v < 0.9}
         if weak:
             lines += ["## Limitations", "",
-                      "Image->text below 90% on the test split: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in weak.items())
-                      + ".", ""]
+                      "Image->text below 90% on the test split: "
+                      + ", ".join(f"{k} {100 * v:.0f}%" for k, v in weak.items()) + ".", ""]
             if "spatial" in weak:
                 lines += ["Spatial relations at chance: the model does not bind two objects to two places. What was "
                           "tried, with figures: `docs/shapesworld-recipe.md` in the repository.", ""]

@@ -87,7 +87,8 @@ def build_parser(prog: str = "itm-shapes") -> argparse.ArgumentParser:
     parser = options.parser(prog, __doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (description, classes, _) in COMMANDS.items():
-        sub = commands.add_parser(name, help=description, description=description, formatter_class=parser.formatter_class)
+        sub = commands.add_parser(name, help=description, description=description,
+                                  formatter_class=parser.formatter_class)
         for cls in classes:
             options.add_options(sub, cls)
     return parser

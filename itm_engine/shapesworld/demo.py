@@ -44,7 +44,8 @@ def speed_check(scorer: DiffusionITM, draw: world.Draw, samples: int, seed: int)
     naive_s = time.perf_counter() - start
     items = len(pairs) * len(bank)
     rel = ((engine - naive).abs().max() / naive.abs().max()).item()
-    print(f"\nspeed on the same work ({len(pairs)} image-caption pairs x {len(bank)} noise draws = {items} UNet items):")
+    print(f"\nspeed on the same work ({len(pairs)} image-caption pairs x {len(bank)} noise draws = {items} "
+          "UNet items):")
     print(f"  engine {engine_s:6.2f} s = {items / engine_s:7.1f} items/s   naive loop {naive_s:6.2f} s = "
           f"{items / naive_s:7.1f} items/s   speed-up {naive_s / engine_s:.1f}x")
     print(f"  max difference engine vs naive, relative to the error scale: {rel:.1e} -> "

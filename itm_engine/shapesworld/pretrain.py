@@ -415,7 +415,8 @@ class Pretrainer:
             rows = torch.tensor([i for i, _ in negatives], dtype=torch.long)
             states = self._encode(texts + [caption for _, caption in negatives])
             with self.recorder.record() if stage.grounding_weight else contextlib.nullcontext() as maps:
-                pred = comp.unet(torch.cat([zt, zt[rows]]), torch.cat([t, t[rows]]), encoder_hidden_states=states).sample
+                pred = comp.unet(torch.cat([zt, zt[rows]]), torch.cat([t, t[rows]]),
+                                 encoder_hidden_states=states).sample
             target = denoising_target(z0, noise, t, alphas, c.prediction_type)
             batch = len(texts)
             loss = (F.mse_loss(pred[:batch], target) + self._ranking_loss(stage, rows, pred, target)
@@ -434,7 +435,8 @@ class Pretrainer:
             if step % 100 == 0 or step == begin:
                 self._log({"stage": "diffusion", "name": stage.name, "step": step, "loss": running,
                            "lr": schedule.get_last_lr()[0]})
-            self.report["diffusion"].update(seconds=round(time.perf_counter() - start, 1), loss=running, steps=self.step)
+            self.report["diffusion"].update(seconds=round(time.perf_counter() - start, 1), loss=running,
+                                            steps=self.step)
             if c.eval_every and self.step % c.eval_every == 0 and self.step != total:
                 with _ema_weights(ema, params):
                     self.report["validation"].append({"step": self.step, **self.validate()})

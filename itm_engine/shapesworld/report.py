@@ -40,7 +40,8 @@ DIRECTIONS = {"i2t": (ShapesI2T, "i2t"), "t2i": (ShapesT2I, "t2i"), "t2i-raw": (
 SPLITS = {"test": ALL_SUBTASKS, "compositional": SUBTASKS}
 
 
-def accuracy(scorer: PairScorer, draw: Draw, direction: Direction, samples: int = 10, seed: int = 0) -> dict[str, float]:
+def accuracy(scorer: PairScorer, draw: Draw, direction: Direction, samples: int = 10,
+             seed: int = 0) -> dict[str, float]:
     """{subtask: accuracy} of `scorer` on the examples of `draw` in `direction`."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
@@ -80,7 +81,8 @@ def standard_columns(diffusion: PairScorer, clip: PairScorer, hardneg: PairScore
 def accuracy_table(columns: dict[str, tuple[PairScorer, Direction]], draw: Draw, samples: int = 10,
                    seed: int = 0) -> dict[str, dict[str, float]]:
     """{header: {subtask: accuracy}} for each column (header -> (scorer, direction)), plus "chance"."""
-    table = {header: accuracy(scorer, draw, direction, samples, seed) for header, (scorer, direction) in columns.items()}
+    table = {header: accuracy(scorer, draw, direction, samples, seed)
+             for header, (scorer, direction) in columns.items()}
     table["chance"] = chance(draw)
     return table
 
@@ -130,7 +132,8 @@ def write_report(config: ReportConfig, command: str) -> dict:
         print(text[-1] + "\n", flush=True)
     report = {
         "command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads()},
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "threads": torch.get_num_threads()},
         "versions": _versions(), **{k: v for k, v in asdict(config).items() if k != "out"},
         "schedule": "stratified", "seconds": round(time.perf_counter() - start, 1), "accuracy": tables,
     }

@@ -38,7 +38,8 @@ class _Shapes(Task):
         names = [s.strip() for s in chosen.split(",")] if isinstance(chosen, str) else chosen
         if names is not None and (not isinstance(names, (list, tuple)) or not names
                                   or any(s not in ALL_SUBTASKS for s in names)):
-            raise ValueError(f"{self.name}: option subtasks must name some of {', '.join(ALL_SUBTASKS)}, got {chosen!r}")
+            raise ValueError(f"{self.name}: option subtasks must name some of {', '.join(ALL_SUBTASKS)}, "
+                             f"got {chosen!r}")
         self.subtasks = tuple(names) if names else self.default_subtasks
 
     @classmethod

@@ -370,7 +370,7 @@ class _Order(Task):
                     _coco_captions if isinstance(data, dict) else _caption_list)
                 return reader(self.name, file, data)
         raise FileNotFoundError(f"{self.name}: expected one of {', '.join(self.annotation_files)} in {self.root} "
-                                "(see the README for the layout)")
+                                "(layout: docs/evaluation.md)")
 
     def load_examples(self) -> Iterable[Example]:
         rows = []
@@ -384,7 +384,8 @@ class _Order(Task):
         path = self.path(Path(self.image_dir) / filename, where)
         example_id = f"{filename}#{j}"
         text = normalize_caption(caption, self.max_words)
-        return Example(id=example_id, images=(path,), texts=(text, *perturbations(text, example_id, self.seed)), label=0)
+        texts = (text, *perturbations(text, example_id, self.seed))
+        return Example(id=example_id, images=(path,), texts=texts, label=0)
 
     def metrics(self, examples: Sequence[Example], scores: dict[str, Sequence[torch.Tensor]]) -> dict[str, float]:
         correct = self.correct(examples, scores)
@@ -437,7 +438,8 @@ def _caption_list(task: str, file: str, data: Any) -> list[tuple[str, str, list[
         if not captions:
             raise DataError(f"{task}: {where}: malformed row: caption is an empty list")
         image = _file_name(row["image"], "image", where, task)
-        out.append((where, Path(image).name, [_caption_text(c, f"{where} caption {j}", task) for j, c in enumerate(captions)]))
+        texts = [_caption_text(c, f"{where} caption {j}", task) for j, c in enumerate(captions)]
+        out.append((where, Path(image).name, texts))
     return out
 
 

@@ -154,7 +154,8 @@ class Task(abc.ABC):
         """
         full = Path(os.path.normpath(self.root / relative))  # lexical: symlinked image folders are fine
         if not full.is_relative_to(self.root):
-            raise DataError(f"{self.name}: {where}: image path {str(relative)!r} resolves outside the data root {self.root}")
+            raise DataError(f"{self.name}: {where}: image path {str(relative)!r} resolves outside the data "
+                            f"root {self.root}")
         if not full.is_file():
             raise MissingData(f"{self.name}: {where}: missing image file {str(full)!r}")
         return str(full)
@@ -186,7 +187,7 @@ class Task(abc.ABC):
         """Parse a JSON file of the dataset; errors name the file."""
         file = self.root / relative
         if not file.is_file():
-            raise FileNotFoundError(f"{self.name}: expected {str(file)!r} (see the README for the layout)")
+            raise FileNotFoundError(f"{self.name}: expected {str(file)!r} (layout: docs/evaluation.md)")
         try:
             return json.loads(file.read_text())
         except json.JSONDecodeError as err:
@@ -196,7 +197,7 @@ class Task(abc.ABC):
         """(where, row) for each line of a JSON-lines file; `where` is "file:line"."""
         file = self.root / relative
         if not file.is_file():
-            raise FileNotFoundError(f"{self.name}: expected {str(file)!r} (see the README for the layout)")
+            raise FileNotFoundError(f"{self.name}: expected {str(file)!r} (layout: docs/evaluation.md)")
         rows = []
         for number, line in enumerate(file.read_text().splitlines(), start=1):
             if not line.strip():

@@ -133,7 +133,7 @@ class Bias(Task):
         image_root = next((r for r in IMAGE_ROOTS if (self.root / r).is_dir()), None)
         if image_root is None:
             raise FileNotFoundError(f"{self.name}: expected the image folder {str(self.root / IMAGE_ROOTS[0])!r} "
-                                    "with one folder per group (see the README for the layout)")
+                                    "with one folder per group (layout: docs/evaluation.md)")
         base = self.root / image_root
         canonical = {g.lower(): g for g in self.groups}
         found: dict[str, list[Path]] = {g: [] for g in self.groups}
@@ -163,10 +163,11 @@ class Bias(Task):
             relative = next((f for f in PHRASE_FILES if (self.root / f).is_file()), None)
             if relative is None:
                 raise FileNotFoundError(f"{self.name}: expected texts/pleasant.txt and texts/unpleasant.txt, or one of "
-                                        f"{', '.join(PHRASE_FILES)} in {self.root} (see the README for the layout)")
+                                        f"{', '.join(PHRASE_FILES)} in {self.root} (layout: docs/evaluation.md)")
             data = self.read_json(relative)
             if not isinstance(data, dict):
-                raise DataError(f"{self.name}: {relative}: expected an object {{\"pleasant\": [...], \"unpleasant\": [...]}}")
+                raise DataError(f"{self.name}: {relative}: expected an object {{\"pleasant\": [...], "
+                                "\"unpleasant\": [...]}")
             pleasant, unpleasant = (self._json_list(data, kind, relative) for kind in ("pleasant", "unpleasant"))
             where = relative
         for kind, phrases in (("pleasant", pleasant), ("unpleasant", unpleasant)):

@@ -54,7 +54,8 @@ class CLEVR(Task):
         else:
             names = [s.strip() for s in chosen.split(",")] if isinstance(chosen, str) else chosen
             if not isinstance(names, (list, tuple)) or not names or not all(isinstance(s, str) and s for s in names):
-                raise ValueError(f"{self.name}: option subtasks must be a non-empty list of subtask names, got {chosen!r}")
+                raise ValueError(f"{self.name}: option subtasks must be a non-empty list of subtask names, "
+                                 f"got {chosen!r}")
             bad = [s for s in names if s not in SUBTASKS]
             if bad:
                 raise ValueError(f"{self.name}: unknown subtask(s) {', '.join(bad)}; known: {', '.join(SUBTASKS)}")
@@ -74,21 +75,24 @@ class CLEVR(Task):
                                     "(expected {subtask}.json or captions/{subtask}.json)")
         if len(absent) == len(files):
             raise FileNotFoundError(f"{self.name}: no caption file in {self.root}; expected some of "
-                                    f"{', '.join(s + '.json' for s in SUBTASKS)} (see the README for the layout)")
+                                    f"{', '.join(s + '.json' for s in SUBTASKS)} (layout: docs/evaluation.md)")
         rows = []
         for subtask, file in files.items():
             if file is None:
                 continue
             data = self.read_json(file)
             if not isinstance(data, dict):
-                raise DataError(f"{self.name}: {self.root / file}: expected a JSON object {{image: [[positive, negative], ...]}}")
+                raise DataError(f"{self.name}: {self.root / file}: expected a JSON object {{image: "
+                                "[[positive, negative], ...]}")
             for image, pairs in data.items():
                 where = f"{file} [{image!r}]"
                 if not isinstance(pairs, list):
-                    raise DataError(f"{self.name}: {where}: malformed row: expected a list of [positive, negative] pairs")
+                    raise DataError(f"{self.name}: {where}: malformed row: expected a list of [positive, "
+                                    "negative] pairs")
                 for k, pair in enumerate(pairs):
                     if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) and t for t in pair)):
-                        raise DataError(f"{self.name}: {where} pair {k}: malformed row: expected [positive, negative] strings")
+                        raise DataError(f"{self.name}: {where} pair {k}: malformed row: expected [positive, "
+                                        "negative] strings")
                     rows.append((where, (where, subtask, image, k, pair)))
         return list(self.examples_from(rows, self._build))
 

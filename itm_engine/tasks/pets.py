@@ -63,7 +63,8 @@ class Pets(Task):
         """(image file, image name, breed) for every .jpg in images/, in class order then image number."""
         folder = self.root / "images"
         if not folder.is_dir():
-            raise FileNotFoundError(f"{self.name}: expected the image folder {str(folder)!r} (see the README for the layout)")
+            raise FileNotFoundError(f"{self.name}: expected the image folder {str(folder)!r} (layout: "
+                                    "docs/evaluation.md)")
         rows = []
         for file in folder.iterdir():
             if file.suffix.lower() != ".jpg" or file.is_dir():
@@ -87,7 +88,8 @@ class Pets(Task):
         relative = f"annotations/{self.split}.txt"
         file = self.root / relative
         if not file.is_file():
-            raise FileNotFoundError(f"{self.name}: expected {str(file)!r} for split {self.split!r} (see the README for the layout)")
+            raise FileNotFoundError(f"{self.name}: expected {str(file)!r} for split {self.split!r} (layout: "
+                                    "docs/evaluation.md)")
         rows, class_of = [], {}
         for number, line in enumerate(file.read_text().splitlines(), start=1):
             if not line.strip() or line.startswith("#"):
@@ -96,7 +98,8 @@ class Pets(Task):
             fields = line.split()
             match = _IMAGE_NAME.match(fields[0])
             if len(fields) < 2 or not match or not fields[1].isdigit():
-                raise DataError(f"{self.name}: {where}: malformed row {line.strip()!r}: expected 'Breed_Name_n CLASS-ID ...'")
+                raise DataError(f"{self.name}: {where}: malformed row {line.strip()!r}: expected "
+                                "'Breed_Name_n CLASS-ID ...'")
             breed, class_id = match["breed"], int(fields[1])
             if class_of.setdefault(class_id, breed).lower() != breed.lower():
                 raise DataError(f"{self.name}: {where}: class id {class_id} is {class_of[class_id]!r} elsewhere, "
@@ -118,7 +121,8 @@ class Pets(Task):
         def build(item: tuple[str, str, str]) -> Example:
             where, stem, breed = item
             path = self.path(where if self.split == "all" else f"images/{stem}.jpg", where)
-            return Example(id=stem, images=(path,), texts=texts, label=index[breed.lower()], meta={"breed": breed_text(breed)})
+            return Example(id=stem, images=(path,), texts=texts, label=index[breed.lower()],
+                           meta={"breed": breed_text(breed)})
 
         return list(self.examples_from(((r[0], r) for r in rows), build))
 

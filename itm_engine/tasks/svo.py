@@ -55,7 +55,7 @@ class SVOProbes(Task):
             return [(f"{file}[{i}]", row) for i, row in enumerate(data)]
         if not (self.root / file).is_file():
             raise FileNotFoundError(f"{self.name}: expected one of {', '.join(FILES)} in {self.root} "
-                                    "(see the README for the layout)")
+                                    "(layout: docs/evaluation.md)")
         with open(self.root / file, newline="") as handle:
             reader = csv.DictReader(handle)
             try:
@@ -75,7 +75,8 @@ class SVOProbes(Task):
                            for columns in (POS_COLUMNS, NEG_COLUMNS))
             return Example(id=str(n), images=images, texts=(sentence,), label=0, meta={"type": self._type(row, where)})
 
-        return list(self.examples_from(((where, (n, where, row)) for n, (where, row) in enumerate(self._rows())), build))
+        rows = ((where, (n, where, row)) for n, (where, row) in enumerate(self._rows()))
+        return list(self.examples_from(rows, build))
 
     def _image_name(self, row: dict, columns: Sequence[str], where: str) -> str:
         value = next((row[c] for c in columns if row.get(c) not in (None, "")), None)

@@ -68,7 +68,8 @@ class Winoground(Task):
     def metrics(self, examples: Sequence[Example], scores: dict[str, Sequence[torch.Tensor]]) -> dict[str, float]:
         """"text|image|group/overall" and "text|image|group/<collapsed tag>" from the [2, 2] matrices."""
         if not examples or any(len(scores[mode]) != len(examples) for mode in self.modes):
-            raise ValueError(f"{self.name}: need one i2t and one t2i score matrix for each of the {len(examples)} examples")
+            raise ValueError(f"{self.name}: need one i2t and one t2i score matrix for each of the "
+                             f"{len(examples)} examples")
         i2t, t2i = (torch.stack([s.reshape(2, 2) for s in scores[mode]]) for mode in ("i2t", "t2i"))
         results = winoground(i2t, t2i)
         owners = [(n, tag) for n, ex in enumerate(examples) for tag in ex.meta["collapsed_tag"]]
