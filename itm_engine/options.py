@@ -11,9 +11,10 @@ where needed, choices, flag spelling and a value parser) in their metadata, made
 
 `add_options(parser, EvalConfig)` adds one flag per field (the type and choices come from the
 annotation: int, float, str, bool as --x/--no-x, `X | None`, `Literal[...]`, `tuple[int, ...]` as
-comma-separated values), and `--help` shows every default; `from_args(EvalConfig, namespace)`
-builds the instance. Fields marked `identity=False` (where output goes, how many threads) are left
-out of `identity(config)`, the record a resumed run must match (`check_same_config`).
+comma-separated values, containers as JSON), and `--help` shows every default;
+`from_args(EvalConfig, namespace)` builds the instance, with the field's own default for every flag
+not given. Fields marked `identity=False` (where output goes, how many threads) are left out of
+`identity(config)`, the record a resumed run must match (`check_same_config`).
 """
 from __future__ import annotations
 
@@ -61,19 +62,9 @@ def option(
     return dataclasses.field(default=default, metadata=metadata)
 
 
-class _Formatter(argparse.HelpFormatter):
-    """Help that ends every optional flag's line with its default."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if not action.option_strings or action.required or action.default is argparse.SUPPRESS or "%(default)" in text:
-            return text
-        return f"{text} (default: %(default)s)"
-
-
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """An ArgumentParser whose --help shows each option's default."""
-    return argparse.ArgumentParser(prog=prog, description=description, formatter_class=_Formatter)
+    """An ArgumentParser for a command whose options `add_options` adds."""
+    return argparse.ArgumentParser(prog=prog, description=description)
 
 
 def _unwrap_optional(kind: Any) -> tuple[Any, bool]:
@@ -117,56 +108,54 @@ def _parse_and_choices(kind: Any) -> tuple[Callable[[str], Any] | None, Sequence
     raise TypeError(f"no command-line form for a field of type {kind!r}: give it parse=")
 
 
-def _format_default(value: tuple | list | dict) -> str:
-    """A default as it would be typed: "32,64,64" for a tuple of numbers or strings, else JSON."""
+def _format_default(value: Any) -> str:
+    """A default as it would be typed: "32,64,64" for a tuple of numbers or strings, JSON for
+    other containers, else the value as text."""
     if isinstance(value, tuple) and all(isinstance(v, (int, float, str)) for v in value):
         return ",".join(map(str, value))
-    return json.dumps(value)
+    if isinstance(value, (tuple, list, dict)):
+        return json.dumps(value)
+    return str(value)
 
 
-def add_options(target: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type,
-                exclude: Sequence[str] = ()) -> None:
-    """Add one flag per field of dataclass `cls` (see the module docstring) to `target`."""
+def add_options(target: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type) -> None:
+    """Add one flag per field of dataclass `cls` (see the module docstring) to `target`. A flag not
+    given leaves its field out of the parsed namespace, so `from_args` keeps the field's default;
+    --help shows that default, as it would be typed."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         meta = f.metadata
-        if f.name in exclude or not meta.get("cli", False):
+        if not meta.get("cli", False):
             continue
         flag = meta["flag"] or "--" + f.name.replace("_", "-")
-        help_text = meta["help"].replace("%", "%%")
         required = f.default is _MISSING and f.default_factory is _MISSING
-        default = None if required else (f.default if f.default is not _MISSING else f.default_factory())
+        help_text = meta["help"]
+        if not required:
+            default = f.default if f.default is not _MISSING else f.default_factory()
+            help_text += f" (default: {_format_default(default)})"
+        common = dict(dest=f.name, help=help_text.replace("%", "%%"), required=required, default=argparse.SUPPRESS)
         kind, _ = _unwrap_optional(hints[f.name])
         if kind is bool and not meta["append"]:
-            target.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
-                                required=required, help=help_text)
+            target.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
             continue
         parse, choices = _parse_and_choices(hints[f.name]) if meta["parse"] is None else (meta["parse"], None)
-        choices = meta["choices"] if meta["choices"] is not None else choices
         if meta["append"]:
-            target.add_argument(flag, dest=f.name, action="append", type=meta["parse"] or str, choices=choices,
-                                metavar=meta["metavar"], help=help_text, default=None)
-            continue
-        # a tuple, list or dict default is given as its command-line text, which argparse parses
-        # with `parse` like a typed value, so --help shows it as it would be typed
-        text_default = _format_default(default) if isinstance(default, (tuple, dict, list)) else default
-        target.add_argument(flag, dest=f.name, type=parse, choices=choices, required=required, default=text_default,
-                            metavar=meta["metavar"], help=help_text)
+            parse = meta["parse"] or str
+        target.add_argument(flag, type=parse, choices=meta["choices"] if meta["choices"] is not None else choices,
+                            metavar=meta["metavar"], action="append" if meta["append"] else "store", **common)
 
 
 def from_args(cls: type, namespace: argparse.Namespace, **overrides: Any) -> Any:
-    """An instance of dataclass `cls` from the parsed flags that `add_options` added (repeated
-    flags through their `convert`), with `overrides` for fields that have no flag."""
-    values = vars(namespace)
+    """An instance of dataclass `cls` from the flags given (`add_options`; repeated flags through
+    their `convert`), the fields' defaults for the rest, and `overrides` for fields with no flag."""
+    given = vars(namespace)
     fields = {}
     for f in dataclasses.fields(cls):
         if f.name in overrides:
             fields[f.name] = overrides[f.name]
-        elif f.metadata.get("append"):
-            given = values.get(f.name) or []
-            fields[f.name] = f.metadata["convert"](given) if f.metadata["convert"] else given
-        elif f.name in values:
-            fields[f.name] = values[f.name]
+        elif f.name in given and f.metadata.get("cli", False):
+            value = given[f.name]
+            fields[f.name] = f.metadata["convert"](value) if f.metadata.get("convert") else value
     return cls(**fields)
 
 

@@ -53,8 +53,8 @@ def model_card(training: dict, clip_training: dict, unet_config: dict, counts: d
         "# shapes: a small latent diffusion model of ShapesWorld",
         "",
         "Trained from scratch by itm-engine (`itm-shapes pretrain`) on the training split of",
-        "ShapesWorld (`itm_engine/shapesworld/world.py`): one- and two-object scenes of 6 colours x 5 shapes x",
-        "2 sizes",
+        "ShapesWorld (`itm_engine/shapesworld/world.py`): one- and two-object scenes of 6 colours x 5 shapes "
+        "x 2 sizes",
         "with grammar captions; the held-out colour-shape combinations never appear in training. It exists",
         "so the engine can be checked end to end on a model whose answers mean something, offline.",
         "Load it with `DiffusionITM.from_pretrained(\"shapes\")` (or this folder's path).",
