@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import count_unet_items, make_images
 
 from itm_engine.adaptive import Confidence, check_rounds, parse_policy, score_adaptive
 from itm_engine.noise import NoiseBank
 from itm_engine.scoring import DiffusionITM
 from itm_engine.stats import RunStats
+
+from fixtures.helpers import count_unet_items, make_images
 
 CAPTIONS = ["a red box", "a blue box on noise", "a green square", "noise", "a box", "a yellow thing"]
 
@@ -130,7 +131,7 @@ class PlantedScorer:
 
 def test_confidence_rule_stops_a_clear_query_after_the_first_round(images):
     gen = torch.Generator().manual_seed(0)
-    noise = lambda: (torch.randn(10, generator=gen) * 0.01).tolist()
+    noise = lambda: (torch.randn(10, generator=gen) * 0.01).tolist()  # noqa: E731
     swing = [(-1.0) ** s for s in range(10)]  # query 1: every candidate's running mean is 0 after each round
     table = {(0, 0): [1 + e for e in noise()], (0, 1): noise(), (0, 2): noise(),  # query 0: a clear winner
              (1, 0): swing, (1, 1): [-v for v in swing], (1, 2): [0.0] * 10}       # query 1: no winner

@@ -4,11 +4,12 @@ import warnings
 import PIL.Image
 import pytest
 import torch
-from helpers import count_unet_items, make_images
 
 from itm_engine import DiffusionITM
 from itm_engine.cache import LatentCache, TextCache, load_rgb
 from itm_engine.models import build_random_components
+
+from fixtures.helpers import count_unet_items, make_images
 
 
 @pytest.fixture(scope="module")

@@ -13,30 +13,31 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-import test_data_a
-import test_data_b
 import torch
 
 from itm_engine import cli
 from itm_engine.shapesworld.world import write_shapesworld
 from itm_engine.tasks import get_task
 
+from fixtures import datasets
+from fixtures.models import NAME, write_clip_config
+
 FAST = ["--samples", "2", "--no-progress", "--chunk-size", "4"]
 
 # task -> (fixture writer, extra itm-eval arguments)
 TASKS = {
-    "flickr30k_i2t": (test_data_a.write_flickr30k, []),
-    "flickr30k_t2i": (test_data_a.write_flickr30k, []),
-    "winoground": (test_data_a.write_winoground, []),
-    "imagecode": (test_data_a.write_imagecode, []),
-    "svo": (test_data_a.write_svo, []),
-    "vg_relation": (test_data_b.write_vg_relation, []),
-    "vg_attribution": (test_data_b.write_vg_attribution, []),
-    "coco_order": (test_data_b.write_coco_order, []),
-    "flickr30k_order": (test_data_b.write_flickr30k_order, []),
-    "clevr": (test_data_b.write_clevr, ["--task-option", "subtasks=spatial,recognition_color"]),
-    "pets": (test_data_b.write_pets, []),
-    "bias": (test_data_b.write_bias, []),
+    "flickr30k_i2t": (datasets.write_flickr30k, []),
+    "flickr30k_t2i": (datasets.write_flickr30k, []),
+    "winoground": (datasets.write_winoground, []),
+    "imagecode": (datasets.write_imagecode, []),
+    "svo": (datasets.write_svo, []),
+    "vg_relation": (datasets.write_vg_relation, []),
+    "vg_attribution": (datasets.write_vg_attribution, []),
+    "coco_order": (datasets.write_coco_order, []),
+    "flickr30k_order": (datasets.write_flickr30k_order, []),
+    "clevr": (datasets.write_clevr, ["--task-option", "subtasks=spatial,recognition_color"]),
+    "pets": (datasets.write_pets, []),
+    "bias": (datasets.write_bias, []),
     "shapes": (partial(write_shapesworld, n=1, size=32), []),
     "shapes_t2i": (partial(write_shapesworld, n=1, size=32), []),
     "shapes_retrieval": (partial(write_shapesworld, n=1, size=32), []),
@@ -62,11 +63,9 @@ def recomputed_metrics(task_name: str, root: Path, rows: list[dict]) -> dict:
 
 
 def test_every_registered_task_has_an_end_to_end_test():
-    from itm_engine.tasks import TASKS as REGISTERED
-    from itm_engine.tasks import _import_all
+    from itm_engine.tasks import all_tasks
 
-    _import_all()
-    assert set(REGISTERED) == set(TASKS)
+    assert set(all_tasks()) == set(TASKS)
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
@@ -95,7 +94,7 @@ def test_unknown_task_lists_the_known_ones(tmp_path, capsys):
 
 
 def test_missing_image_stops_or_is_skipped_and_counted(tmp_path, capsys):
-    root = test_data_a.write_winoground(tmp_path / "data")
+    root = datasets.write_winoground(tmp_path / "data")
     victim = sorted((root / "images").glob("*.png"))[0]
     victim.unlink()
     assert run_eval("--task", "winoground", "--data-root", root, "--out", tmp_path / "a", *FAST) == 2
@@ -107,7 +106,7 @@ def test_missing_image_stops_or_is_skipped_and_counted(tmp_path, capsys):
 
 
 def test_existing_output_needs_resume_and_the_same_config(tmp_path, capsys):
-    root = test_data_a.write_winoground(tmp_path / "data")
+    root = datasets.write_winoground(tmp_path / "data")
     out = tmp_path / "out"
     assert run_eval("--task", "winoground", "--data-root", root, "--out", out, *FAST) == 0
     assert run_eval("--task", "winoground", "--data-root", root, "--out", out, *FAST) == 2
@@ -117,12 +116,9 @@ def test_existing_output_needs_resume_and_the_same_config(tmp_path, capsys):
 
 
 def test_forced_mode_and_clip_side_by_side(tmp_path, capsys):
-    root = test_data_a.write_winoground(tmp_path / "data")
+    root = datasets.write_winoground(tmp_path / "data")
     out = tmp_path / "out"
-    from test_prefilter import NAME, TINY
-
-    config = tmp_path / f"{NAME}.json"
-    config.write_text(json.dumps(TINY))
+    config = write_clip_config(tmp_path)
     assert run_eval("--task", "winoground", "--data-root", root, "--out", out, "--mode", "i2t",
                     "--scorer", "diffusion,clip", "--clip-model", NAME, "--clip-config", config, *FAST) == 0
     diffusion, rows = read(out / "diffusion")
@@ -138,15 +134,17 @@ def _eval_command(root: Path, out: Path) -> list[str]:
             "--out", str(out), "--samples", "16", "--chunk-size", "1", "--no-progress", "--device", "cpu"]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_recomputes_nothing_and_matches_an_uninterrupted_run(tmp_path):
-    root = test_data_a.write_winoground(tmp_path / "data", n=8)
+    root = datasets.write_winoground(tmp_path / "data", n=8)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     reference = tmp_path / "reference"
     subprocess.run(_eval_command(root, reference), check=True, env=env, capture_output=True)
 
     killed = tmp_path / "killed"
     shard = killed / "diffusion" / "scores" / "rank0.jsonl"
-    process = subprocess.Popen(_eval_command(root, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(_eval_command(root, killed), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not (shard.exists() and shard.read_text().count("\n") >= 2):
         time.sleep(0.01)
@@ -165,9 +163,10 @@ def test_resume_after_kill_9_recomputes_nothing_and_matches_an_uninterrupted_run
     assert resumed["metrics"] == expected["metrics"]
 
 
+@pytest.mark.slow
 def test_two_processes_through_accelerate_match_one(tmp_path):
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
-    root = test_data_a.write_winoground(tmp_path / "data", n=6)
+    root = datasets.write_winoground(tmp_path / "data", n=6)
     single, sharded = tmp_path / "single", tmp_path / "sharded"
     args = ["--task", "winoground", "--data-root", str(root), "--samples", "2", "--chunk-size", "1", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same threads in both runs: bit-identical reductions
@@ -188,11 +187,8 @@ def test_two_processes_through_accelerate_match_one(tmp_path):
 
 
 def test_flickr_with_the_clip_prefilter(tmp_path):
-    from test_prefilter import NAME, TINY
-
-    config = tmp_path / f"{NAME}.json"
-    config.write_text(json.dumps(TINY))
-    root = test_data_a.write_flickr30k(tmp_path / "data")
+    config = write_clip_config(tmp_path)
+    root = datasets.write_flickr30k(tmp_path / "data")
     out = tmp_path / "out"
     assert run_eval("--task", "flickr30k_i2t", "--data-root", root, "--out", out, "--prefilter", "clip", "--topk", "3",
                     "--clip-model", NAME, "--clip-config", config, *FAST) == 0

@@ -3,10 +3,11 @@ import importlib.util
 
 import pytest
 import torch
-from helpers import count_unet_items, make_images, max_rel_diff
 
 from itm_engine import DiffusionITM
 from itm_engine.models import build_random_components
+
+from fixtures.helpers import count_unet_items, make_images, max_rel_diff
 
 TEXTS = ["a red box", "a small blue ball", "three green cubes", ""]
 
@@ -59,6 +60,7 @@ def test_padding_to_fixed_shapes_never_changes_a_score(images, reference):
     assert max_rel_diff(got, expected, scale=scale) <= 1e-5
 
 
+@pytest.mark.slow
 def test_compiled_unet_gives_the_reference_scores(images, reference):
     bank, expected, scale = reference
     scorer = DiffusionITM(build_random_components("tiny", seed=2), compile=True, batch_size=16)

@@ -1,10 +1,11 @@
 """Kernel dispatch: ITM_KERNELS / engine option, availability, and engine scores per backend."""
 import pytest
 import torch
-from helpers import make_images, max_rel_diff
 
 from itm_engine import DiffusionITM, kernels
 from itm_engine.models import build_random_components
+
+from fixtures.helpers import make_images, max_rel_diff
 
 CPU = torch.device("cpu")
 CPU_BACKENDS = [b for b in kernels.BACKENDS if kernels.available(b, CPU)]

@@ -2,7 +2,6 @@
 version is written once, the README stays a README and its links resolve."""
 from __future__ import annotations
 
-import ast
 import re
 import subprocess
 import sys
@@ -10,24 +9,14 @@ from pathlib import Path
 
 import itm_engine
 
+from fixtures.helpers import imported_modules
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "itm_engine"
 LAB = "itm_engine.shapesworld"
 # everything but the lab and the console entry layer (cli.py names the lab's command by its module
 # path, as it names the others', to dispatch `python -m itm_engine.cli shapes`)
 CORE = sorted(p for p in PACKAGE.rglob("*.py") if "shapesworld" not in p.parts and p != PACKAGE / "cli.py")
-
-
-def imported_modules(path: Path) -> set[str]:
-    """Every module an `import` or `from ... import` statement of `path` names (at any depth)."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return names
 
 
 def test_no_core_module_imports_the_lab():

@@ -7,11 +7,10 @@ from pathlib import Path
 import diffusers
 import pytest
 import torch
-from helpers import make_images
 
 from itm_engine import DiffusionITM
 from itm_engine.evaluate import EvalConfig, build_scorer
-from itm_engine.models import _architecture_configs, build_random_components
+from itm_engine.models import architecture_configs, build_random_components
 from itm_engine.models.lora import (
     LEGACY_WEIGHTS_NAME,
     WEIGHTS_NAME,
@@ -21,6 +20,8 @@ from itm_engine.models.lora import (
     read_lora,
     save_lora,
 )
+
+from fixtures.helpers import make_images
 
 TEXTS = ["a red circle", "a blue square on the left", "two green triangles"]
 RELEASED = Path(__file__).parents[2] / "shared" / "fixtures" / "diffusion-itm-hardneg-lora"
@@ -132,7 +133,8 @@ def test_diffusers_model_level_adapter_file_loads(saved, tmp_path):
 
 
 def test_scale_zero_is_the_base_model_and_half_is_in_between(saved, images, base_scores):
-    by_scale = {s: DiffusionITM.from_pretrained("tiny", lora=saved["folder"], lora_scale=s)(images, TEXTS, samples=2, seed=3)
+    by_scale = {s: DiffusionITM.from_pretrained("tiny", lora=saved["folder"], lora_scale=s)(images, TEXTS, samples=2,
+                                                                                            seed=3)
                 for s in (0.0, 0.5, 1.0)}
     assert torch.equal(by_scale[0.0], base_scores)
     assert torch.equal(by_scale[1.0], saved["scores"])
@@ -158,7 +160,8 @@ def test_legacy_checkpoint_loads_as_research_code_computes(tmp_path):
     x = torch.randn(2, 5, 32)
     for proj, module in (("to_k", f"{LAYER}.to_k"), ("to_out", f"{LAYER}.to_out.0")):
         linear = base.get_submodule(module)
-        down, up = state[f"{LAYER}.processor.{proj}_lora.down.weight"], state[f"{LAYER}.processor.{proj}_lora.up.weight"]
+        prefix = f"{LAYER}.processor.{proj}_lora"
+        down, up = state[f"{prefix}.down.weight"], state[f"{prefix}.up.weight"]
         want = linear(x) + 0.5 * (x @ down.T @ up.T)
         with torch.no_grad():
             torch.testing.assert_close(unet.get_submodule(module)(x), want, rtol=1e-5, atol=1e-6)
@@ -198,7 +201,7 @@ def test_missing_checkpoint_is_named(tmp_path):
 def test_released_checkpoint_maps_onto_sd21_unet():
     """Every one of the 256 tensors lands on an SD 2.1-base UNet (built on the meta device: shapes only)."""
     with torch.device("meta"):
-        unet = diffusers.UNet2DConditionModel(**_architecture_configs("sd21-arch")["unet"])
+        unet = diffusers.UNet2DConditionModel(**architecture_configs("sd21-arch")["unet"])
     state, config = read_lora(RELEASED, unet)
     assert len(state) == 256 and config is None
     assert {t.shape[0] for k, t in state.items() if ".lora_A." in k} == {4}

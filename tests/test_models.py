@@ -13,13 +13,13 @@ import transformers
 
 from itm_engine.models import (
     SDComponents,
-    _architecture_configs,
-    _clip_bpe,
+    architecture_configs,
     build_random_components,
     clip_tokenizer,
     load_components,
     save_random_model,
 )
+from itm_engine.models.architectures import _clip_bpe
 
 SENTENCES = [
     "A photo of a cat.",
@@ -94,7 +94,7 @@ def test_tokenizer_special_tokens() -> None:
     ],
 )
 def test_sd_architectures_match_released_models(arch: str, params: tuple[int, int, int]) -> None:
-    configs = _architecture_configs(arch)
+    configs = architecture_configs(arch)
     with torch.device("meta"):  # shapes only: no memory, no time
         nets = (
             diffusers.UNet2DConditionModel(**configs["unet"]),

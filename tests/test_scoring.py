@@ -1,11 +1,12 @@
 """The engine against the naive reference loop, and the scorer's contract (tiny model, CPU, fp32)."""
 import pytest
 import torch
-from helpers import count_unet_items, make_images, max_rel_diff
 
 from itm_engine import DiffusionITM
 from itm_engine.models import build_random_components, load_components, save_random_model
 from itm_engine.reference import batched_pair_scores, naive_scores
+
+from fixtures.helpers import count_unet_items, make_images, max_rel_diff
 
 TEXTS = ["a red circle", "a blue square on the left", "", "two green triangles"]
 
@@ -155,7 +156,8 @@ def test_saved_and_reloaded_model_scores_identically(tmp_path, images):
     reloaded = DiffusionITM.from_pretrained(folder)
     bank = in_memory.noise_bank(2, seed=3)
     for mode in ("i2t", "t2i"):
-        assert torch.equal(in_memory(images, TEXTS, mode=mode, noise=bank), reloaded(images, TEXTS, mode=mode, noise=bank))
+        assert torch.equal(in_memory(images, TEXTS, mode=mode, noise=bank),
+                           reloaded(images, TEXTS, mode=mode, noise=bank))
 
 
 def test_sampled_latents_are_reproducible_and_differ_from_the_mean(images):

@@ -564,7 +564,7 @@ class Pretrainer:
     def _save_checkpoint(self, optimiser=None, schedule=None, ema=None) -> None:
         comp = self.components
         self.report["seconds"] = round(time.perf_counter() - self._started, 1)
-        state = {"config": json.dumps(asdict(self.config)), "report": json.dumps(self.report),
+        state = {"config": json.dumps(options.identity(self.config)), "report": json.dumps(self.report),
                  "step": self.step, "vae": comp.vae.state_dict(), "unet": comp.unet.state_dict(),
                  "text_encoder": comp.text_encoder.state_dict(), "layout_head": self.layout_head.state_dict(),
                  "scaling_factor": float(comp.vae.config.scaling_factor)}

@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 
@@ -40,13 +40,14 @@ DIRECTIONS = {"i2t": (ShapesI2T, "i2t"), "t2i": (ShapesT2I, "t2i"), "t2i-raw": (
 SPLITS = {"test": ALL_SUBTASKS, "compositional": SUBTASKS}
 
 
-def accuracy(scorer: PairScorer, draw: Draw, direction: Direction, samples: int = 10,
-             seed: int = 0) -> dict[str, float]:
-    """{subtask: accuracy} of `scorer` on the examples of `draw` in `direction`."""
+def accuracy(scorer: PairScorer, draw: Draw, direction: Direction, samples: int = 10, seed: int = 0,
+             subtasks: Sequence[str] | None = None) -> dict[str, float]:
+    """{subtask: accuracy} of `scorer` on the examples of `draw` in `direction`: of every subtask of
+    the draw, or of `subtasks` only (their examples in the whole draw)."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
     task_class, mode = DIRECTIONS[direction]
-    task = task_class.from_world(draw, subtasks=draw.subtasks)
+    task = task_class.from_world(draw, subtasks=tuple(subtasks or draw.subtasks))
     examples = task.examples
     matrices: dict[str, torch.Tensor] = {}
     for subtask in task.subtasks:

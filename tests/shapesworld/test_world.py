@@ -1,18 +1,20 @@
-"""ShapesWorld: the generator (seeded, splits disjoint, captions true to the pixels, one-attribute
-negatives) and its tasks (loading, metrics on hand-made scores)."""
+"""The ShapesWorld generator (`itm_engine.shapesworld.world`): seeded, splits disjoint, captions true
+to the pixels and to the scene, one-attribute negatives, hard-negative captions, the writers and
+`itm-shapes write`. The `splits` fixture (written data roots) is in conftest.py."""
 from __future__ import annotations
 
 import hashlib
 import json
 import random
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
-import torch
 
+from itm_engine.shapesworld import cli as shapes_cli
 from itm_engine.shapesworld import world
 from itm_engine.shapesworld.world import (
     ALL_SUBTASKS,
@@ -22,26 +24,14 @@ from itm_engine.shapesworld.world import (
     RELATIONS,
     SHAPES,
     SIZES,
-    SUBTASKS,
     write_shapesworld,
 )
-from itm_engine.tasks import get_task
 
 PROBED = {"recognition_color": "color", "recognition_shape": "shape", "binding_color_shape": "color",
           "binding_shape_color": "shape", "pair_binding_color": "color", "pair_binding_size": "size",
           "spatial": "position"}
 VOCAB = {"color": set(COLORS), "shape": set(SHAPES), "size": set(SIZES),
          "position": {w for r in RELATIONS for w in r.split()}}
-
-
-@pytest.fixture(scope="module")
-def splits(tmp_path_factory) -> dict[str, dict]:
-    base = tmp_path_factory.mktemp("shapes")
-    out = {}
-    for split in ("train", "test", "compositional"):
-        root = write_shapesworld(base / split, split=split, n=12, seed=0, size=48)
-        out[split] = {"root": root, **json.loads((root / "examples.json").read_text())}
-    return out
 
 
 def digests(root: Path) -> dict[str, str]:
@@ -121,7 +111,8 @@ def test_each_negative_differs_from_the_positive_in_exactly_the_probed_attribute
                 assert all(p in VOCAB[probed] and n in VOCAB[probed] for p, n in changed), (ex, neg)
                 for p, n in zip(ex["objects"], neg["objects"]):  # the scenes too
                     keys = {"position": ("x", "y")}.get(probed, (probed,))
-                    assert {k: v for k, v in p.items() if k not in keys} == {k: v for k, v in n.items() if k not in keys}
+                    same = {k: v for k, v in n.items() if k not in keys}
+                    assert {k: v for k, v in p.items() if k not in keys} == same
         assert {ex["subtask"] for ex in splits[split]["examples"]} == set(ALL_SUBTASKS)
 
 
@@ -149,6 +140,31 @@ def test_recognition_negatives_cover_every_other_value_outside_train(splits):
             assert len(ex["negatives"]) == len(SHAPES) - 1
 
 
+def test_training_captions_are_true_of_their_scene():
+    rng = random.Random(0)
+    for _ in range(20):
+        scene, _ = world.sample_example(rng, "spatial", "train")
+        forms = world.training_captions(scene)
+        a, b = scene
+        assert set(forms) - {"position"} == {"binding", "pair", "spatial"}
+        for text in forms.get("position", []):  # absolute places agree with the relation
+            first = scene[0] if text.startswith(f"a {a.color} {a.shape}") else scene[1]
+            assert world.place(first) in text.split(" and ")[0]
+        if world.relation(a, b) == "left of" and "position" in forms:
+            assert forms["position"][0].split(" and ")[0].endswith("on the left") or "at the" in forms["position"][0]
+        assert forms["spatial"] == [f"a {a.color} {a.shape} {world.relation(a, b)} a {b.color} {b.shape}",
+                                    f"a {b.color} {b.shape} {world.relation(b, a)} a {a.color} {a.shape}"]
+        converse = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+        assert world.relation(b, a) == converse[world.relation(a, b)]
+    one, _ = world.sample_example(rng, "recognition_shape", "train")
+    assert world.training_captions(one)["recognition"] == [world.caption(one, "recognition_color")]
+    o = world.Obj("red", "circle", "small", 10, 30)
+    assert world.training_captions((o,))["position"] == ["a small red circle on the left"]
+    assert world.place(world.Obj("red", "circle", "small", 33, 60)) == "at the bottom"
+    assert world.place(world.Obj("red", "circle", "small", 33, 36)) is None
+    assert "position" not in world.training_captions((world.Obj("red", "circle", "small", 33, 36),))
+
+
 def test_image_size_is_an_option(tmp_path):
     root = write_shapesworld(tmp_path, n=1, size=32, subtasks=("spatial",))
     assert PIL.Image.open(next((root / "images").iterdir())).size == (32, 32)
@@ -158,54 +174,8 @@ def test_image_size_is_an_option(tmp_path):
         world.sample_example(random.Random(0), "spatial", "nope")
 
 
-def test_tasks_load_and_score_hand_made_matrices(splits):
-    root = splits["test"]["root"]
-    i2t = get_task("shapes", root)
-    assert len(i2t.examples) == 12 * len(SUBTASKS)
-    first = i2t.examples[0]
-    assert first.label == 0 and len(first.images) == 1 and first.texts[0] == splits["test"]["examples"][0]["caption"]
-    # right on recognition_color (positive highest), a tie on spatial (wrong), wrong elsewhere
-    scores = []
-    for ex in i2t.examples:
-        s = torch.zeros(1, len(ex.texts))
-        if ex.meta["subtask"] == "recognition_color":
-            s[0, 0] = 1.0
-        elif ex.meta["subtask"] != "spatial":
-            s[0, -1] = 1.0
-        scores.append(s)
-    metrics = i2t.metrics(i2t.examples, {"i2t": scores})
-    assert metrics["accuracy/recognition_color"] == 1.0 and metrics["accuracy/spatial"] == 0.0
-    assert metrics["accuracy"] == pytest.approx(1 / 7) and metrics["accuracy/macro"] == pytest.approx(1 / 7)
-    assert set(metrics) == {"accuracy", "accuracy/macro", *(f"accuracy/{s}" for s in SUBTASKS)}
-
-    assert {ex.meta["subtask"] for ex in get_task("shapes_t2i", root).examples} == set(ALL_SUBTASKS)
-    t2i = get_task("shapes_t2i", root, subtasks="spatial,recognition_shape")
-    assert {ex.meta["subtask"] for ex in t2i.examples} == {"spatial", "recognition_shape"}
-    ex = t2i.examples[0]
-    assert len(ex.texts) == 1 and len(ex.images) == 5 and len(set(ex.images)) == 5
-    t2i_scores = [torch.arange(len(e.images), 0, -1).float().reshape(-1, 1) for e in t2i.examples]
-    assert t2i.metrics(t2i.examples, {"t2i": t2i_scores})["accuracy"] == 1.0
-    with pytest.raises(ValueError, match="subtasks"):
-        get_task("shapes", root, subtasks="colour")
-
-
-def test_retrieval_recall_on_hand_made_scores(splits):
-    task = get_task("shapes_retrieval", splits["test"]["root"], pool=20)
-    (ex,) = task.examples
-    assert len(ex.images) == 20 and len(set(ex.texts)) == len(ex.texts)
-    assert {Path(image).stem.rsplit("_", 1)[0] for image in ex.images[:7]} == set(SUBTASKS)  # taken in turn
-    truth = torch.zeros(len(ex.images), len(ex.texts))
-    for i, (j,) in enumerate(ex.label["i2t"]):
-        truth[i, j] = 1.0 + i / 100  # distinct, so images sharing a caption do not tie
-    assert task.metrics([ex], {"i2t": [truth], "t2i": [truth]}) == {
-        "i2t/R@1": 1.0, "i2t/R@5": 1.0, "t2i/R@1": 1.0, "t2i/R@5": 1.0}
-    flat = torch.zeros_like(truth)  # all ties: never retrieved at k below the number of candidates
-    metrics = task.metrics([ex], {"i2t": [flat], "t2i": [flat]})
-    assert metrics["i2t/R@1"] == 0.0 and metrics["t2i/R@5"] == 0.0
-
-
 def test_cli_writes_a_data_root(tmp_path, capsys):
-    world.main(["--out", str(tmp_path), "--n", "1", "--split", "val", "--size", "32"])
+    assert shapes_cli.main(["write", "--out", str(tmp_path), "--n", "1", "--split", "val", "--size", "32"]) == 0
     data = json.loads((tmp_path / "examples.json").read_text())
     assert data["split"] == "val" and data["size"] == 32 and len(data["examples"]) == len(ALL_SUBTASKS)
     assert "wrote 8 val examples" in capsys.readouterr().out
@@ -247,7 +217,8 @@ def test_hard_negative_captions_describe_the_swapped_scenes():
              for caption in world.training_captions(world.sample_example(rng, "spatial")[0])["binding"]}
     assert named - {None} and not any(f"{c} {s}" in n or f"{s} that is {c}" in n
                                       for n in named - {None} for c, s in HELD_OUT_COMBOS)
-    for forms in (world.training_captions(s) for s, _ in (world.sample_example(rng, "binding_color_shape") for _ in range(20))):
+    scenes = [world.sample_example(rng, "binding_color_shape")[0] for _ in range(20)]
+    for forms in (world.training_captions(s) for s in scenes):
         for caption in forms.get("position", []):
             negative = world.hard_negative_caption(caption, rng)
             assert negative != caption and len(negative.split()) == len(caption.split())
@@ -280,3 +251,13 @@ def test_later_object_side_names_the_second_object_and_the_converse_relation():
     assert seen == {0, 1, 2, 3}
     assert world.later_object_side("a red circle left of a blue") is None
     assert world.later_object_side("a red circle on the left of a blue square") is None
+
+
+def test_draw_scenes_are_the_examples_the_writer_writes(splits):
+    """`draw_scenes(Draw(...))` gives the scenes of `write_shapesworld` with the same draw, in order."""
+    drawn = world.draw_scenes(world.Draw("test", n=12, seed=0, size=48))
+    written = [(ex["subtask"], ex["objects"], [neg["objects"] for neg in ex["negatives"]])
+               for ex in splits["test"]["examples"]]
+    assert [(subtask, [asdict(o) for o in scene], [[asdict(o) for o in neg] for neg in negatives])
+            for subtask, scene, negatives in drawn] == written
+

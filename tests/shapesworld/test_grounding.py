@@ -43,8 +43,10 @@ def test_recorder_keeps_every_cross_attention_map_and_changes_no_output():
 
 
 def test_words_name_their_objects_and_masks_cover_them():
-    assert grounding.word_objects("a red circle left of a blue square", ("blue", "red")) == [(1, 1), (2, 1), (6, 0), (7, 0)]
-    assert grounding.word_objects("a circle that is red and a square that is blue", ("red", "blue")) == [(4, 0), (10, 1)]
+    assert grounding.word_objects("a red circle left of a blue square", ("blue", "red")) == [
+        (1, 1), (2, 1), (6, 0), (7, 0)]
+    assert grounding.word_objects("a circle that is red and a square that is blue", ("red", "blue")) == [
+        (4, 0), (10, 1)]
     assert grounding.word_objects("", ("red",)) == []
     scene, _ = world.sample_example(random.Random(3), "spatial", "train")
     masks = grounding.object_masks(scene, 64, 8)
@@ -73,6 +75,7 @@ def test_grounding_loss_is_the_attention_share_outside_the_mask():
         grounding.grounding_loss([tiny], [(0, 0, mask)])
 
 
+@pytest.mark.slow
 def test_a_grounding_stage_trains_and_moves_attention_onto_the_objects(tmp_path):
     """With only the grounding term's gradient, a few steps on fixed spatial captions raise the share
     of the named words' attention inside their objects."""

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 
-from itm_engine import bundled, shapes_eval
 from itm_engine.clip import ClipModel
+from itm_engine.models.registry import model_folder
 from itm_engine.scoring import DiffusionITM
-from itm_engine.shapesworld import world
+from itm_engine.shapesworld import ASSETS, CLIP, MODEL, report, world
 
 N = 40
 BINDING = ("binding_color_shape", "binding_shape_color", "pair_binding_color", "pair_binding_size")
@@ -21,21 +21,24 @@ BINDING = ("binding_color_shape", "binding_shape_color", "pair_binding_color", "
 
 @pytest.fixture(scope="module")
 def scorer() -> DiffusionITM:
-    return DiffusionITM.from_pretrained("shapes", progress=False)
+    return DiffusionITM.from_pretrained(MODEL, progress=False)
 
 
 @pytest.fixture(scope="module")
-def held_out() -> shapes_eval.Examples:
-    return shapes_eval.world_examples("test", N, seed=0)
+def held_out() -> world.Draw:
+    """The fixed subset: N examples of each subtask of the test split, seed 0."""
+    return world.Draw("test", N, seed=0)
 
 
 @pytest.fixture(scope="module")
-def i2t(scorer, held_out) -> dict[str, float]:
-    return shapes_eval.accuracy(scorer, {k: v for k, v in held_out.items() if k in world.SUBTASKS}, "i2t")
+def i2t(scorer) -> dict[str, float]:
+    # the first seven subtasks of `held_out`: a Draw of them alone draws the same examples
+    return report.accuracy(scorer, world.Draw("test", N, seed=0, subtasks=world.SUBTASKS), "i2t")
 
 
 def test_bundled_model_is_a_small_diffusers_folder(scorer):
-    folder = bundled.model_folder("shapes")
+    folder = model_folder(MODEL)
+    assert folder == ASSETS / MODEL
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     assert size <= 20 * 2**20
     assert not list(folder.rglob("*.bin")) and len(list(folder.rglob("*.safetensors"))) == 3
@@ -44,32 +47,39 @@ def test_bundled_model_is_a_small_diffusers_folder(scorer):
     assert DiffusionITM.from_pretrained(folder).components.source == str(folder)  # and from its path
 
 
+@pytest.mark.slow
 def test_image_to_text_recognition(i2t):
     assert i2t["recognition_color"] >= 0.95 and i2t["recognition_shape"] >= 0.95, i2t
 
 
+@pytest.mark.slow
 def test_image_to_text_binding(i2t):
     assert all(i2t[s] >= 0.90 for s in BINDING), i2t
 
 
+@pytest.mark.slow
 def test_image_to_text_spatial(i2t):
     assert i2t["spatial"] >= 0.75, i2t
 
 
-def test_text_to_image_recognition(scorer, held_out):
-    recognition = {k: held_out[k] for k in ("recognition_color", "recognition_shape")}
-    t2i = shapes_eval.accuracy(scorer, recognition, "t2i")
+@pytest.mark.slow
+def test_text_to_image_recognition(scorer):
+    # the first two subtasks of `held_out`: a Draw of them alone draws the same examples
+    recognition = world.Draw("test", N, seed=0, subtasks=("recognition_color", "recognition_shape"))
+    t2i = report.accuracy(scorer, recognition, "t2i")
     assert all(v >= 0.90 for v in t2i.values()), t2i
 
 
+@pytest.mark.slow
 def test_null_normalisation_removes_the_complexity_bias(scorer, held_out):
-    rows = {world.COMPLEXITY: held_out[world.COMPLEXITY]}
-    raw = shapes_eval.accuracy(scorer, rows, "t2i-raw")[world.COMPLEXITY]
-    normalised = shapes_eval.accuracy(scorer, rows, "t2i")[world.COMPLEXITY]
+    # the complexity examples of the whole draw (a Draw of that subtask alone would draw others)
+    only = (world.COMPLEXITY,)
+    raw = report.accuracy(scorer, held_out, "t2i-raw", subtasks=only)[world.COMPLEXITY]
+    normalised = report.accuracy(scorer, held_out, "t2i", subtasks=only)[world.COMPLEXITY]
     assert normalised >= 0.9 and normalised >= raw + 0.1, (raw, normalised)
 
 
 def test_bundled_clip_is_trained():
-    clip = ClipModel.from_name("shapes-clip", pretrained="bundled").scorer()
-    rows = shapes_eval.world_examples("test", 20, seed=1, subtasks=("recognition_color",))
-    assert shapes_eval.accuracy(clip, rows, "i2t")["recognition_color"] >= 0.8
+    clip = ClipModel.from_name(CLIP, pretrained="bundled").scorer()
+    draw = world.Draw("test", 20, seed=1, subtasks=("recognition_color",))
+    assert report.accuracy(clip, draw, "i2t")["recognition_color"] >= 0.8

@@ -1,5 +1,6 @@
-"""HardNeg LoRA training on the tiny model: the loss, learning, frozen base, checkpoints, resume,
-2 processes through Accelerate, and the trained LoRA scoring through itm-eval."""
+"""HardNeg LoRA training (`itm_engine.hardneg.train`) on the tiny model: the loss, learning, frozen
+base, checkpoints, resume, 2 processes through Accelerate, and the trained LoRA scoring through
+itm-eval."""
 from __future__ import annotations
 
 import json
@@ -12,10 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_images
 
 from itm_engine import cli
 from itm_engine.hardneg.train import TrainConfig, Trainer, hardneg_loss
+
+from fixtures.datasets import write_clevr
+from fixtures.helpers import make_images
+from fixtures.models import NAME, write_clip_config
 
 CAPTIONS = ["a red box on a table", "a small blue ball under a chair", "two green cubes left of a tree",
             "a yellow dog next to a black cat", "a white cup behind a brown bag", "an orange kite above a house"]
@@ -64,6 +68,7 @@ def test_hardneg_loss_factor_scales_the_bound():
 # -- training -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_changes_only_lora_weights(tmp_path):
     trainer = Trainer(config(write_pairs(tmp_path / "data"), negatives="none", max_steps=12, lr=3e-3), tmp_path / "out")
     unet = trainer.components.unet
@@ -91,6 +96,7 @@ def test_training_lowers_the_loss_and_changes_only_lora_weights(tmp_path):
     assert (tmp_path / "out" / "lora").is_dir()
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_reproduces_the_uninterrupted_losses(tmp_path, monkeypatch):
     data = write_pairs(tmp_path / "data", n=8)
     settings = dict(batch_size=2, grad_accum=2, max_steps=4, checkpoint_every=2, negatives="mixed", neg_prob=0.7)
@@ -126,17 +132,19 @@ def test_resume_refuses_a_different_configuration(tmp_path):
         Trainer(config(data, max_steps=1, checkpoint_every=1, lr=0.5), tmp_path / "out").resume()
 
 
+@pytest.mark.slow
 def test_two_processes_compute_the_single_process_gradient(tmp_path):
     data = write_pairs(tmp_path / "data")
     common = ["train", "--data", str(data), "--max-steps", "2", "--grad-accum", "1", "--negatives", "hard-text",
               "--lr", "0.001", "--checkpoint-every", "1000"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "itm_engine.cli", *common, "--batch-size", "4", "--out", str(tmp_path / "one")],
-                   check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, "-m", "itm_engine.cli", *common, "--batch-size", "4",
+                    "--out", str(tmp_path / "one")], check=True, env=env, capture_output=True)
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     launched = subprocess.run(
         [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "itm_engine.cli", *common, "--batch-size", "2", "--out", str(tmp_path / "two")],
+         "--dynamo_backend", "no", "-m", "itm_engine.cli", *common, "--batch-size", "2",
+         "--out", str(tmp_path / "two")],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert launched.returncode == 0, launched.stderr[-3000:]
@@ -151,6 +159,7 @@ def test_two_processes_compute_the_single_process_gradient(tmp_path):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_itm_train_then_itm_eval_with_the_lora(tmp_path):
     data = write_pairs(tmp_path / "data")
     out = tmp_path / "run"
@@ -159,20 +168,16 @@ def test_itm_train_then_itm_eval_with_the_lora(tmp_path):
                      "--val-samples", "1"]) == 0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert all(0.0 <= row["val_accuracy"] <= 1.0 for row in log)
-    import test_data_b
-
-    root = test_data_b.write_clevr(tmp_path / "clevr")
+    root = write_clevr(tmp_path / "clevr")
     assert cli.main(["eval", "--task", "clevr", "--data-root", str(root), "--out", str(tmp_path / "eval"),
                      "--samples", "2", "--no-progress", "--lora", str(out / "lora")]) == 0
     results = json.loads((tmp_path / "eval" / "diffusion" / "results.json").read_text())
     assert results["config"]["lora"] == str(out / "lora")
 
 
+@pytest.mark.slow
 def test_hard_image_negatives_from_clip_neighbours(tmp_path):
-    from test_prefilter import NAME, TINY
-
-    clip_config = tmp_path / f"{NAME}.json"
-    clip_config.write_text(json.dumps(TINY))
+    clip_config = write_clip_config(tmp_path)
     trainer = Trainer(config(write_pairs(tmp_path / "data"), negatives="hard-image", clip_neighbours=1, max_steps=1,
                              clip_model=NAME, clip_config=str(clip_config)), tmp_path / "out")
     negative = trainer.sampler.negative(0, epoch=0)
@@ -182,6 +187,7 @@ def test_hard_image_negatives_from_clip_neighbours(tmp_path):
     assert rows[0]["loss"] < rows[0]["l_pos"]  # the negative term was subtracted
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_step(tmp_path):
     data = write_pairs(tmp_path / "data")
     plain = Trainer(config(data, max_steps=2), tmp_path / "plain").train()
@@ -191,13 +197,15 @@ def test_gradient_checkpointing_gives_the_same_step(tmp_path):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_bf16_mixed_precision_runs_and_stays_close(tmp_path):
     """Accelerate's state is one per process: the bf16 run gets its own process."""
     data = write_pairs(tmp_path / "data")
     full = Trainer(config(data, max_steps=1), tmp_path / "fp32").train()
-    subprocess.run([sys.executable, "-m", "itm_engine.cli", "train", "--data", str(data), "--out", str(tmp_path / "bf16"),
-                    "--max-steps", "1", "--batch-size", "4", "--grad-accum", "1", "--lr", "0.001", "--negatives", "hard-text",
-                    "--checkpoint-every", "1000", "--val-every", "1000", "--epochs", "100", "--mixed-precision", "bf16"],
+    subprocess.run([sys.executable, "-m", "itm_engine.cli", "train", "--data", str(data),
+                    "--out", str(tmp_path / "bf16"), "--max-steps", "1", "--batch-size", "4", "--grad-accum", "1",
+                    "--lr", "0.001", "--negatives", "hard-text", "--checkpoint-every", "1000", "--val-every", "1000",
+                    "--epochs", "100", "--mixed-precision", "bf16"],
                    check=True, capture_output=True)
     mixed = [json.loads(line) for line in (tmp_path / "bf16" / "log.jsonl").read_text().splitlines()]
     assert math.isfinite(mixed[0]["loss"]) and mixed[0]["l_pos"] == pytest.approx(full[0]["l_pos"], rel=3e-2)

@@ -1,4 +1,5 @@
-"""Training data for HardNeg-DiffusionITM: readers, hard-negative captions, CLIP neighbours, sampler."""
+"""Training data for HardNeg-DiffusionITM (`itm_engine.hardneg.data`): readers, hard-negative captions,
+CLIP neighbours, sampler."""
 from __future__ import annotations
 
 import csv
@@ -10,8 +11,6 @@ from pathlib import Path
 import PIL.Image
 import pytest
 import torch
-from helpers import make_images
-from test_prefilter import NAME, TINY, make_clip
 
 from itm_engine import kernels
 from itm_engine.hardneg.data import (
@@ -26,6 +25,9 @@ from itm_engine.hardneg.data import (
     read_pairs,
 )
 from itm_engine.tasks.base import DataError
+
+from fixtures.helpers import make_images
+from fixtures.models import make_clip, write_clip_config
 
 COLOURS = ["red", "green", "blue", "white", "black"]
 
@@ -233,9 +235,7 @@ def test_short_captions_may_have_no_hard_negatives():
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
-    path = tmp_path_factory.mktemp("clip_config") / f"{NAME}.json"
-    path.write_text(json.dumps(TINY))
-    return make_clip(str(path))
+    return make_clip(str(write_clip_config(tmp_path_factory.mktemp("clip_config"))))
 
 
 def test_clip_nearest_images_equal_brute_force_top_k(clip, tmp_path, monkeypatch):

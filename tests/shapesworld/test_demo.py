@@ -1,9 +1,14 @@
-from itm_engine import demo
+"""The demo (`make demo`, `itm-shapes demo`) on a few examples: its tables, the engine-vs-naive
+agreement line and the figure."""
+import pytest
+
+from itm_engine.shapesworld import cli as shapes_cli
 
 
+@pytest.mark.slow
 def test_demo_runs_tables_agreement_and_figure(capsys, tmp_path):
     figure = tmp_path / "demo.png"
-    assert demo.main(["--n", "2", "--samples", "2", "--figure", str(figure)]) == 0
+    assert shapes_cli.main(["demo", "--n", "2", "--samples", "2", "--figure", str(figure)]) == 0
     out = capsys.readouterr().out
     assert "model: builtin:shapes" in out and "compositional split" in out
     for header in ("I2T", "T2I raw", "T2I norm", "CLIP I2T", "CLIP T2I", "chance"):

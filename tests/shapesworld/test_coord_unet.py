@@ -3,13 +3,14 @@ code, and the engine's scores on it against the naive reference loop."""
 import diffusers
 import pytest
 import torch
-from helpers import make_images, max_rel_diff
 
 from itm_engine import DiffusionITM
 from itm_engine.models import load_components, save_components, save_random_model
 from itm_engine.reference import naive_scores
 from itm_engine.shapesworld.coord_unet import CoordUNet2DConditionModel, coordinate_grid
 from itm_engine.shapesworld.pretrain import PretrainConfig, build_components
+
+from fixtures.helpers import make_images, max_rel_diff
 
 TEXTS = ["a red circle left of a blue square", "a red circle right of a blue square", ""]
 
@@ -25,8 +26,9 @@ def test_coordinate_grid_runs_from_minus_one_to_one_across_each_axis():
     grid = coordinate_grid(torch.zeros(2, 8, 4, 6, dtype=torch.float64))
     assert grid.shape == (2, 2, 4, 6) and grid.dtype == torch.float64
     x, y = grid[0]
-    assert torch.equal(x[0], torch.linspace(-1, 1, 6, dtype=torch.float64)) and torch.equal(x[:, 0], -torch.ones(4, dtype=torch.float64))
-    assert torch.equal(y[:, 0], torch.linspace(-1, 1, 4, dtype=torch.float64)) and torch.equal(y[0], -torch.ones(6, dtype=torch.float64))
+    f64 = torch.float64
+    assert torch.equal(x[0], torch.linspace(-1, 1, 6, dtype=f64)) and torch.equal(x[:, 0], -torch.ones(4, dtype=f64))
+    assert torch.equal(y[:, 0], torch.linspace(-1, 1, 4, dtype=f64)) and torch.equal(y[0], -torch.ones(6, dtype=f64))
 
 
 def test_forward_is_the_plain_unet_on_latent_plus_coordinates(coord_folder):

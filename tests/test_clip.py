@@ -1,7 +1,7 @@
-"""CLIP prefilter and baseline: a tiny random open_clip model from a config written here, no downloads."""
+"""CLIP prefilter and baseline (`itm_engine.clip`): a tiny random open_clip model from a config written
+here (fixtures.models), no downloads."""
 from __future__ import annotations
 
-import json
 import socket
 import warnings
 
@@ -10,7 +10,6 @@ import open_clip
 import PIL.Image
 import pytest
 import torch
-from helpers import make_images
 from open_clip.pretrained import _PRETRAINED
 from safetensors.torch import save_file
 
@@ -18,33 +17,15 @@ from itm_engine import kernels
 from itm_engine.clip import ClipModel, ClipScorer
 from itm_engine.tasks.base import Crop
 
-NAME = "itm-test-tiny-clip"
-TINY = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-}
+from fixtures.helpers import make_images
+from fixtures.models import NAME, make_clip, write_clip_config
+
 TEXTS = ["a red square", "a blue circle", "two dogs", "a cat on a mat", "green", "an empty room", "x"]
 
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("clip_config") / f"{NAME}.json"
-    path.write_text(json.dumps(TINY))
-    return str(path)
-
-
-def make_clip(config: str, **options) -> ClipModel:
-    """The tiny model with seeded random weights, spread out (N(0, 0.2)) so that different
-    inputs get clearly different embeddings (a fresh random ViT maps every image to ~one point)."""
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        clip = ClipModel.from_name(NAME, model_config=config, batch_size=4, **options)
-    with torch.no_grad():
-        for p in clip.model.parameters():
-            p.normal_(0, 0.2)
-    return clip
+    return str(write_clip_config(tmp_path_factory.mktemp("clip_config")))
 
 
 @pytest.fixture
@@ -156,7 +137,8 @@ def test_scorer_matches_similarity_in_both_modes(config, tmp_path):
     pairs = torch.tensor([[0, 0], [3, 5], [1, 2], [3, 0], [0, 0]])
     expected = sim[pairs[:, 0], pairs[:, 1]]
     for mode in ("i2t", "t2i"):
-        got = scorer.score_pairs(images, TEXTS, pairs, mode=mode, samples=3, seed=7, batch_size=2, schedule="stratified")
+        got = scorer.score_pairs(images, TEXTS, pairs, mode=mode, samples=3, seed=7, batch_size=2,
+                                 schedule="stratified")
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
     cands = scorer.score_candidates(TEXTS[:2], [images[:2], images[2:]], mode="t2i")
     torch.testing.assert_close(cands, torch.stack([sim[:2, 0], sim[2:, 1]]), rtol=0, atol=1e-6)
@@ -235,7 +217,8 @@ def test_cached_pretrained_tag_loads_offline(config, offline, monkeypatch):
     snapshot.mkdir(parents=True)
     (offline / "models--local-org--tiny-clip" / "refs").mkdir()
     (offline / "models--local-org--tiny-clip" / "refs" / "main").write_text("0" * 40)
-    save_file({k: v.contiguous() for k, v in source.model.state_dict().items()}, str(snapshot / "open_clip_model.safetensors"))
+    state = {k: v.contiguous() for k, v in source.model.state_dict().items()}
+    save_file(state, str(snapshot / "open_clip_model.safetensors"))
     loaded = ClipModel.from_name(NAME, pretrained="cachedtag", model_config=config)
     torch.testing.assert_close(loaded.embed_texts(TEXTS), source.embed_texts(TEXTS), rtol=0, atol=1e-6)
     assert open_clip.get_pretrained_cfg(NAME, "cachedtag")  # (the monkeypatched tag was used)
