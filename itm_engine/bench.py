@@ -21,6 +21,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator, Literal
 
 import PIL.Image
@@ -448,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
         "workloads": summaries, "batch_sweep_items_per_s": sweep, "agree": not failed,
         "total_s": time.perf_counter() - started,
     }
+    for path in (args.json, args.plot):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(report, handle, indent=2)
