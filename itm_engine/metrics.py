@@ -63,7 +63,8 @@ def accuracy_by_group(correct: Sequence[bool], groups: Sequence[str]) -> dict[st
 def ranks(scores: torch.Tensor, positives: Sequence[Sequence[int]]) -> torch.Tensor:
     """1-based rank of each query's best positive candidate, float64 [Q] (integral values).
 
-    rank(p) = 1 + #{c != p : s_c >= s_p} (ties count ahead), minimised over the positives p; a
+    rank = 1 + #{wrong c : s_c >= max over the positives p of s_p}: only wrong candidates count
+    ahead, a wrong one that ties the best positive included (a tie never counts as retrieved); a
     query with no positive among its candidates gets rank inf (never retrieved at any k).
 
     scores: [Q, C]; positives: for each query, the indices of its correct candidates.
@@ -72,9 +73,12 @@ def ranks(scores: torch.Tensor, positives: Sequence[Sequence[int]]) -> torch.Ten
         raise ValueError(f"scores must be [Q, C] with Q = {len(positives)}, got {tuple(scores.shape)}")
     out = torch.full((scores.shape[0],), float("inf"), dtype=torch.float64)
     for q, pos in enumerate(positives):
-        for p in pos:
-            rank = int((scores[q] >= scores[q, p]).sum())  # counts p itself: 1 + #{c != p: s_c >= s_p}
-            out[q] = min(float(out[q]), rank)
+        if not len(pos):
+            continue
+        wrong = torch.ones(scores.shape[1], dtype=torch.bool)
+        wrong[list(pos)] = False
+        best = scores[q, list(pos)].max()
+        out[q] = 1 + int((scores[q][wrong] >= best).sum())
     return out
 
 
@@ -103,13 +107,14 @@ def winoground(i2t: torch.Tensor, t2i: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def bias_phi(scores: torch.Tensor, n_a: int) -> torch.Tensor:
-    """Per image: phi = mean score over attribute set A (the first n_a columns) minus mean over B.
+    """Per image: phi = mean score over attribute set A (the first n_a columns) minus mean over B,
+    in float64 (phi is a small difference of large means).
 
-    scores: [N, A + B] -> [N].
+    scores: [N, A + B] -> float64 [N].
     """
     if not 0 < n_a < scores.shape[1]:
         raise ValueError(f"n_a must split the {scores.shape[1]} columns into two non-empty sets, got {n_a}")
-    return scores[:, :n_a].float().mean(dim=1) - scores[:, n_a:].float().mean(dim=1)
+    return scores[:, :n_a].double().mean(dim=1) - scores[:, n_a:].double().mean(dim=1)
 
 
 def effect_size(phi_x: torch.Tensor, phi_y: torch.Tensor) -> float:

@@ -39,6 +39,9 @@ def test_ranks_and_recall_with_ties_and_multiple_positives():
     positives = [[0], [2], [3, 2], [1]]
     assert metrics.ranks(scores, positives).tolist() == [1, 3, 2, 4]
     assert metrics.recall_at_k(scores, positives, ks=(1, 2, 3)) == {"R@1": 0.25, "R@2": 0.5, "R@3": 0.75}
+    # only wrong candidates count ahead: two correct ones tying first is a hit; a wrong one tying is not
+    tied = torch.tensor([[0.7, 0.7, 0.1], [0.7, 0.7, 0.1], [0.2, 0.7, 0.7]])
+    assert metrics.ranks(tied, [[0, 1], [0], [1, 2]]).tolist() == [1, 2, 1]
     assert metrics.ranks(scores[:1], [[]]).tolist() == [float("inf")]  # positive not among candidates
     assert metrics.recall_at_k(scores[:1, :2], [[]], ks=(1, 10)) == {"R@1": 0.0, "R@10": 0.0}  # even for k > C
 
@@ -62,6 +65,15 @@ def test_bias_effect_size_by_hand():
     mean = sum(union) / 4
     std = math.sqrt(sum((v - mean) ** 2 for v in union) / 3)
     assert d == pytest.approx(((2.5 + 0.5) / 2 - (0.5 - 1.0) / 2) / std)
+
+
+def test_bias_phi_keeps_float64_precision_of_a_small_difference_of_large_means():
+    # scores of the size of denoising errors, differing in the 7th digit: float32 means lose it
+    base = 1000.0
+    scores = torch.tensor([[base + 0.001, base + 0.003, base, base + 0.001]], dtype=torch.float64)
+    phi = metrics.bias_phi(scores.float(), n_a=2)
+    exact = (scores.float().double()[0, :2].mean() - scores.float().double()[0, 2:].mean()).item()
+    assert phi.dtype == torch.float64 and phi.item() == pytest.approx(exact, rel=1e-12)
 
 
 def test_permutation_p_value():

@@ -130,8 +130,11 @@ def test_flickr_candidates_files(flickr):
     assert [file_names(ex.images) for ex in exs] == [["200.jpg"], ["100.jpg"], ["300.jpg"]]
     assert exs[1].texts == ("a blue square", "red")
     assert [ex.label for ex in exs] == [[0, 2], [1], [0, 1]]
-    # ragged k (3, 2, 4): ranks 2 (tie), 1, 3
+    # ragged k (3, 2, 4): ranks 1 (its two correct captions tie: no wrong one ahead), 1, 3
     scores = {"i2t": i2t_matrices([5, 1, 5], [0, 1], [1, 2, 3, 0])}
+    assert task.metrics(exs, scores) == pytest.approx({"R@1": 2 / 3, "R@5": 1.0, "R@10": 1.0})
+    # a wrong caption tying the best correct one counts ahead: rank 2
+    scores = {"i2t": i2t_matrices([5, 5, 4], [0, 1], [1, 2, 3, 0])}
     assert task.metrics(exs, scores) == pytest.approx({"R@1": 1 / 3, "R@5": 1.0, "R@10": 1.0})
     cut = get_task("flickr30k_i2t", flickr, candidates=str(i2t_file), topk=1).examples  # absolute path
     assert [ex.texts for ex in cut] == [("green",), ("a blue square",), ("green",)]
