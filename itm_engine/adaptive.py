@@ -127,11 +127,12 @@ def budget(policy: Policy) -> int:
 
 
 def score_adaptive(scorer, queries: Sequence, candidates: Sequence[Sequence], mode: str, policy: Policy,
-                   bank: NoiseBank, batch_size: int | None = None) -> AdaptiveResult:
+                   bank: NoiseBank, batch_size: int | None = None, protocol=None) -> AdaptiveResult:
     """Run `policy` for each query against its k candidates (mode "i2t": image queries, text
     candidates; "t2i": text queries, image candidates); `bank` holds the draws (>= `budget(policy)`).
 
-    `scorer` needs `draw_scores(images, texts, pairs, mode, noise=...) -> [P, S]` and `last_stats`.
+    `scorer` needs `draw_scores(images, texts, pairs, mode, noise=, draws=, batch_size=, protocol=)
+    -> [P, S]` and `last_stats`; `protocol` (the scorer's when None) is passed through.
     """
     n, k = len(queries), len(candidates[0])
     flat = [c for cands in candidates for c in cands]
@@ -150,9 +151,8 @@ def score_adaptive(scorer, queries: Sequence, candidates: Sequence[Sequence], mo
             return
         cand = alive[:, 0] * k + alive[:, 1]
         pairs = torch.stack([alive[:, 0], cand], 1) if mode == "i2t" else torch.stack([cand, alive[:, 0]], 1)
-        sub = NoiseBank.from_tensors(bank.timesteps[start:stop], bank.noise[start:stop])
-        per_draw[alive[:, 0], alive[:, 1], start:stop] = scorer.draw_scores(images, texts, pairs, mode, noise=sub,
-                                                                             batch_size=batch_size)
+        per_draw[alive[:, 0], alive[:, 1], start:stop] = scorer.draw_scores(
+            images, texts, pairs, mode, noise=bank, draws=slice(start, stop), batch_size=batch_size, protocol=protocol)
         stats.add(scorer.last_stats)
 
     draws = torch.zeros(n, k, dtype=torch.long)

@@ -1,12 +1,15 @@
-"""`itm-bench`: the engine against the naive research loop and a batched baseline, side by side.
+"""`itm-bench`: the engine against the research codes' own loops, side by side.
 
-All three methods run in one process on the same workload and the same noise bank, with their
-repeats interleaved (naive, batched, engine, naive, ...) so machine drift hits all of them; the
-report gives medians. The run also checks that the three agree on the scores (exit code 1 when
-they do not).
+"naive" is the DiffusionITM research loop as the paper ran it (`reference.diffusion_itm_pair_scores`:
+the VAE inside the draw loop, one UNet call per pair and draw), "batched" Diffusion Classifier's loop
+(each image encoded once, one UNet call per pair), "engine" this engine. All three run in one
+process on the same workload, the same draws and the same scoring protocol (default: the
+DiffusionITM research code's), with their repeats interleaved (naive, batched, engine, naive, ...)
+so machine drift hits all of them; the report gives medians. The run also checks that the three
+agree on the scores (exit code 1 when they do not).
 
-    itm-bench                                   # tiny model, CPU, I2T and T2I pairs (< 90 s)
-    itm-bench --model sd21-arch --device cuda --dtype bfloat16 --protocol i2t-topk --json r.json
+    itm-bench                                   # tiny model, CPU, I2T and T2I pairs
+    itm-bench --model sd21-arch --device cuda --dtype bfloat16 --workload i2t-topk --json r.json
 """
 from __future__ import annotations
 
@@ -29,11 +32,11 @@ import PIL.ImageDraw
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from itm_engine import extras, options
+from itm_engine import extras, options, protocols
 from itm_engine.models import SDComponents, load_components
 from itm_engine.noise import NoiseBank
 from itm_engine.options import option, parse_batch_size
-from itm_engine.reference import batched_pair_scores, naive_pair_scores
+from itm_engine.reference import diffusion_classifier_pair_scores, diffusion_itm_pair_scores
 from itm_engine.scoring import DiffusionITM
 
 METHODS = ("naive", "batched", "engine")
@@ -95,21 +98,22 @@ class Workload:
 
 
 def build_workloads(args: BenchConfig, components: SDComponents) -> list[Workload]:
-    """The workloads of `--protocol` (one per mode for "pairs")."""
-    bank = NoiseBank.sample(args.samples, components.latent_shape, seed=args.seed,
-                            num_train_timesteps=components.scheduler.config.num_train_timesteps)
+    """The workloads of `--workload` (one per mode for "pairs"), on the protocol's shared draws."""
+    protocol = args.scoring_protocol()
+    seed = protocol.seed
+    bank = NoiseBank.for_protocol(protocol, components.latent_shape, components.scheduler.config.num_train_timesteps)
     size = components.image_size
-    if args.protocol == "pairs":
-        images, texts = make_images(args.images, size, args.seed), make_captions(args.texts, args.seed)
+    if args.workload == "pairs":
+        images, texts = make_images(args.images, size, seed), make_captions(args.texts, seed)
         pairs = [(i, j) for i in range(len(images)) for j in range(len(texts))]
         return [Workload(f"pairs-{mode}", mode, images, texts, pairs, bank) for mode in args.mode.split(",")]
-    rng = random.Random(args.seed)
-    if args.protocol == "i2t-topk":  # each image with its own k candidate captions
-        images, texts = make_images(args.images, size, args.seed), make_captions(args.images * args.topk, args.seed)
+    rng = random.Random(seed)
+    if args.workload == "i2t-topk":  # each image with its own k candidate captions
+        images, texts = make_images(args.images, size, seed), make_captions(args.images * args.topk, seed)
         pairs = [(i, i * args.topk + c) for i in range(len(images)) for c in range(args.topk)]
         return [Workload("i2t-topk", "i2t", images, texts, pairs, bank)]
     # t2i-topk: each caption with k candidate images drawn from a shared pool (null-normalised)
-    images, texts = make_images(args.images, size, args.seed), make_captions(args.texts, args.seed)
+    images, texts = make_images(args.images, size, seed), make_captions(args.texts, seed)
     pairs = [(i, j) for j in range(len(texts)) for i in rng.sample(range(len(images)), args.topk)]
     return [Workload("t2i-topk", "t2i", images, texts, pairs, bank)]
 
@@ -200,12 +204,15 @@ class PeakMemory:
 
 
 def method_runner(name: str, scorer: DiffusionITM) -> Callable[[Workload], torch.Tensor]:
-    """A callable scoring a workload's pairs [P] with method `name`, starting from cold caches."""
-    components = scorer.components
+    """A callable scoring a workload's pairs [P] with method `name`, starting from cold caches:
+    "naive" the DiffusionITM research loop, "batched" Diffusion Classifier's loop, both under the
+    scorer's protocol."""
+    components, protocol = scorer.components, scorer.protocol
     if name == "naive":
-        return lambda w: naive_pair_scores(components, w.images, w.texts, w.pairs, w.bank, w.mode)
+        return lambda w: diffusion_itm_pair_scores(components, w.images, w.texts, w.pairs, w.bank, w.mode, protocol)
     if name == "batched":
-        return lambda w: batched_pair_scores(components, w.images, w.texts, w.pairs, w.bank, w.mode)
+        return lambda w: diffusion_classifier_pair_scores(components, w.images, w.texts, w.pairs, w.bank, w.mode,
+                                                          protocol)
 
     def engine(w: Workload) -> torch.Tensor:
         scorer.clear_cache()  # the engine pays its encodings in every run, like the others
@@ -363,15 +370,17 @@ class BenchConfig:
                                      "(tiny, sd15-arch, sd21-arch)")
     device: str = option("cpu", help="cpu, cuda, cuda:1, ...")
     dtype: Literal["float32", "float16", "bfloat16"] = option("float32", help="model dtype")
-    protocol: Literal["pairs", "i2t-topk", "t2i-topk"] = option(
+    workload: Literal["pairs", "i2t-topk", "t2i-topk"] = option(
         "pairs", help="pairs: N images x M texts; i2t-topk: each image with its own k captions; "
                       "t2i-topk: each caption with k candidate images (null-normalised)")
-    mode: str = option("i2t,t2i", help="for --protocol pairs: i2t, t2i or both")
+    protocol: str = option("diffusion-itm", choices=tuple(protocols.PRESETS),
+                           help="the scoring protocol all three methods follow (the protocol flags below override "
+                                "its fields; --samples defaults to 4 here)")
+    protocol_fields: dict = option(default_factory=dict, cli=False, help="the protocol fields overridden")
+    mode: str = option("i2t,t2i", help="for --workload pairs: i2t, t2i or both")
     images: int = option(6, help="images in the workload")
     texts: int = option(6, help="texts in the workload (pairs, t2i-topk)")
     topk: int = option(10, help="candidates per query for the top-k protocols")
-    samples: int = option(4, help="noise draws per pair")
-    seed: int = option(0, help="seed of the workload and the noise draws")
     repeats: int = option(3, help="timed repeats per method (interleaved; medians reported)")
     methods: str = option(",".join(METHODS), help="comma-separated methods to run")
     batch_size: int | str = option(64, parse=parse_batch_size, help="engine UNet batch, or auto")
@@ -386,10 +395,22 @@ class BenchConfig:
     plot: str | None = option(None, identity=False, help="write a PNG plot here")
 
 
+    def scoring_protocol(self) -> protocols.Protocol:
+        """The protocol of the run: the preset with 4 draws unless overridden, and the fields given."""
+        return protocols.resolve(self.protocol, **{"samples": 4, **self.protocol_fields})
+
+
 def parse_args(argv: list[str] | None) -> BenchConfig:
     parser = options.parser("itm-bench", __doc__.splitlines()[0])
     options.add_options(parser, BenchConfig)
-    args = options.from_args(BenchConfig, parser.parse_args(argv))
+    options.add_options(parser.add_argument_group("protocol fields (each overrides the --protocol preset's)"),
+                        protocols.Protocol, default_note="the preset's", exclude=("dtype",))
+    namespace = parser.parse_args(argv)
+    args = options.from_args(BenchConfig, namespace, protocol_fields=options.given(protocols.Protocol, namespace))
+    try:
+        args.scoring_protocol()
+    except (ValueError, TypeError) as err:
+        parser.error(str(err))
     unknown = set(args.methods.split(",")) - set(METHODS)
     if unknown:
         parser.error(f"unknown method(s) {sorted(unknown)}; choose from {METHODS}")
@@ -402,8 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     batch_size = args.batch_size
     scorer = DiffusionITM(
-        load_components(args.model, device=device, dtype=dtype), batch_size=batch_size, kernels=args.kernels,
-        attention=args.attention, channels_last=args.channels_last, compile=args.compile, cuda_graphs=args.cuda_graphs,
+        load_components(args.model, device=device, dtype=dtype), protocol=args.scoring_protocol(),
+        batch_size=batch_size, kernels=args.kernels, attention=args.attention, channels_last=args.channels_last,
+        compile=args.compile, cuda_graphs=args.cuda_graphs,
     )
     components = scorer.components
     methods = args.methods.split(",")
@@ -411,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = args.peak_tflops or (measured_peak_tflops(device) if device.type == "cuda" else None)
     print(f"itm-bench: {components.source} on {device} ({args.dtype}), latents {components.latent_shape}, "
           f"{flops / 1e9:.2f} GFLOPs per UNet item" + (f", ceiling {peak:.0f} TFLOP/s" if peak else ""))
+    print(f"protocol {args.protocol}: " + ", ".join(f"{k}={v}" for k, v in scorer.protocol.as_dict().items()))
 
     tolerance = TOLERANCE[dtype]
     summaries, agreements, failed = [], [], False
@@ -444,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "itm-bench " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "environment": environment(device), "model": components.source, "dtype": args.dtype,
-        "options": options.identity(args),
+        "options": options.identity(args), "protocol": scorer.protocol.as_dict(),
         "unet_gflops_per_item": flops / 1e9, "peak_tflops": peak, "tolerance": tolerance,
         "workloads": summaries, "batch_sweep_items_per_s": sweep, "agree": not failed,
         "total_s": time.perf_counter() - started,

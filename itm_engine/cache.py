@@ -4,13 +4,16 @@ Images are accepted as PIL images (any mode: RGBA, L, P, CMYK, ... are converted
 paths, or tensors ([3, H, W] or [1, H, W], float in [0, 1] or uint8 in [0, 255]; a tensor is
 turned into an 8-bit RGB image, exactly what an image file would hold).
 
-Resize/crop policy: every image is resized, keeping its aspect ratio, so that it covers the
-model's square resolution (`SDComponents.image_size`, 512 for SD), then centre-cropped to it
-(diffusers' `VaeImageProcessor(resize_mode="crop")`, Lanczos resampling), and scaled to [-1, 1].
-`resize_mode="default"` stretches instead; `"fill"` pads by repeating the edges.
+How an image becomes the model's square input follows the scoring protocol (`protocols.Protocol`):
+`resize` "crop" (short side to the side, centre crop: torchvision's `Resize` + `CenterCrop`),
+"stretch" (PIL `resize` of both sides) or "pad" (fit inside, edges repeated: diffusers'
+`VaeImageProcessor` "fill"), with the `interpolation` filter; transparent images composited on
+white or plainly converted (`transparency`); then scaled to [-1, 1].
 
-Latents are keyed by image *content* (a hash of the RGB pixels and size), so two equal images
-share one entry whatever Python objects hold them; text embeddings are keyed by the string.
+The latent cache keeps each image's VAE posterior (mean and standard deviation), keyed by image
+*content* (a hash of the RGB pixels and size) and the resize conventions, so two equal images share
+one entry whatever Python objects hold them; the latent a call uses (the mean, one sample per
+image, or one per draw) is made from it. Text embeddings are keyed by the string.
 """
 from __future__ import annotations
 
@@ -18,22 +21,28 @@ import hashlib
 import os
 import warnings
 from pathlib import Path
-from typing import Literal, Sequence, Union
+from typing import Sequence, Union
 
+import numpy as np
 import PIL.Image
 import torch
+import torchvision.transforms.functional as TF
 from diffusers.image_processor import VaeImageProcessor
 
 from itm_engine.models import SDComponents
+from itm_engine.protocols import Interpolation, Protocol, Resize, Transparency
 from itm_engine.stats import RunStats
 
 ImageInput = Union[PIL.Image.Image, str, os.PathLike, torch.Tensor]
-LatentMode = Literal["mean", "sample"]
-ResizeMode = Literal["crop", "default", "fill"]
+_PIL_FILTERS = {"lanczos": PIL.Image.LANCZOS, "bicubic": PIL.Image.BICUBIC, "bilinear": PIL.Image.BILINEAR}
+_TORCHVISION_FILTERS = {"lanczos": TF.InterpolationMode.LANCZOS, "bicubic": TF.InterpolationMode.BICUBIC,
+                        "bilinear": TF.InterpolationMode.BILINEAR}
 
 
-def load_rgb(image: ImageInput, name: str = "image") -> PIL.Image.Image:
-    """Open/convert one image input to an RGB PIL image; errors name the culprit (`name`)."""
+def load_rgb(image: ImageInput, name: str = "image", transparency: Transparency = "composite") -> PIL.Image.Image:
+    """Open/convert one image input to an RGB PIL image; errors name the culprit (`name`).
+    Transparent images are composited on white ("composite") or plainly converted ("convert");
+    with "convert-after-resize" an image keeps its own mode (`resize_image` converts it last)."""
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.is_file():
@@ -52,8 +61,10 @@ def load_rgb(image: ImageInput, name: str = "image") -> PIL.Image.Image:
         )
     if image.width == 0 or image.height == 0:
         raise ValueError(f"{name}: image has zero size {image.size}")
-    if image.mode == "RGB":
+    if image.mode == "RGB" or transparency == "convert-after-resize":
         return image
+    if transparency == "convert":
+        return image.convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Composite transparent images on white rather than letting transparent pixels go black.
         rgba = image.convert("RGBA")
@@ -80,10 +91,19 @@ def _tensor_to_pil(tensor: torch.Tensor, name: str) -> PIL.Image.Image:
 
 
 def content_key(image: PIL.Image.Image) -> str:
-    """A key that two RGB images share exactly when their pixels (and size) are equal."""
-    digest = hashlib.sha1(f"{image.width}x{image.height}".encode())
+    """A key that two images share exactly when their pixels (size and mode) are equal."""
+    digest = hashlib.sha1(f"{image.width}x{image.height}".encode() if image.mode == "RGB" else
+                          f"{image.width}x{image.height}{image.mode}".encode())
     digest.update(image.tobytes())
     return digest.hexdigest()
+
+
+def query_key(item: ImageInput | str, mode: str, transparency: Transparency = "composite", name: str = "query") -> str:
+    """The key of a query's own noise draws (protocol noise "per-query"): its image's content in
+    "i2t", its caption in "t2i"."""
+    if mode == "t2i":
+        return "text:" + item
+    return "image:" + content_key(load_rgb(item, name, transparency))
 
 
 def check_list(values: Sequence, what: str) -> None:
@@ -104,37 +124,57 @@ def check_texts(texts: Sequence[str]) -> None:
             raise ValueError(f"texts[{i}] is a {type(text).__name__}, not a string")
 
 
-def preprocess_images(
-    components: SDComponents, images: Sequence[PIL.Image.Image], resize_mode: ResizeMode = "crop"
-) -> torch.Tensor:
-    """RGB PIL images -> pixel tensor [n, 3, R, R] in [-1, 1] at the model's resolution R."""
-    processor = VaeImageProcessor(vae_scale_factor=components.vae_scale_factor)
+def resize_image(image: PIL.Image.Image, size: int, resize: Resize = "crop",
+                 interpolation: Interpolation = "lanczos") -> PIL.Image.Image:
+    """An image as the model's square RGB input [size x size] (see the module docstring); an image
+    in another mode is converted to RGB after the resize."""
+    if resize == "stretch":
+        out = image.resize((size, size), resample=_PIL_FILTERS[interpolation])
+    elif resize == "crop":
+        out = TF.center_crop(TF.resize(image, size, interpolation=_TORCHVISION_FILTERS[interpolation]), size)
+    elif resize == "pad":
+        out = VaeImageProcessor(resample=interpolation).resize(image, size, size, resize_mode="fill")
+    else:
+        raise ValueError(f"resize must be 'crop', 'stretch' or 'pad', got {resize!r}")
+    return out if out.mode == "RGB" else out.convert("RGB")
+
+
+def preprocess_images(components: SDComponents, images: Sequence[PIL.Image.Image], resize: Resize = "crop",
+                      interpolation: Interpolation = "lanczos") -> torch.Tensor:
+    """PIL images (RGB, or any mode: converted after the resize) -> pixel tensor [n, 3, R, R] in
+    [-1, 1] at the model's resolution R."""
     size = components.image_size
-    return processor.preprocess(list(images), height=size, width=size, resize_mode=resize_mode)
+    arrays = [np.asarray(resize_image(image, size, resize, interpolation), dtype=np.float32) / 255.0
+              for image in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) * 2.0 - 1.0
 
 
 @torch.inference_mode()
-def encode_pixels(
-    components: SDComponents,
-    pixels: torch.Tensor,
-    latent: LatentMode = "mean",
-    generators: Sequence[torch.Generator] | None = None,
-) -> torch.Tensor:
-    """Pixels [n, 3, R, R] -> latents z0 [n, C, h, w] (float32) = posterior mean (or a sample) x scaling.
-
-    `generators` (CPU, one per image) make `latent="sample"` reproducible.
-    """
+def encode_posterior(components: SDComponents, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixels [n, 3, R, R] -> the VAE posterior's mean and standard deviation, float32 [n, C, h, w]
+    each (unscaled)."""
     vae = components.vae
     posterior = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
-    if latent == "mean":
-        z = posterior.mean
-    elif latent == "sample":
-        std = posterior.std
-        eps = torch.stack([torch.randn(std.shape[1:], generator=g) for g in generators])
-        z = posterior.mean + std * eps.to(device=std.device, dtype=std.dtype)
-    else:
-        raise ValueError(f"latent must be 'mean' or 'sample', got {latent!r}")
-    return z.float() * components.scaling_factor
+    return posterior.mean.float(), posterior.std.float()
+
+
+def encode_pixels(components: SDComponents, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels [n, 3, R, R] -> latents z0 [n, C, h, w] (float32) = posterior mean x scaling factor."""
+    return encode_posterior(components, pixels)[0] * components.scaling_factor
+
+
+def posterior_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
+    """The standard-normal draw of one posterior sample, float32 [*shape], from a CPU generator."""
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
+
+
+def sample_seed(key: str, seed: int | None = None, draw: int | None = None) -> int:
+    """The seed of a posterior sample: of the image (its content `key`) for latent "sample"; of
+    (protocol seed, image, draw) for "sample-per-draw"."""
+    if seed is None:
+        return int(key[:15], 16)
+    digest = hashlib.sha256(f"{seed}:{key}:{draw}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 @torch.inference_mode()
@@ -166,28 +206,19 @@ def warn_if_truncated(components: SDComponents, texts: Sequence[str]) -> None:
 
 
 class LatentCache:
-    """VAE latents of images, keyed by content; each image is encoded at most once.
+    """VAE posteriors of images, keyed by content and resize conventions; each image is encoded at
+    most once per convention.
 
-    `get(images)` returns `(latents [U, C, h, w] float32, index LongTensor [n_images])`, where
-    row `index[i]` of `latents` belongs to `images[i]` and U counts the distinct images.
+    `get(images, protocol=..., draws=S, first_draw=f)` returns `(latents, index)`: row `index[i]`
+    of `latents` (float32) belongs to `images[i]`; latents are [U, C, h, w] for the posterior mean
+    or one sample per image, and [U * S, C, h, w] for a sample per draw (row `index[i] * S + s` for
+    the draw f + s of the bank), with U the distinct images.
     """
 
-    def __init__(
-        self,
-        components: SDComponents,
-        latent: LatentMode = "mean",
-        resize_mode: ResizeMode = "crop",
-        batch_size: int = 16,
-    ) -> None:
-        if latent not in ("mean", "sample"):
-            raise ValueError(f"latent must be 'mean' or 'sample', got {latent!r}")
-        if resize_mode not in ("crop", "default", "fill"):
-            raise ValueError(f"resize_mode must be 'crop', 'default' or 'fill', got {resize_mode!r}")
+    def __init__(self, components: SDComponents, batch_size: int = 16) -> None:
         self.components = components
-        self.latent = latent
-        self.resize_mode = resize_mode
         self.batch_size = batch_size
-        self._store: dict[str, torch.Tensor] = {}
+        self._store: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (key, resize, filter) -> (mean, std)
 
     def __len__(self) -> int:
         return len(self._store)
@@ -195,30 +226,51 @@ class LatentCache:
     def clear(self) -> None:
         self._store.clear()
 
-    def get(self, images: Sequence[ImageInput], stats: RunStats | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, images: Sequence[ImageInput], stats: RunStats | None = None, protocol: Protocol | None = None,
+            draws: int = 1, first_draw: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         check_list(images, "images")
+        protocol = protocol or Protocol()
         stats = stats if stats is not None else RunStats()
         keys: list[str] = []
         missing: dict[str, PIL.Image.Image] = {}
         with stats.timer("preprocess"):
             for i, image in enumerate(images):
-                rgb = load_rgb(image, name=f"images[{i}]")
+                rgb = load_rgb(image, name=f"images[{i}]", transparency=protocol.transparency)
                 key = content_key(rgb)
                 keys.append(key)
-                if key not in self._store and key not in missing:
+                if (key, protocol.resize, protocol.interpolation) not in self._store and key not in missing:
                     missing[key] = rgb
         pending = list(missing.items())
         for start in range(0, len(pending), self.batch_size):
             chunk = pending[start : start + self.batch_size]
             with stats.timer("preprocess"):
-                pixels = preprocess_images(self.components, [rgb for _, rgb in chunk], self.resize_mode)
+                pixels = preprocess_images(self.components, [rgb for _, rgb in chunk], protocol.resize,
+                                           protocol.interpolation)
             with stats.timer("vae", self.components.device):
-                generators = [torch.Generator().manual_seed(int(key[:15], 16)) for key, _ in chunk]
-                latents = encode_pixels(self.components, pixels, self.latent, generators)
-            for (key, _), z in zip(chunk, latents):
-                self._store[key] = z
+                mean, std = encode_posterior(self.components, pixels)
+            for (key, _), m, sd in zip(chunk, mean, std):
+                self._store[(key, protocol.resize, protocol.interpolation)] = (m, sd)
             stats.images_encoded += len(chunk)
-        return _gather(self._store, keys)
+        unique = list(dict.fromkeys(keys))
+        position = {key: row for row, key in enumerate(unique)}
+        index = torch.tensor([position[key] for key in keys], dtype=torch.long)
+        posteriors = [self._store[(key, protocol.resize, protocol.interpolation)] for key in unique]
+        return self._latents(unique, posteriors, protocol, range(first_draw, first_draw + draws)), index
+
+    def _latents(self, keys: list[str], posteriors: list[tuple[torch.Tensor, torch.Tensor]], protocol: Protocol,
+                 draws: range) -> torch.Tensor:
+        scale = self.components.scaling_factor
+        mean = torch.stack([m for m, _ in posteriors])
+        if protocol.latent == "mean":
+            return mean * scale
+        std = torch.stack([sd for _, sd in posteriors])
+        if protocol.latent == "sample":
+            eps = torch.stack([posterior_noise(sample_seed(key), mean.shape[1:]) for key in keys])
+            return (mean + std * eps.to(mean.device)) * scale
+        eps = torch.stack([posterior_noise(sample_seed(key, protocol.seed, s), mean.shape[1:])
+                           for key in keys for s in draws]).to(mean.device)
+        n = len(draws)
+        return (mean.repeat_interleave(n, 0) + std.repeat_interleave(n, 0) * eps) * scale
 
 
 class TextCache:

@@ -35,7 +35,6 @@ from tqdm.auto import tqdm
 from itm_engine import kernels
 from itm_engine.cache import ImageInput, check_list, check_texts, content_key, load_rgb
 from itm_engine.models import registry
-from itm_engine.noise import NoiseBank, Schedule
 from itm_engine.pairs import Mode, PairScorer, check_mode, check_pairs
 from itm_engine.stats import RunStats
 from itm_engine.tasks.base import Crop
@@ -290,14 +289,9 @@ class ClipScorer(PairScorer):
         texts: Sequence[str],
         pairs: torch.Tensor | Sequence[tuple[int, int]],
         mode: Mode = "i2t",
-        samples: int = 10,
-        seed: int = 0,
-        noise: NoiseBank | None = None,
-        batch_size: int | None = None,
-        schedule: Schedule = "uniform",
     ) -> torch.Tensor:
         """Cosine similarity float32 [P] (CPU) of (images[i], texts[j]) for each (i, j) of
-        `pairs` ([P, 2]); the same in both modes."""
+        `pairs` ([P, 2]); the same in both modes (CLIP draws no noise: it takes no options)."""
         pairs = check_pairs(images, texts, pairs)
         check_mode(mode)
         stats = RunStats(batch_size=self.clip.batch_size)

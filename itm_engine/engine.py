@@ -14,8 +14,10 @@ import torch
 from tqdm.auto import tqdm
 
 from itm_engine import fastpath, kernels
+from itm_engine.kernels import reference
 from itm_engine.models import SDComponents
 from itm_engine.noise import NoiseBank
+from itm_engine.protocols import Error
 from itm_engine.stats import RunStats
 
 
@@ -31,16 +33,20 @@ class WorkPlan:
         return self.latent_idx.shape[0]
 
 
-def plan_pairs(pairs: torch.Tensor, samples: int) -> WorkPlan:
-    """Every (latent, text) pair of `pairs` (Long [P, 2]) under every sample: P * S items.
+def plan_items(pairs: torch.Tensor, samples: int, per_draw_latents: bool = False) -> WorkPlan:
+    """Every (image, text, bank block) triple of `pairs` (Long [P, 3]) under each of its block's S
+    draws: P * S items. Item `p * S + s` is triple p under draw s, so errors reshape to [P, S].
 
-    Item `p * S + s` is pair p under sample s, so errors reshape to [P, S].
+    Draw s of block b is row `b * S + s` of the bank; the latent of image u is row u, or
+    `u * S + s` when every draw has its own latent (`per_draw_latents`).
     """
     n_pairs = pairs.shape[0]
+    draw = torch.arange(samples).repeat(n_pairs)
+    image = pairs[:, 0].repeat_interleave(samples)
     return WorkPlan(
-        latent_idx=pairs[:, 0].repeat_interleave(samples),
+        latent_idx=image * samples + draw if per_draw_latents else image,
         text_idx=pairs[:, 1].repeat_interleave(samples),
-        sample_idx=torch.arange(samples).repeat(n_pairs),
+        sample_idx=pairs[:, 2].repeat_interleave(samples) * samples + draw,
     )
 
 
@@ -103,11 +109,15 @@ class Executor:
         plan: WorkPlan,
         stats: RunStats,
         batch_size: int | None = None,
+        error: Error = "mse",
     ) -> torch.Tensor:
         """Errors of every item of `plan`, float32 [len(plan)] on the model's device.
 
         Args:
-            latents: z0 [U, C, h, w]; embeddings: [V, L, D]; bank: S draws; plan: the items.
+            latents: z0 [U, C, h, w]; embeddings: [V, L, D]; bank: the draws; plan: the items.
+            error: the reduction of an item's error (`protocols.Protocol.error`): "mse" and "l2"
+                (sqrt(mse * numel), the norm) from the fused op, "l1" and "huber" from the
+                reference reduction (`kernels.reference.item_loss`).
         """
         unet = self.components.unet
         forward = unet if self.compiled_unet is None else self.compiled_unet
@@ -123,7 +133,9 @@ class Executor:
         sample_idx = plan.sample_idx.to(device)
 
         backend = kernels.resolve_backend(device, self.kernels)
-        stats.kernels = {op: backend for op in ("noisy_latents", "item_error")}
+        fused_error = error in ("mse", "l2")
+        stats.kernels = {"noisy_latents": backend, "item_error": backend if fused_error else f"reference ({error})"}
+        numel = latents[0].numel()
         errors = torch.empty(len(plan), dtype=torch.float32, device=device)
         x_t_buffer = torch.empty((size, *latents.shape[1:]), dtype=dtype, device=device)
         bar = tqdm(total=len(plan), desc="UNet items", unit="item", disable=self._bar_disabled(len(plan), size))
@@ -153,9 +165,15 @@ class Executor:
                 warnings.warn(f"out of memory: UNet batch size reduced to {size}", stacklevel=2)
                 continue
             with stats.timer("reduction", device):
-                item_errors = kernels.item_error(
-                    pred, noise, si, latents, li, self.target, timesteps, alphas_cumprod, backend=backend
-                )
+                if fused_error:
+                    item_errors = kernels.item_error(
+                        pred, noise, si, latents, li, self.target, timesteps, alphas_cumprod, backend=backend
+                    )
+                    if error == "l2":
+                        item_errors = (item_errors * numel).sqrt()
+                else:
+                    item_errors = reference.item_loss(
+                        pred, noise, si, latents, li, self.target, timesteps, alphas_cumprod, error)
                 errors[start:stop] = item_errors[: stop - start]
             stats.unet_items += stop - start
             stats.padded_items += len(items) - (stop - start)

@@ -27,7 +27,7 @@ from typing import Any, Literal, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from itm_engine import extras, options
+from itm_engine import extras, options, protocols
 from itm_engine.options import option, parse_batch_size
 from itm_engine.tasks import Example, Task, get_task
 from itm_engine.tasks.base import load_image_ref
@@ -63,12 +63,13 @@ class EvalConfig:
     scorer: str = option("diffusion", help="diffusion, clip, or both side by side: diffusion,clip")
     mode: Literal["auto", "i2t", "t2i"] = option(
         "auto", help="auto: the modes the task's metrics are defined on; i2t/t2i: force one for all")
-    samples: int = option(10, help="noise draws per pair")
-    seed: int = option(0, help="seed of the noise draws")
-    schedule: Literal["uniform", "stratified"] = option("uniform", help="timesteps: uniform draws or evenly spaced")
+    protocol: str = option(protocols.DEFAULT, choices=tuple(protocols.PRESETS),
+                           help="the scoring protocol preset (docs/protocols.md); its fields can be overridden one "
+                                "by one with the protocol flags below")
+    protocol_fields: dict = option(default_factory=dict, cli=False, help="the protocol fields overridden")
     adaptive: str | None = option(None, metavar="POLICY", help=(
         "successive elimination: SAMPLES:KEEP rounds (e.g. 2:5,10:1; cumulative samples) or auto:z=Z[,step=N] "
-        "(stop a query once its lead exceeds Z standard errors; budget --samples)"))
+        "(stop a query once its lead exceeds Z standard errors; budget: the protocol's samples)"))
     candidates: str | None = option(None, help="retrieval tasks: all | clip | a candidates JSON file")
     prefilter: Literal["clip"] | None = option(None, help="CLIP top-k candidates for retrieval tasks")
     topk: int = option(10, help="candidates per query kept by the prefilter or a candidates file")
@@ -81,13 +82,21 @@ class EvalConfig:
                                     "a task option (see the task's docs), VALUE read as JSON when it parses; "
                                     "repeatable: --task-option split=test --task-option seed=1"))
     chunk_size: int = option(16, help="examples per scoring chunk (the unit of resume)")
-    dtype: Literal["float32", "float16", "bfloat16"] = option("float32", help="model dtype")
+    dtype: Literal["float32", "float16", "bfloat16"] | None = option(
+        None, help="model dtype (none: the protocol's on CUDA, float32 on the CPU; CLIP: float32)")
     skip_missing: bool = option(False, identity=False,
                                 help="skip (and count) examples whose images are missing")
 
     def identity(self) -> dict:
-        """The fields a resumed run must share with the stored one."""
-        return options.identity(self)
+        """The fields a resumed run must share with the stored one: the configuration, with the
+        protocol resolved field by field ("protocol.seed", ...)."""
+        record = {k: v for k, v in options.identity(self).items() if k != "protocol_fields"}
+        record.update({f"protocol.{k}": v for k, v in self.scoring_protocol().as_dict().items()})
+        return record
+
+    def scoring_protocol(self) -> protocols.Protocol:
+        """The protocol: the preset with the overridden fields."""
+        return protocols.resolve(self.protocol, **self.protocol_fields)
 
 
 @dataclass
@@ -145,13 +154,14 @@ class ScoreStore:
 
 def build_scorer(config: EvalConfig, device: torch.device, batch_size: int | str, kernels: str | None):
     """The DiffusionITM or CLIP scorer of `config` (both offer `score_pairs`)."""
-    dtype = getattr(torch, config.dtype)
+    dtype = getattr(torch, config.dtype) if config.dtype else None
     if config.scorer == "clip":
-        return _clip_model(config, device, dtype).scorer()
+        return _clip_model(config, device, dtype or torch.float32).scorer()
     from itm_engine.scoring import DiffusionITM
 
     return DiffusionITM.from_pretrained(config.model, device=device, dtype=dtype, lora=config.lora,
-                                        lora_scale=config.lora_scale, batch_size=batch_size, kernels=kernels)
+                                        lora_scale=config.lora_scale, protocol=config.scoring_protocol(),
+                                        batch_size=batch_size, kernels=kernels)
 
 
 def _clip_model(config: EvalConfig, device: torch.device, dtype: torch.dtype):
@@ -169,22 +179,25 @@ def load_task(config: EvalConfig, device: torch.device) -> Task:
     if config.candidates is not None:
         options["candidates"] = config.candidates
     if config.prefilter == "clip":
-        options.update(candidates="clip", prefilter=_clip_model(config, device, getattr(torch, config.dtype)))
+        dtype = getattr(torch, config.dtype or "float32")
+        options.update(candidates="clip", prefilter=_clip_model(config, device, dtype))
     if config.candidates is not None or config.prefilter:
         options["topk"] = config.topk
     try:
-        return get_task(config.task, config.data_root, skip_missing=config.skip_missing, **options)
+        return get_task(config.task, config.data_root, skip_missing=config.skip_missing,
+                        protocol=config.scoring_protocol(), **options)
     except TypeError as err:  # a task that takes no candidate options
         raise ValueError(f"task {config.task!r} does not take --candidates/--prefilter ({err})") from None
 
 
-def score_examples(scorer, examples: Sequence[Example], modes: Sequence[str], *, samples: int, seed: int,
-                   schedule: str, adaptive: str | None = None) -> tuple[list[dict], int, int]:
-    """Score every image against every text of each example, all in one call per mode on one noise
-    bank (`samples` draws from `seed`, `schedule`): rows {id, scores: {mode: [n_images][n_texts]}},
-    with the UNet items run and the items the full budget takes (equal unless `adaptive`)."""
+def score_examples(scorer, examples: Sequence[Example], modes: Sequence[str], *, adaptive: str | None = None,
+                   **options: Any) -> tuple[list[dict], int, int]:
+    """Score every image against every text of each example, all in one call per mode (`options`
+    go to the scorer's calls: none for a scorer built with its protocol): rows {id, scores: {mode:
+    [n_images][n_texts]}}, with the UNet items run and the items the full budget takes (equal unless
+    `adaptive`)."""
     if adaptive:
-        return _score_adaptive(scorer, examples, modes, samples=samples, seed=seed, schedule=schedule, policy=adaptive)
+        return _score_adaptive(scorer, examples, modes, policy=adaptive, **options)
     images, texts, pairs, spans = [], [], [], []
     for example in examples:
         i0, t0 = len(images), len(texts)
@@ -195,8 +208,7 @@ def score_examples(scorer, examples: Sequence[Example], modes: Sequence[str], *,
     rows: list[dict] = [{"id": example.id, "scores": {}} for example in examples]
     items = 0
     for mode in modes:
-        flat = scorer.score_pairs(images, texts, pairs, mode=mode, samples=samples, seed=seed,
-                                  schedule=schedule).tolist()
+        flat = scorer.score_pairs(images, texts, pairs, mode, **options).tolist()
         items += scorer.last_stats.unet_items
         start = 0
         for row, (n_img, n_txt) in zip(rows, spans):
@@ -205,8 +217,8 @@ def score_examples(scorer, examples: Sequence[Example], modes: Sequence[str], *,
     return rows, items, items
 
 
-def _score_adaptive(scorer, examples: Sequence[Example], modes: Sequence[str], *, samples: int, seed: int,
-                    schedule: str, policy: str) -> tuple[list[dict], int, int]:
+def _score_adaptive(scorer, examples: Sequence[Example], modes: Sequence[str], *, policy: str,
+                    **options: Any) -> tuple[list[dict], int, int]:
     """`score_examples` with adaptive elimination (`policy`): each example is one query (its image in "i2t",
     its caption in "t2i") against its candidates; examples with the same number of candidates
     share each round's scoring calls. Rows store the ranking scores (`AdaptiveResult.ranking_scores`,
@@ -230,8 +242,7 @@ def _score_adaptive(scorer, examples: Sequence[Example], modes: Sequence[str], *
             else:
                 queries = [e.texts[0] for e in group]
                 candidates = [[load_image_ref(ref) for ref in e.images] for e in group]
-            result = scorer.score_adaptive(queries, candidates, policy, mode=mode, samples=samples, seed=seed,
-                                           schedule=schedule)
+            result = scorer.score_adaptive(queries, candidates, policy, mode=mode, **options)
             items, full = items + result.unet_items, full + result.full_items
             for q, example in enumerate(group):
                 ranking = result.ranking_scores[q].tolist()
@@ -270,8 +281,7 @@ def evaluate(config: EvalConfig, out: Path, resume: bool = False, device: str = 
     bar = tqdm(total=sum(map(len, mine)), initial=sum(map(len, mine)) - sum(map(len, todo)), unit="ex",
                desc=f"{config.task} [{config.scorer}] rank {state.process_index}", disable=progress is False)
     for chunk in todo:
-        rows, items, full = score_examples(scorer, chunk, modes, samples=config.samples, seed=config.seed,
-                                           schedule=config.schedule, adaptive=config.adaptive)
+        rows, items, full = score_examples(scorer, chunk, modes, adaptive=config.adaptive)
         store.append(rows)
         unet_items, full_items = unet_items + items, full_items + full
         scored += len(chunk)
@@ -295,6 +305,7 @@ def evaluate(config: EvalConfig, out: Path, resume: bool = False, device: str = 
                                      "scores": stored[example.id]}) + "\n")
     results = {
         "task": config.task, "scorer": config.scorer, "metrics": metrics, "config": asdict(config),
+        "protocol": config.scoring_protocol().as_dict() if config.scorer == "diffusion" else None,
         "counts": {"examples": len(examples), "scored_now": scored, "resumed": len(examples) - scored,
                    "skipped_missing": len(task.skipped), "processes": state.num_processes},
         "skipped": task.skipped, "modes": list(modes), "unet_items_now": unet_items,
@@ -313,7 +324,7 @@ def _adaptive_draws(config: EvalConfig, examples: Sequence[Example], stored: dic
         return {}
     from itm_engine.adaptive import budget, parse_policy
 
-    per_candidate = budget(parse_policy(config.adaptive, config.samples))
+    per_candidate = budget(parse_policy(config.adaptive, config.scoring_protocol().samples))
     used = full = 0
     for example in examples:
         for mode in [m for m in stored[example.id] if f"adaptive/{m}" in stored[example.id]]:
@@ -357,10 +368,14 @@ def print_table(results: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = options.parser("itm-eval", __doc__.splitlines()[0])
     options.add_options(parser, EvalConfig)
+    options.add_options(parser.add_argument_group("protocol fields (each overrides the --protocol preset's)"),
+                        protocols.Protocol, default_note="the preset's", exclude=("dtype",))
     options.add_options(parser, EvalRun)
     args = parser.parse_args(argv)
     try:
-        config, run = options.from_args(EvalConfig, args), options.from_args(EvalRun, args)
+        config = options.from_args(EvalConfig, args, protocol_fields=options.given(protocols.Protocol, args))
+        config.scoring_protocol()  # an invalid combination fails here, before any work
+        run = options.from_args(EvalRun, args)
     except ValueError as err:
         print(f"itm-eval: error: {err}", file=sys.stderr)
         return 2

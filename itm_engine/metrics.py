@@ -11,17 +11,23 @@ from typing import Sequence
 import torch
 
 
-def is_correct(scores: torch.Tensor, label: int) -> bool:
-    """True when candidate `label` scores strictly higher than every other candidate.
+def is_correct(scores: torch.Tensor, label: int, ties: str = "strict") -> bool:
+    """True when candidate `label` wins: it scores strictly higher than every other candidate
+    (ties "strict": a tie is wrong), or it is the first of the highest ("argmax-first", numpy's
+    argmax: a tie with a later candidate is right, with an earlier one wrong).
 
     scores: [C].
     """
+    if ties == "argmax-first":
+        return bool((scores[:label] < scores[label]).all() and (scores[label + 1:] <= scores[label]).all())
+    if ties != "strict":
+        raise ValueError(f"ties must be 'strict' or 'argmax-first', got {ties!r}")
     others = torch.cat([scores[:label], scores[label + 1 :]])
     return bool(others.numel() == 0 or (scores[label] > others).all())
 
 
-def accuracy(scores: Sequence[torch.Tensor] | torch.Tensor, labels: Sequence[int]) -> float:
-    """Fraction of examples whose label scores strictly highest: mean_n [s_n[y_n] > max_{c != y_n} s_n[c]].
+def accuracy(scores: Sequence[torch.Tensor] | torch.Tensor, labels: Sequence[int], ties: str = "strict") -> float:
+    """Fraction of examples whose label wins (`is_correct`; ties "strict": mean_n [s_n[y_n] > max_{c != y_n} s_n[c]]).
 
     scores: [N, C] or N vectors [C_n] (ragged).
     """
@@ -29,7 +35,7 @@ def accuracy(scores: Sequence[torch.Tensor] | torch.Tensor, labels: Sequence[int
         raise ValueError(f"{len(scores)} score vectors but {len(labels)} labels")
     if len(labels) == 0:
         raise ValueError("accuracy of no examples")
-    return sum(is_correct(s, y) for s, y in zip(scores, labels)) / len(labels)
+    return sum(is_correct(s, y, ties) for s, y in zip(scores, labels)) / len(labels)
 
 
 def grouped_accuracy(correct: Sequence[bool], groups: Sequence[str]) -> dict[str, float]:
@@ -60,12 +66,14 @@ def accuracy_by_group(correct: Sequence[bool], groups: Sequence[str]) -> dict[st
     return out
 
 
-def ranks(scores: torch.Tensor, positives: Sequence[Sequence[int]]) -> torch.Tensor:
+def ranks(scores: torch.Tensor, positives: Sequence[Sequence[int]], ties: str = "strict") -> torch.Tensor:
     """1-based rank of each query's best positive candidate, float64 [Q] (integral values).
 
     rank = 1 + #{wrong c : s_c >= max over the positives p of s_p}: only wrong candidates count
-    ahead, a wrong one that ties the best positive included (a tie never counts as retrieved); a
-    query with no positive among its candidates gets rank inf (never retrieved at any k).
+    ahead, a wrong one that ties the best positive included (ties "strict": a tie never counts as
+    retrieved); with ties "argmax-first" a tied wrong candidate counts ahead only when it comes
+    before the first best positive (numpy's argmax/argsort order). A query with no positive among
+    its candidates gets rank inf (never retrieved at any k).
 
     scores: [Q, C]; positives: for each query, the indices of its correct candidates.
     """
@@ -78,14 +86,22 @@ def ranks(scores: torch.Tensor, positives: Sequence[Sequence[int]]) -> torch.Ten
         wrong = torch.ones(scores.shape[1], dtype=torch.bool)
         wrong[list(pos)] = False
         best = scores[q, list(pos)].max()
-        out[q] = 1 + int((scores[q][wrong] >= best).sum())
+        ahead = scores[q] > best
+        if ties == "strict":
+            ahead |= scores[q] == best
+        elif ties == "argmax-first":
+            first = min(p for p in pos if scores[q, p] == best)
+            ahead[:first] |= scores[q, :first] == best
+        else:
+            raise ValueError(f"ties must be 'strict' or 'argmax-first', got {ties!r}")
+        out[q] = 1 + int((ahead & wrong).sum())
     return out
 
 
 def recall_at_k(scores: torch.Tensor, positives: Sequence[Sequence[int]],
-                ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+                ks: Sequence[int] = (1, 5, 10), ties: str = "strict") -> dict[str, float]:
     """R@k = fraction of queries whose best positive has rank <= k (see `ranks`)."""
-    r = ranks(scores, positives)
+    r = ranks(scores, positives, ties)
     return {f"R@{k}": float((r <= k).double().mean()) for k in ks}
 
 

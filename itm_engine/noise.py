@@ -13,11 +13,11 @@ generator, so a seed gives the same bank on every device and every machine.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
 
-Schedule = Literal["uniform", "stratified"]
+from itm_engine.protocols import Protocol, Schedule
 
 
 def forward_coefficients(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,6 +44,26 @@ def denoising_target(z0: torch.Tensor, eps: torch.Tensor, timesteps: torch.Tenso
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
     a, s = forward_coefficients(timesteps, alphas_cumprod)
     return a * eps - s * z0
+
+
+def draw_timesteps(schedule: Schedule, samples: int, num_train_timesteps: int = 1000,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """The timesteps of S = `samples` draws, LongTensor [S'] (S' = S except for "diffusion-itm").
+
+    - "uniform": uniform draws from [0, T) (with `generator`);
+    - "stratified": Diffusion Classifier's evenly spaced midpoints, in its integer arithmetic:
+      t_k = T // S // 2 + k * (T // S) (`eval_prob_adaptive.py`);
+    - "diffusion-itm": the DiffusionITM research code's `range(10, 990, 1000 // S)`, written for
+      any T as `range(10, T - 10, T // S)`: 10, 110, ..., 910 for S = 10; 49 draws for S = 50.
+    """
+    T = num_train_timesteps
+    if schedule == "uniform":
+        return torch.randint(0, T, (samples,), generator=generator)
+    if schedule == "stratified":
+        return T // samples // 2 + torch.arange(samples) * (T // samples)
+    if schedule == "diffusion-itm":
+        return torch.tensor(list(range(10, T - 10, max(1, T // samples))), dtype=torch.long)
+    raise ValueError(f"schedule must be 'uniform', 'stratified' or 'diffusion-itm', got {schedule!r}")
 
 
 @dataclass(frozen=True)
@@ -84,11 +104,10 @@ class NoiseBank:
         """Draw a bank reproducibly from `seed` on a CPU generator.
 
         Args:
-            samples: S, the number of (t, eps) draws (>= 1).
+            samples: S, the number of draws asked for (>= 1).
             latent_shape: (C, h, w) of the model's latents.
-            schedule: "uniform" draws t uniformly from [0, T) (the paper); "stratified" takes S
-                evenly spaced timesteps, the midpoints of S equal strata of [0, T) (as in
-                Diffusion Classifier).
+            schedule: the timesteps (`timesteps`): "uniform", "stratified" (Diffusion Classifier's)
+                or "diffusion-itm" (the DiffusionITM research code's; its count can differ from S).
             num_train_timesteps: T of the noise scheduler.
         """
         if not isinstance(samples, int) or samples < 1:
@@ -96,14 +115,17 @@ class NoiseBank:
         if len(latent_shape) != 3:
             raise ValueError(f"latent_shape must be (C, h, w), got {tuple(latent_shape)}")
         gen = torch.Generator(device="cpu").manual_seed(int(seed))
-        if schedule == "uniform":
-            timesteps = torch.randint(0, num_train_timesteps, (samples,), generator=gen)
-        elif schedule == "stratified":
-            timesteps = (torch.arange(samples) * 2 + 1) * num_train_timesteps // (2 * samples)
-        else:
-            raise ValueError(f"schedule must be 'uniform' or 'stratified', got {schedule!r}")
-        noise = torch.randn((samples, *latent_shape), generator=gen, dtype=torch.float32)
+        timesteps = draw_timesteps(schedule, samples, num_train_timesteps, gen)
+        noise = torch.randn((len(timesteps), *latent_shape), generator=gen, dtype=torch.float32)
         return cls(timesteps.long(), noise)
+
+    @classmethod
+    def for_protocol(cls, protocol: Protocol, latent_shape: Sequence[int], num_train_timesteps: int,
+                     seed: int | None = None) -> NoiseBank:
+        """The draws of `protocol` (its samples and schedule) from `seed` (default: its seed; per
+        query: `protocol.query_seed(key)`)."""
+        return cls.sample(protocol.samples, latent_shape, seed=protocol.seed if seed is None else seed,
+                          schedule=protocol.schedule, num_train_timesteps=num_train_timesteps)
 
     @classmethod
     def from_tensors(cls, timesteps: torch.Tensor, noise: torch.Tensor) -> "NoiseBank":

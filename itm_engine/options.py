@@ -118,19 +118,23 @@ def _format_default(value: Any) -> str:
     return str(value)
 
 
-def add_options(target: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type) -> None:
+def add_options(target: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type,
+                default_note: str | None = None, exclude: Sequence[str] = ()) -> None:
     """Add one flag per field of dataclass `cls` (see the module docstring) to `target`. A flag not
     given leaves its field out of the parsed namespace, so `from_args` keeps the field's default;
-    --help shows that default, as it would be typed."""
+    --help shows that default, as it would be typed, or `default_note` for flags that override
+    another object's fields (collected by `given`). Fields named in `exclude` get no flag."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         meta = f.metadata
-        if not meta.get("cli", False):
+        if not meta.get("cli", False) or f.name in exclude:
             continue
         flag = meta["flag"] or "--" + f.name.replace("_", "-")
         required = f.default is _MISSING and f.default_factory is _MISSING
         help_text = meta["help"]
-        if not required:
+        if default_note is not None:
+            help_text += f" (default: {default_note})"
+        elif not required:
             default = f.default if f.default is not _MISSING else f.default_factory()
             help_text += f" (default: {_format_default(default)})"
         common = dict(dest=f.name, help=help_text.replace("%", "%%"), required=required, default=argparse.SUPPRESS)
@@ -170,6 +174,12 @@ def parse_batch_size(text: str) -> int | str:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
     return value
+
+
+def given(cls: type, namespace: argparse.Namespace) -> dict[str, Any]:
+    """The fields of dataclass `cls` whose flags were given, as {field: value}."""
+    values = vars(namespace)
+    return {f.name: values[f.name] for f in dataclasses.fields(cls) if f.metadata.get("cli") and f.name in values}
 
 
 def identity(config: Any) -> dict:

@@ -7,12 +7,11 @@ and checks the arguments the same way for all.
 from __future__ import annotations
 
 import abc
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 
 from itm_engine.cache import check_list
-from itm_engine.noise import NoiseBank, Schedule
 
 Mode = Literal["i2t", "t2i"]
 
@@ -53,58 +52,28 @@ def check_candidates(queries: Sequence, candidates: Sequence[Sequence], mode: st
 
 
 class PairScorer(abc.ABC):
-    """Base of the scorers: implement `score_pairs`; get `__call__` and `score_candidates`."""
+    """Base of the scorers: implement `score_pairs`; get `__call__` and `score_candidates`.
+
+    `options` of the three calls are the scorer's own (DiffusionITM: `noise=`, `batch_size=`,
+    `protocol=` and protocol fields such as `samples=`, `seed=`; the CLIP scorer takes none)."""
 
     @abc.abstractmethod
-    def score_pairs(
-        self,
-        images: Sequence,
-        texts: Sequence[str],
-        pairs: torch.Tensor | Sequence[tuple[int, int]],
-        mode: Mode = "i2t",
-        samples: int = 10,
-        seed: int = 0,
-        noise: NoiseBank | None = None,
-        batch_size: int | None = None,
-        schedule: Schedule = "uniform",
-    ) -> torch.Tensor:
+    def score_pairs(self, images: Sequence, texts: Sequence[str], pairs: torch.Tensor | Sequence[tuple[int, int]],
+                    mode: Mode = "i2t", **options: Any) -> torch.Tensor:
         """Scores float32 [P] of (images[i], texts[j]) for each (i, j) of `pairs` ([P, 2])."""
 
-    def __call__(
-        self,
-        images: Sequence,
-        texts: Sequence[str],
-        mode: Mode = "i2t",
-        samples: int = 10,
-        seed: int = 0,
-        noise: NoiseBank | None = None,
-        batch_size: int | None = None,
-        schedule: Schedule = "uniform",
-    ) -> torch.Tensor:
+    def __call__(self, images: Sequence, texts: Sequence[str], mode: Mode = "i2t", **options: Any) -> torch.Tensor:
         """Score every image against every text: float32 Tensor [n_images, n_texts], higher = better.
 
-        Args:
-            mode: "i2t" (compare texts for an image) or "t2i" (compare images for a text).
-            samples, seed, schedule: the noise bank to draw; `noise` gives one and overrides them.
-            batch_size: work items per model call for this call (default: the scorer's).
+        mode: "i2t" (compare texts for an image) or "t2i" (compare images for a text).
         """
         check_list(images, "images")
         check_list(texts, "texts")
         pairs = torch.cartesian_prod(torch.arange(len(images)), torch.arange(len(texts)))
-        scores = self.score_pairs(images, texts, pairs, mode, samples, seed, noise, batch_size, schedule)
-        return scores.view(len(images), len(texts))
+        return self.score_pairs(images, texts, pairs, mode, **options).view(len(images), len(texts))
 
-    def score_candidates(
-        self,
-        queries: Sequence,
-        candidates: Sequence[Sequence],
-        mode: Mode = "i2t",
-        samples: int = 10,
-        seed: int = 0,
-        noise: NoiseBank | None = None,
-        batch_size: int | None = None,
-        schedule: Schedule = "uniform",
-    ) -> torch.Tensor:
+    def score_candidates(self, queries: Sequence, candidates: Sequence[Sequence], mode: Mode = "i2t",
+                         **options: Any) -> torch.Tensor:
         """Score each query against its own k candidates: float32 Tensor [n_queries, k].
 
         mode "i2t": queries are images, candidates[q] is a list of k texts for image q.
@@ -119,5 +88,4 @@ class PairScorer(abc.ABC):
             images, texts, pairs = queries, flat, torch.stack([query_idx, flat_idx], dim=1)
         else:
             images, texts, pairs = flat, queries, torch.stack([flat_idx, query_idx], dim=1)
-        scores = self.score_pairs(images, texts, pairs, mode, samples, seed, noise, batch_size, schedule)
-        return scores.view(len(queries), k)
+        return self.score_pairs(images, texts, pairs, mode, **options).view(len(queries), k)

@@ -1,14 +1,23 @@
-"""Reference loops: the research code's pattern (the oracle and the baseline) and a batched baseline.
+"""Reference loops: the research codes' own loops, literally (the oracles and the baselines).
 
-- **naive** (the DiffusionITM research code): for every (image, text) pair it encodes the image
-  with the VAE and the text with the text encoder again, then calls the UNet once per noise draw
-  at batch 1; in T2I mode it re-encodes the null prompt and re-runs the UNet on it for every pair.
-- **batched** (Diffusion Classifier's pattern): each image and text encoded once, the UNet
-  batched over the S draws of one pair; no batching across pairs, no null-error sharing, no
-  fused ops.
+- `diffusion_itm_pair_scores`: the DiffusionITM research code (McGill-NLP/diffusion-itm,
+  `StableDiffusionImg2ImgPipeline.__call__` of its diffusers fork). For every (image, text) pair and
+  every draw k: the image prepared and encoded by the VAE *inside* the draw loop (the protocol's
+  latent; "sample-per-draw" is the research code's fresh posterior sample), x_t built as the
+  fork's Euler scheduler builds it, (z0 + sigma_t eps_k) / sqrt(sigma_t^2 + 1), one UNet call on
+  the text (I2T) or on [null; text] as one batch of 2 (T2I), the per-draw error (the norm
+  ||eps - pred||_2 of the flattened latent under the research code's own protocol), and the score
+  -mean_k (err_text - err_null). P * S UNet calls; every image and text re-encoded per pair.
+- `diffusion_classifier_pair_scores`: Diffusion Classifier's loop (`eval_prob_adaptive.py`): each
+  image encoded once, each prompt's draws batched in one UNet call, the noised latent
+  `latent * abar ** 0.5 + noise * (1 - abar) ** 0.5`, the per-draw error reduced over C, H, W
+  (`F.mse_loss` / `F.l1_loss` / `F.huber_loss`), the score minus its mean; the null prompt (T2I)
+  scored the same way for every pair.
 
-Both build x_t and v with the diffusers scheduler's own `add_noise`/`get_velocity`, not the
-engine's fused ops, so they share only image loading, preprocessing and tokenisation with it.
+Both follow a `Protocol` (error, latent, image preparation, draws): given the same protocol and
+draws, each equals the engine (a test), so the engine reproduces each research code under its
+preset. They share with the engine only image loading, resizing, tokenisation and the seeding of
+posterior samples and per-query draws.
 """
 from __future__ import annotations
 
@@ -17,106 +26,182 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from itm_engine import protocols
 from itm_engine.cache import (
     ImageInput,
-    ResizeMode,
     check_list,
-    encode_pixels,
+    content_key,
+    encode_posterior,
     encode_texts,
     load_rgb,
+    posterior_noise,
     preprocess_images,
+    query_key,
+    sample_seed,
     warn_if_truncated,
 )
 from itm_engine.models import SDComponents
 from itm_engine.noise import NoiseBank
+from itm_engine.protocols import Protocol
 
 PairList = Sequence[tuple[int, int]]
 
 
-def _encode_image(components: SDComponents, image: ImageInput, resize_mode: ResizeMode) -> torch.Tensor:
-    """z0 [1, C, h, w] float32 of one image."""
-    return encode_pixels(components, preprocess_images(components, [load_rgb(image)], resize_mode))
+def _pixels(components: SDComponents, image: ImageInput, protocol: Protocol) -> tuple[torch.Tensor, str]:
+    """The prepared image [1, 3, R, R] and its content key."""
+    rgb = load_rgb(image, transparency=protocol.transparency)
+    return preprocess_images(components, [rgb], protocol.resize, protocol.interpolation), content_key(rgb)
 
 
-def _encode_text(components: SDComponents, text: str) -> torch.Tensor:
+def _latent(components: SDComponents, pixels: torch.Tensor, key: str, protocol: Protocol, draw: int) -> torch.Tensor:
+    """z0 [1, C, h, w] float32 of the prepared image at draw `draw`, as the protocol says."""
+    mean, std = encode_posterior(components, pixels)
+    if protocol.latent == "sample":
+        mean = mean + std * posterior_noise(sample_seed(key), mean.shape[1:]).to(mean.device)
+    elif protocol.latent == "sample-per-draw":
+        mean = mean + std * posterior_noise(sample_seed(key, protocol.seed, draw), mean.shape[1:]).to(mean.device)
+    return mean * components.scaling_factor
+
+
+def _text(components: SDComponents, text: str) -> torch.Tensor:
     """Text embedding [1, L, D] in the UNet's dtype."""
     return encode_texts(components, [text]).to(components.unet.dtype)
 
 
-@torch.inference_mode()
-def _draw_errors(components: SDComponents, z0: torch.Tensor, cond: torch.Tensor, bank: NoiseBank,
-                 draws: slice) -> torch.Tensor:
-    """err(z0, cond, s) for the draws s in `draws`, in one UNet call: float32 [len(draws)]."""
-    unet, scheduler = components.unet, components.scheduler
-    t = bank.timesteps[draws].to(unet.device)
-    eps = bank.noise[draws].to(unet.device)
-    z0 = z0.expand(len(t), -1, -1, -1)
-    x_t = scheduler.add_noise(z0, eps, t)
-    pred = unet(x_t.to(unet.dtype), t, encoder_hidden_states=cond.expand(len(t), -1, -1)).sample
-    target = scheduler.get_velocity(z0, eps, t) if components.prediction_type == "v_prediction" else eps
-    return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(dim=1).cpu()
+def _errors(pred: torch.Tensor, target: torch.Tensor, error: str) -> torch.Tensor:
+    """Per-item errors float32 [B] of predictions [B, C, h, w] against targets."""
+    pred, target = pred.float().flatten(1), target.float().flatten(1)
+    if error == "l2":
+        return torch.norm(target - pred, p=2, dim=1)
+    if error == "mse":
+        return F.mse_loss(target, pred, reduction="none").mean(dim=1)
+    if error == "l1":
+        return F.l1_loss(target, pred, reduction="none").mean(dim=1)
+    if error == "huber":
+        return F.huber_loss(target, pred, reduction="none").mean(dim=1)
+    raise ValueError(f"unknown error {error!r}")
 
 
-def _check(components: SDComponents, images, texts, bank: NoiseBank, mode: str) -> None:
+def _target(components: SDComponents, z0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    if components.prediction_type == "v_prediction":
+        return components.scheduler.get_velocity(z0, eps, t)
+    return eps
+
+
+class _Draws:
+    """The draws of each pair: one bank shared by all, or (protocol noise "per-query") one per query."""
+
+    def __init__(self, components: SDComponents, images, texts, protocol: Protocol, noise: NoiseBank | None,
+                 mode: str) -> None:
+        self.components, self.images, self.texts, self.protocol, self.mode = components, images, texts, protocol, mode
+        self.shared = noise if noise is not None or protocol.noise == "per-query" else self._bank(protocol.seed)
+        self.per_query = noise is None and protocol.noise == "per-query"
+        for bank in [self.shared] if self.shared is not None else []:
+            bank.check_fits(components.latent_shape, components.scheduler.config.num_train_timesteps)
+
+    def _bank(self, seed: int) -> NoiseBank:
+        return NoiseBank.for_protocol(self.protocol, self.components.latent_shape,
+                                      self.components.scheduler.config.num_train_timesteps, seed)
+
+    def of(self, i: int, j: int) -> NoiseBank:
+        if not self.per_query:
+            return self.shared
+        item = self.images[i] if self.mode == "i2t" else self.texts[j]
+        return self._bank(self.protocol.query_seed(query_key(item, self.mode, self.protocol.transparency)))
+
+
+def _check(components: SDComponents, images, texts, mode: str) -> None:
     if mode not in ("i2t", "t2i"):
         raise ValueError(f"mode must be 'i2t' or 't2i', got {mode!r}")
     check_list(images, "images")
     check_list(texts, "texts")
-    bank.check_fits(components.latent_shape, components.scheduler.config.num_train_timesteps)
     warn_if_truncated(components, texts)
 
 
 @torch.inference_mode()
-def naive_pair_scores(
+def diffusion_itm_pair_scores(
     components: SDComponents,
     images: Sequence[ImageInput],
     texts: Sequence[str],
     pairs: PairList,
-    bank: NoiseBank,
+    bank: NoiseBank | None = None,
     mode: str = "i2t",
-    resize_mode: ResizeMode = "crop",
+    protocol: str | Protocol | None = "diffusion-itm",
 ) -> torch.Tensor:
-    """Scores [P] of (images[i], texts[j]) for (i, j) in `pairs` by the research loop:
-    P * S UNet items at batch 1, twice that in T2I mode."""
-    _check(components, images, texts, bank, mode)
+    """Scores [P] of (images[i], texts[j]) for (i, j) in `pairs` by the DiffusionITM research loop
+    (module docstring) under `protocol` (default its own preset), on the draws `bank` (default the
+    protocol's). P * S UNet calls of 1 item (I2T) or 2 (T2I)."""
+    protocol = protocols.resolve(protocol)
+    _check(components, images, texts, mode)
+    unet = components.unet
+    draws = _Draws(components, images, texts, protocol, bank, mode)
+    abar_all = components.scheduler.alphas_cumprod
     scores = torch.empty(len(pairs))
     for p, (i, j) in enumerate(pairs):
-        z0 = _encode_image(components, images[i], resize_mode)
-        cond = _encode_text(components, texts[j])
-        null = _encode_text(components, "") if mode == "t2i" else None
-        errors = torch.empty(len(bank))
-        for s in range(len(bank)):
-            draw = slice(s, s + 1)
-            errors[s] = _draw_errors(components, z0, cond, bank, draw)[0]
-            if null is not None:
-                errors[s] -= _draw_errors(components, z0, null, bank, draw)[0]
-        scores[p] = -errors.mean()
+        pixels, key = _pixels(components, images[i], protocol)
+        cond = _text(components, texts[j])
+        if mode == "t2i":
+            cond = torch.cat([_text(components, ""), cond])  # [null; text]: one batch of 2
+        pair_bank = draws.of(i, j)
+        dists = torch.empty(len(pair_bank))
+        for k in range(len(pair_bank)):
+            z0 = _latent(components, pixels, key, protocol, k)  # the VAE inside the draw loop
+            t = pair_bank.timesteps[k : k + 1].to(unet.device)
+            eps = pair_bank.noise[k : k + 1].to(unet.device)
+            abar = abar_all[t].to(unet.device).view(-1, 1, 1, 1)
+            sigma = ((1 - abar) / abar) ** 0.5
+            x_t = (z0 + sigma * eps) / (sigma**2 + 1) ** 0.5  # the fork's EulerDiscreteScheduler
+            x_in = x_t.expand(len(cond), -1, -1, -1).to(unet.dtype)
+            pred = unet(x_in, t.expand(len(cond)), encoder_hidden_states=cond).sample
+            target = _target(components, z0, eps, t).expand(len(cond), -1, -1, -1)
+            dist = _errors(pred, target, protocol.error)
+            dists[k] = dist[-1] - dist[0] if mode == "t2i" else dist[0]
+        scores[p] = -dists.mean()
     return scores
 
 
 @torch.inference_mode()
-def batched_pair_scores(
+def diffusion_classifier_pair_scores(
     components: SDComponents,
     images: Sequence[ImageInput],
     texts: Sequence[str],
     pairs: PairList,
-    bank: NoiseBank,
+    bank: NoiseBank | None = None,
     mode: str = "i2t",
-    resize_mode: ResizeMode = "crop",
+    protocol: str | Protocol | None = "diffusion-classifier",
 ) -> torch.Tensor:
-    """Scores [P] by the batched baseline: each image/text encoded once, one UNet call of S items
-    per pair (and one more for the null prompt in T2I mode)."""
-    _check(components, images, texts, bank, mode)
-    latents = {i: _encode_image(components, images[i], resize_mode) for i in dict.fromkeys(i for i, _ in pairs)}
-    embeddings = {j: _encode_text(components, texts[j]) for j in dict.fromkeys(j for _, j in pairs)}
-    null = _encode_text(components, "") if mode == "t2i" else None
-    everything = slice(0, len(bank))
+    """Scores [P] by Diffusion Classifier's loop (module docstring) under `protocol` (default its
+    own preset), on the draws `bank` (default the protocol's): each image and text encoded once,
+    one UNet call of S items per pair (and one more for the null prompt in T2I)."""
+    protocol = protocols.resolve(protocol)
+    _check(components, images, texts, mode)
+    unet, scheduler = components.unet, components.scheduler
+    draws = _Draws(components, images, texts, protocol, bank, mode)
+    prepared = {i: _pixels(components, images[i], protocol) for i in dict.fromkeys(i for i, _ in pairs)}
+    embeddings = {j: _text(components, texts[j]) for j in dict.fromkeys(j for _, j in pairs)}
+    null = _text(components, "") if mode == "t2i" else None
+
+    def errors(latent: torch.Tensor, cond: torch.Tensor, pair_bank: NoiseBank) -> torch.Tensor:
+        t = pair_bank.timesteps.to(unet.device)
+        noise = pair_bank.noise.to(unet.device)
+        abar = scheduler.alphas_cumprod.to(unet.device)[t].view(-1, 1, 1, 1)
+        noised = latent * abar**0.5 + noise * (1 - abar) ** 0.5
+        pred = unet(noised.to(unet.dtype), t, encoder_hidden_states=cond.expand(len(t), -1, -1)).sample
+        return _errors(pred, _target(components, latent, noise, t), protocol.error)
+
+    per_draw = protocol.latent == "sample-per-draw"
+    latents = {} if per_draw else {i: _latent(components, *prepared[i], protocol, 0) for i in prepared}  # once each
     scores = torch.empty(len(pairs))
     for p, (i, j) in enumerate(pairs):
-        errors = _draw_errors(components, latents[i], embeddings[j], bank, everything)
+        pair_bank = draws.of(i, j)
+        if per_draw:  # one latent per draw
+            latent = torch.cat([_latent(components, *prepared[i], protocol, k) for k in range(len(pair_bank))])
+        else:
+            latent = latents[i]
+        err = errors(latent, embeddings[j], pair_bank)
         if null is not None:
-            errors = errors - _draw_errors(components, latents[i], null, bank, everything)
-        scores[p] = -errors.mean()
+            err = err - errors(latent, null, pair_bank)
+        scores[p] = -err.mean()
     return scores
 
 
@@ -125,14 +210,15 @@ def all_pairs(n_images: int, n_texts: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(n_images) for j in range(n_texts)]
 
 
-def naive_scores(
+def diffusion_itm_scores(
     components: SDComponents,
     images: Sequence[ImageInput],
     texts: Sequence[str],
-    bank: NoiseBank,
+    bank: NoiseBank | None = None,
     mode: str = "i2t",
-    resize_mode: ResizeMode = "crop",
+    protocol: str | Protocol | None = "diffusion-itm",
 ) -> torch.Tensor:
-    """Scores [n_images, n_texts] by the research loop (see `naive_pair_scores`)."""
+    """Scores [n_images, n_texts] by the DiffusionITM research loop (see `diffusion_itm_pair_scores`)."""
     pairs = all_pairs(len(images), len(texts))
-    return naive_pair_scores(components, images, texts, pairs, bank, mode, resize_mode).view(len(images), len(texts))
+    return diffusion_itm_pair_scores(components, images, texts, pairs, bank, mode, protocol).view(len(images),
+                                                                                                  len(texts))

@@ -3,24 +3,27 @@
     score_i2t(x, w) = -mean_s err(x, w, s)
     score_t2i(x, w) = -mean_s [err(x, w, s) - err(x, "", s)]
 
-with every candidate of a call evaluated on the same noise bank (a paired comparison).
+with every candidate of a query evaluated on the same noise draws (a paired comparison), and
+err, the draws, the latent and the image preparation as the scoring protocol says
+(`itm_engine.protocols`).
 """
 from __future__ import annotations
 
 import os
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
-from itm_engine import extras, fastpath
+from itm_engine import extras, fastpath, protocols
 from itm_engine.adaptive import AdaptiveResult, Confidence, Policy
-from itm_engine.cache import ImageInput, LatentCache, LatentMode, ResizeMode, TextCache
-from itm_engine.engine import Executor, plan_pairs
+from itm_engine.cache import ImageInput, LatentCache, TextCache, query_key
+from itm_engine.engine import Executor, plan_items
 from itm_engine.fastpath import Attention
 from itm_engine.models import SDComponents, load_components
-from itm_engine.noise import NoiseBank, Schedule
+from itm_engine.noise import NoiseBank
 from itm_engine.pairs import Mode, PairScorer, check_candidates, check_mode, check_pairs
+from itm_engine.protocols import Protocol
 from itm_engine.stats import RunStats
 
 NULL_PROMPT = ""
@@ -31,33 +34,35 @@ class DiffusionITM(PairScorer):
 
     >>> scorer = DiffusionITM.from_pretrained("tiny")
     >>> scores = scorer(images=[img_a, img_b], texts=["a dog", "a cat"])   # [2, 2], higher = better
+    >>> scores = scorer(images, texts, mode="t2i", samples=20, seed=1)     # protocol fields per call
 
-    The scorer keeps its latent and text caches across calls (`clear_cache()` empties them) and
-    reports what the last call did in `last_stats`.
+    Every call follows the scorer's protocol (`scorer.protocol`, from `protocol=` and field
+    overrides at construction); a call may override fields (`samples=`, `seed=`, `error=`, ...) or
+    give another protocol (`protocol=`). The scorer keeps its latent and text caches across calls
+    (`clear_cache()` empties them) and reports what the last call did in `last_stats`.
     """
 
     def __init__(
         self,
         components: SDComponents,
         *,
+        protocol: str | Protocol | None = None,
         batch_size: int | str = 64,
-        latent: LatentMode = "mean",
-        resize_mode: ResizeMode = "crop",
         progress: bool | None = None,
         kernels: str | None = None,
         attention: Attention = "sdpa",
         channels_last: bool = False,
         compile: bool = False,
         cuda_graphs: bool = False,
+        **protocol_fields: Any,
     ) -> None:
         """
         Args:
             components: the loaded Stable Diffusion parts (see `itm_engine.models`).
+            protocol: a preset name of `protocols.PRESETS` or a `Protocol` (default: the engine's);
+                `protocol_fields` override its fields (`samples=`, `error=`, `latent=`, ...).
             batch_size: UNet work items per call (any mix of images, texts and timesteps), or
                 "auto": the largest that fits on the GPU (64 on the CPU).
-            latent: "mean" (deterministic posterior mean, the default) or "sample" (a draw
-                seeded by the image content).
-            resize_mode: image resize policy, see `itm_engine.cache`.
             progress: show a progress bar (None: only for long runs on a terminal).
             kernels: fused-op backend, "reference" | "triton" | "ext" | "auto" (None: the
                 ITM_KERNELS environment variable, default "auto"); see `itm_engine.kernels`.
@@ -68,11 +73,12 @@ class DiffusionITM(PairScorer):
 
         attention and channels_last change `components.unet` in place.
         """
+        self.protocol = protocols.resolve(protocol, **protocol_fields)
         fastpath.set_attention(components.unet, attention)
         if channels_last:
             fastpath.use_channels_last(components.unet)
         self.components = components
-        self.latent_cache = LatentCache(components, latent=latent, resize_mode=resize_mode)
+        self.latent_cache = LatentCache(components)
         self.text_cache = TextCache(components)
         self.executor = Executor(
             components, batch_size=batch_size, progress=progress, kernels=kernels, compile=compile,
@@ -85,40 +91,52 @@ class DiffusionITM(PairScorer):
         cls,
         source: str | os.PathLike,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         lora: str | os.PathLike | None = None,
         lora_scale: float = 1.0,
-        **options,
-    ) -> "DiffusionITM":
-        """Load from a diffusers folder, a hub id in the local HF cache, or a built-in
-        architecture ("tiny", "sd15-arch", "sd21-arch"); `options` go to `__init__`.
+        protocol: str | Protocol | None = None,
+        **options: Any,
+    ) -> DiffusionITM:
+        """Load from a diffusers folder, a named model, a hub id in the local HF cache, or a
+        built-in architecture ("tiny", "sd15-arch", "sd21-arch"); `options` go to `__init__`
+        (scorer options and protocol field overrides).
 
+        dtype: the model dtype (default: the protocol's `dtype` on CUDA, float32 on the CPU).
         lora: a LoRA checkpoint for the UNet (a folder or file: the diffusers format
         `pytorch_lora_weights.safetensors`, or the research code's legacy `pytorch_lora_weights.bin`),
         applied at `lora_scale` (0: the base model, 1: the fine-tuned one); see `itm_engine.models.lora`.
         """
+        fields = {k: options.pop(k) for k in list(options) if k in protocols.FIELDS}
+        resolved = protocols.resolve(protocol, **fields)
+        if dtype is None:
+            dtype = getattr(torch, resolved.dtype) if torch.device(device).type == "cuda" else torch.float32
         components = load_components(source, device=device, dtype=dtype)
         if lora is not None:
             extras.require("peft", "scoring with a LoRA")
             from itm_engine.models.lora import load_lora
 
             load_lora(components.unet, lora, lora_scale)
-        return cls(components, **options)
+        return cls(components, protocol=resolved, **options)
 
     def clear_cache(self) -> None:
         """Forget every cached latent and text embedding."""
         self.latent_cache.clear()
         self.text_cache.clear()
 
-    def noise_bank(self, samples: int = 10, seed: int = 0, schedule: Schedule = "uniform") -> NoiseBank:
-        """A bank of `samples` draws for this model's latents, reproducible from `seed`."""
-        return NoiseBank.sample(
-            samples,
-            self.components.latent_shape,
-            seed=seed,
-            schedule=schedule,
-            num_train_timesteps=self.components.scheduler.config.num_train_timesteps,
-        )
+    def call_protocol(self, protocol: str | Protocol | None = None, **overrides: Any) -> Protocol:
+        """The protocol of one call: `protocol` (default the scorer's) with `overrides`."""
+        return protocols.resolve(self.protocol if protocol is None else protocol, **overrides)
+
+    def noise_bank(self, samples: int | None = None, seed: int | None = None, schedule: str | None = None, *,
+                   protocol: Protocol | None = None) -> NoiseBank:
+        """The shared draws of the protocol (default the scorer's, with these fields overridden):
+        `samples` draws of its `schedule`, reproducible from `seed`."""
+        proto = self.call_protocol(protocol, samples=samples, seed=seed, schedule=schedule)
+        return self._bank(proto, proto.seed)
+
+    def _bank(self, protocol: Protocol, seed: int) -> NoiseBank:
+        return NoiseBank.for_protocol(protocol, self.components.latent_shape,
+                                      self.components.scheduler.config.num_train_timesteps, seed)
 
     def score_pairs(
         self,
@@ -126,19 +144,17 @@ class DiffusionITM(PairScorer):
         texts: Sequence[str],
         pairs: torch.Tensor | Sequence[tuple[int, int]],
         mode: Mode = "i2t",
-        samples: int = 10,
-        seed: int = 0,
+        *,
         noise: NoiseBank | None = None,
         batch_size: int | None = None,
-        schedule: Schedule = "uniform",
+        protocol: str | Protocol | None = None,
+        **overrides: Any,
     ) -> torch.Tensor:
-        """Scores float32 [P] of (images[i], texts[j]) for each (i, j) of `pairs` ([P, 2]), all
-        under one shared noise bank; the general form behind `__call__` and `score_candidates`.
-
-        mode "i2t": raw errors; "t2i": errors minus each image's null-prompt error (per draw).
-        The mean over draws of `draw_scores`.
-        """
-        return self.draw_scores(images, texts, pairs, mode, samples, seed, noise, batch_size, schedule).mean(dim=1)
+        """Scores float32 [P] of (images[i], texts[j]) for each (i, j) of `pairs` ([P, 2]); the
+        general form behind `__call__` and `score_candidates`. The mean over draws of `draw_scores`
+        (arguments as there)."""
+        return self.draw_scores(images, texts, pairs, mode, noise=noise, batch_size=batch_size, protocol=protocol,
+                                **overrides).mean(dim=1)
 
     def score_adaptive(
         self,
@@ -146,31 +162,37 @@ class DiffusionITM(PairScorer):
         candidates: Sequence[Sequence],
         policy: str | Policy,
         mode: Mode = "i2t",
-        samples: int = 10,
-        seed: int = 0,
+        *,
         noise: NoiseBank | None = None,
         batch_size: int | None = None,
-        schedule: Schedule = "uniform",
+        protocol: str | Protocol | None = None,
+        **overrides: Any,
     ) -> AdaptiveResult:
         """The per-query candidate form (`score_candidates`) with adaptive successive elimination.
 
         policy: fixed rounds `[(samples_1, keep_1), ...]`, a `Confidence` rule, or their text
-            forms "2:5,10:1" / "auto:z=3" (the budget of "auto" is `samples`); see
+            forms "2:5,10:1" / "auto:z=3" (the budget of "auto" is the protocol's `samples`); see
             `itm_engine.adaptive` for the exact rules and the ranking of eliminated candidates.
-        noise: the draws, taken in bank order (default: a bank of the policy's budget from
-            `seed`/`schedule`, reordered by `NoiseBank.spread` so every round's draws cover t).
+        noise: the draws, taken in bank order (default: a bank of the policy's budget from the
+            protocol's seed and schedule, reordered by `NoiseBank.spread` so every round's draws
+            cover t). Adaptive elimination shares one bank by all queries: a protocol with
+            `noise="per-query"` is refused.
 
         Returns an `AdaptiveResult` (scores [n, k], draws [n, k], UNet items used vs the full
         budget); `last_stats` sums the rounds and sets `full_items`.
         """
         from itm_engine.adaptive import budget, check_rounds, parse_policy, score_adaptive
 
+        proto = self.call_protocol(protocol, **overrides)
+        if proto.noise == "per-query" and noise is None:
+            raise ValueError("adaptive elimination shares one noise bank by all queries; the protocol's "
+                             "noise='per-query' cannot be followed (pass noise=, or noise='shared')")
         k = check_candidates(queries, candidates, mode)
-        policy = parse_policy(policy, samples) if isinstance(policy, str) else policy
+        policy = parse_policy(policy, proto.samples) if isinstance(policy, str) else policy
         if not isinstance(policy, Confidence):
             check_rounds(policy, k)
-        bank = noise if noise is not None else self.noise_bank(budget(policy), seed, schedule).spread()
-        result = score_adaptive(self, queries, candidates, mode, policy, bank, batch_size)
+        bank = noise if noise is not None else self._bank(proto.replace(samples=budget(policy)), proto.seed).spread()
+        result = score_adaptive(self, queries, candidates, mode, policy, bank, batch_size, proto)
         self.last_stats = result.stats
         return result
 
@@ -180,45 +202,74 @@ class DiffusionITM(PairScorer):
         texts: Sequence[str],
         pairs: torch.Tensor | Sequence[tuple[int, int]],
         mode: Mode = "i2t",
-        samples: int = 10,
-        seed: int = 0,
+        *,
         noise: NoiseBank | None = None,
+        draws: slice | None = None,
         batch_size: int | None = None,
-        schedule: Schedule = "uniform",
+        protocol: str | Protocol | None = None,
+        **overrides: Any,
     ) -> torch.Tensor:
-        """Per-draw scores float32 [P, S] of each pair under each of the bank's S draws:
-        -err ("i2t") or -(err - the image's null-prompt err) ("t2i"). Arguments as `score_pairs`.
+        """Per-draw scores float32 [P, S] of each pair (images[i], texts[j]) of `pairs` ([P, 2]):
+        -err ("i2t") or -(err - the image's null-prompt err on the same draw) ("t2i").
+
+        Args:
+            mode: "i2t" (compare texts for an image) or "t2i" (compare images for a text).
+            noise: the draws, shared by every pair (default: the protocol's: one bank from its seed,
+                or with `noise="per-query"` one per query, from the seed and the query's content).
+            draws: score only these draws of the bank(s) (a slice); their indices in the bank
+                still key the per-draw posterior samples.
+            batch_size: work items per model call for this call (default: the scorer's).
+            protocol, overrides: this call's protocol (see `call_protocol`).
         """
+        proto = self.call_protocol(protocol, **overrides)
         pairs = check_pairs(images, texts, pairs)
         check_mode(mode)
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        bank = noise if noise is not None else self.noise_bank(samples, seed, schedule)
-        bank.check_fits(self.components.latent_shape, self.components.scheduler.config.num_train_timesteps)
+        T = self.components.scheduler.config.num_train_timesteps
+        with_null = mode == "t2i"
 
         stats = RunStats()
         started = time.perf_counter()
-        latents, image_row = self.latent_cache.get(images, stats)
-        with_null = mode == "t2i"
+        # draws: one bank shared by every pair (block 0), or one bank (block) per query
+        if noise is not None or proto.noise == "shared":
+            banks = [noise if noise is not None else self._bank(proto, proto.seed)]
+            block = torch.zeros(len(pairs), dtype=torch.long)
+        else:
+            side, items, what = (0, images, "images") if mode == "i2t" else (1, texts, "texts")
+            known: dict[int, str] = {}
+            for i in pairs[:, side].tolist():
+                if i not in known:
+                    known[i] = query_key(items[i], mode, proto.transparency, f"{what}[{i}]")
+            keys = [known[i] for i in pairs[:, side].tolist()]
+            distinct = list(dict.fromkeys(keys))
+            banks = [self._bank(proto, proto.query_seed(key)) for key in distinct]
+            block = torch.tensor([distinct.index(key) for key in keys], dtype=torch.long)
+        first = 0
+        if draws is not None:
+            first = draws.start or 0
+            banks = [NoiseBank.from_tensors(b.timesteps[draws], b.noise[draws]) for b in banks]
+        for bank in banks:
+            bank.check_fits(self.components.latent_shape, T)
+        S = len(banks[0])
+        bank = banks[0] if len(banks) == 1 else NoiseBank.from_tensors(
+            torch.cat([b.timesteps for b in banks]), torch.cat([b.noise for b in banks]))
+
+        latents, image_row = self.latent_cache.get(images, stats, proto, draws=S, first_draw=first)
         embeddings, text_row = self.text_cache.get(list(texts) + [NULL_PROMPT] * with_null, stats)
 
-        # Distinct (latent row, text row) pairs: duplicates in the input are evaluated once.
-        wanted = torch.stack([image_row[pairs[:, 0]], text_row[pairs[:, 1]]], dim=1)
-        if with_null:
-            null_row = text_row[-1]
-            used_latents = wanted[:, 0].unique()
-            wanted = torch.cat([wanted, torch.stack([used_latents, null_row.expand_as(used_latents)], 1)])
-        unique_pairs, inverse = wanted.unique(dim=0, return_inverse=True)
+        # Distinct (latent row, text row, bank block) triples: duplicates in the input are evaluated once.
+        wanted = torch.stack([image_row[pairs[:, 0]], text_row[pairs[:, 1]], block], dim=1)
+        if with_null:  # the null prompt's error, once per (image, block) used
+            used, null_of = wanted[:, [0, 2]].unique(dim=0, return_inverse=True)
+            nulls = torch.stack([used[:, 0], text_row[-1].expand(len(used)), used[:, 1]], dim=1)
+            wanted = torch.cat([wanted, nulls])
+        unique, inverse = wanted.unique(dim=0, return_inverse=True)
 
-        errors = self.executor.run(latents, embeddings, bank, plan_pairs(unique_pairs, len(bank)), stats, batch_size)
-        pair_err = errors.view(len(unique_pairs), len(bank))[inverse].cpu()  # [P (+ nulls), S]
-        if with_null:
-            null_err = pair_err[len(pairs):]  # one per used latent, in used_latents order
-            null_of = torch.empty(len(latents), dtype=torch.long)
-            null_of[used_latents] = torch.arange(len(used_latents))
-            diff = pair_err[: len(pairs)] - null_err[null_of[wanted[: len(pairs), 0]]]
-        else:
-            diff = pair_err
+        plan = plan_items(unique, S, per_draw_latents=proto.latent == "sample-per-draw")
+        errors = self.executor.run(latents, embeddings, bank, plan, stats, batch_size, error=proto.error)
+        pair_err = errors.view(len(unique), S)[inverse].cpu()  # [P (+ nulls), S]
+        diff = pair_err[: len(pairs)] - pair_err[len(pairs):][null_of] if with_null else pair_err
         stats.seconds["total"] = time.perf_counter() - started
         self.last_stats = stats
         return -diff

@@ -117,16 +117,13 @@ class PlantedScorer:
     def __init__(self, table: dict[tuple[int, int], list[float]], k: int) -> None:
         self.table, self.k, self.last_stats, self.calls = table, k, RunStats(), []
 
-    def draw_scores(self, images, texts, pairs, mode, noise, batch_size=None):
-        start = self.table_start(noise)
-        rows = [self.table[(int(i), int(j) % self.k)][start : start + len(noise)] for i, j in pairs]
-        self.last_stats = RunStats(unet_items=len(pairs) * len(noise))
-        self.calls.append((len(pairs), len(noise)))
+    def draw_scores(self, images, texts, pairs, mode, noise, draws, batch_size=None, protocol=None):
+        start, stop = draws.start, draws.stop
+        assert noise.timesteps[start] == start  # the test's banks use t = draw index
+        rows = [self.table[(int(i), int(j) % self.k)][start:stop] for i, j in pairs]
+        self.last_stats = RunStats(unet_items=len(pairs) * (stop - start))
+        self.calls.append((len(pairs), stop - start))
         return torch.tensor(rows)
-
-    @staticmethod
-    def table_start(noise) -> int:
-        return int(noise.timesteps[0])  # the test's banks use t = draw index
 
 
 def test_confidence_rule_stops_a_clear_query_after_the_first_round(images):

@@ -8,37 +8,40 @@ from itm_engine import bench, cli
 SMALL = ["--images", "2", "--texts", "2", "--samples", "2", "--repeats", "2", "--topk", "2"]
 
 
-@pytest.mark.parametrize("protocol", ["pairs", "i2t-topk", "t2i-topk"])
-def test_bench_reports_every_method_and_agrees(tmp_path, capsys, protocol):
+@pytest.mark.parametrize("workload", ["pairs", "i2t-topk", "t2i-topk"])
+def test_bench_reports_every_method_and_agrees(tmp_path, capsys, workload):
     out = tmp_path / "bench.json"
-    args = SMALL + ["--protocol", protocol, "--json", str(out)]
-    if protocol == "pairs":
+    args = SMALL + ["--workload", workload, "--json", str(out)]
+    if workload == "pairs":
         args += ["--plot", str(tmp_path / "bench.png"), "--batch-sweep", "1,4"]
     assert cli.main(["bench", *args]) == 0
     report = json.loads(out.read_text())
     assert report["agree"] and report["model"] == "builtin:tiny" and report["unet_gflops_per_item"] > 0
     assert {"torch", "diffusers", "device", "python"} <= set(report["environment"])
     assert report["command"].startswith("itm-bench") and report["date"]
+    # the research code's protocol by default: the naive column is what the paper ran
+    assert report["protocol"]["error"] == "l2" and report["protocol"]["schedule"] == "diffusion-itm"
     workloads = report["workloads"]
-    assert [w["mode"] for w in workloads] == (["i2t", "t2i"] if protocol == "pairs" else [protocol[:3]])
+    assert [w["mode"] for w in workloads] == (["i2t", "t2i"] if workload == "pairs" else [workload[:3]])
     for w in workloads:
         methods = w["methods"]
         assert set(methods) == {"naive", "batched", "engine"}
         assert all(len(m["walls_s"]) == 2 for m in methods.values())
         per_pair = 2 if w["mode"] == "t2i" else 1
         assert methods["naive"]["unet_items"] == per_pair * w["pair_draws"]
+        assert methods["naive"]["unet_calls"] == w["pair_draws"]  # the research loop: one call per pair and draw
         assert methods["batched"]["unet_calls"] == per_pair * w["pairs"]
         assert methods["engine"]["unet_items"] <= methods["naive"]["unet_items"]
         assert methods["engine"]["projected_flickr30k_s"] > 0
-    if protocol == "pairs":
+    if workload == "pairs":
         assert (tmp_path / "bench.png").stat().st_size > 1000
         assert set(report["batch_sweep_items_per_s"]) == {"1", "4"}
     assert "projected Flickr30K" in capsys.readouterr().out
 
 
 def test_bench_fails_when_scores_disagree(monkeypatch, capsys):
-    real = bench.batched_pair_scores
-    monkeypatch.setattr(bench, "batched_pair_scores", lambda *a, **k: real(*a, **k) + 0.01)
+    real = bench.diffusion_classifier_pair_scores
+    monkeypatch.setattr(bench, "diffusion_classifier_pair_scores", lambda *a, **k: real(*a, **k) + 0.01)
     assert bench.main(SMALL + ["--repeats", "1", "--mode", "i2t"]) == 1
     assert "disagree" in capsys.readouterr().err
 

@@ -61,7 +61,7 @@ def test_latents_are_the_scaled_posterior_mean(components):
 
 def test_crop_policy_keeps_the_centre(components):
     """A wide image, red in its middle third and blue at the sides, crops to all red; the
-    "default" policy stretches it and keeps the blue."""
+    "stretch" policy keeps the blue."""
     wide = PIL.Image.new("RGB", (900, 100), (0, 0, 255))
     wide.paste((255, 0, 0), (300, 0, 600, 100))
     from itm_engine.cache import preprocess_images
@@ -69,7 +69,7 @@ def test_crop_policy_keeps_the_centre(components):
     pixels = preprocess_images(components, [wide])[0]
     assert torch.allclose(pixels[0], torch.ones_like(pixels[0]), atol=0.05)  # red channel ~ +1
     assert torch.allclose(pixels[2], -torch.ones_like(pixels[2]), atol=0.05)  # blue channel ~ -1
-    stretched = preprocess_images(components, [wide], resize_mode="default")[0]
+    stretched = preprocess_images(components, [wide], resize="stretch")[0]
     assert stretched[2, :, 0].min() > 0.9  # the blue left edge survives
 
 

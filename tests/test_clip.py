@@ -137,9 +137,10 @@ def test_scorer_matches_similarity_in_both_modes(config, tmp_path):
     pairs = torch.tensor([[0, 0], [3, 5], [1, 2], [3, 0], [0, 0]])
     expected = sim[pairs[:, 0], pairs[:, 1]]
     for mode in ("i2t", "t2i"):
-        got = scorer.score_pairs(images, TEXTS, pairs, mode=mode, samples=3, seed=7, batch_size=2,
-                                 schedule="stratified")
+        got = scorer.score_pairs(images, TEXTS, pairs, mode=mode)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    with pytest.raises(TypeError, match="samples"):  # CLIP draws no noise: such options are an error, not ignored
+        scorer.score_pairs(images, TEXTS, pairs, samples=3)
     cands = scorer.score_candidates(TEXTS[:2], [images[:2], images[2:]], mode="t2i")
     torch.testing.assert_close(cands, torch.stack([sim[:2, 0], sim[2:, 1]]), rtol=0, atol=1e-6)
     assert scorer.last_stats.unet_items == 0 and scorer.last_stats.images_encoded == 0  # all cached by now

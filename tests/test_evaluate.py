@@ -112,7 +112,7 @@ def test_existing_output_needs_resume_and_the_same_config(tmp_path, capsys):
     assert run_eval("--task", "winoground", "--data-root", root, "--out", out, *FAST) == 2
     assert "--resume" in capsys.readouterr().err
     assert run_eval("--task", "winoground", "--data-root", root, "--out", out, "--resume", "--seed", "3", *FAST) == 2
-    assert "changed: seed" in capsys.readouterr().err
+    assert "changed: protocol.seed" in capsys.readouterr().err
 
 
 def test_forced_mode_and_clip_side_by_side(tmp_path, capsys):

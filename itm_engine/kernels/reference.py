@@ -5,6 +5,7 @@ Shapes: N cached latents, S noise draws, B work items, T train timesteps.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from itm_engine.noise import add_noise, denoising_target
 
@@ -50,16 +51,46 @@ def item_error(
         target: "epsilon" (target = eps) or "v" (target = sqrt(abar) eps - sqrt(1 - abar) z0, which
             needs latents [N, C, H, W], img_idx [B], timesteps [B] and alphas_cumprod [T]).
     """
+    goal = _target(noise, sample_idx, latents, img_idx, target, timesteps, alphas_cumprod)
+    return (pred.float() - goal).square().flatten(1).mean(dim=1)
+
+
+def item_loss(
+    pred: torch.Tensor,
+    noise: torch.Tensor,
+    sample_idx: torch.Tensor,
+    latents: torch.Tensor | None,
+    img_idx: torch.Tensor | None,
+    target: str,
+    timesteps: torch.Tensor | None,
+    alphas_cumprod: torch.Tensor | None,
+    loss: str,
+) -> torch.Tensor:
+    """Mean absolute ("l1") or mean Huber (delta 1, "huber") error of each item's prediction
+    against its target, float32 [B], as Diffusion Classifier's `F.l1_loss` / `F.huber_loss`
+    reduced per item (arguments as `item_error`). No fused version: these reductions run here."""
+    goal = _target(noise, sample_idx, latents, img_idx, target, timesteps, alphas_cumprod)
+    if loss == "l1":
+        per_element = F.l1_loss(pred.float(), goal, reduction="none")
+    elif loss == "huber":
+        per_element = F.huber_loss(pred.float(), goal, reduction="none", delta=1.0)
+    else:
+        raise ValueError(f"loss must be 'l1' or 'huber', got {loss!r}")
+    return per_element.flatten(1).mean(dim=1)
+
+
+def _target(noise: torch.Tensor, sample_idx: torch.Tensor, latents: torch.Tensor | None,
+            img_idx: torch.Tensor | None, target: str, timesteps: torch.Tensor | None,
+            alphas_cumprod: torch.Tensor | None) -> torch.Tensor:
+    """Each item's target, float32 [B, C, H, W]: its noise draw, or v (see `item_error`)."""
     eps = noise[sample_idx].float()
     if target == "epsilon":
-        goal = eps
-    elif target == "v":
+        return eps
+    if target == "v":
         if latents is None or img_idx is None or timesteps is None or alphas_cumprod is None:
             raise ValueError("target='v' needs latents, img_idx, timesteps and alphas_cumprod")
-        goal = denoising_target(latents[img_idx].float(), eps, timesteps, alphas_cumprod, "v_prediction")
-    else:
-        raise ValueError(f"target must be 'epsilon' or 'v', got {target!r}")
-    return (pred.float() - goal).square().flatten(1).mean(dim=1)
+        return denoising_target(latents[img_idx].float(), eps, timesteps, alphas_cumprod, "v_prediction")
+    raise ValueError(f"target must be 'epsilon' or 'v', got {target!r}")
 
 
 def topk_similarity(

@@ -16,13 +16,13 @@ from pathlib import Path
 from itm_engine import extras
 from itm_engine.evaluate import score_examples
 from itm_engine.options import option
-from itm_engine.reference import naive_pair_scores
+from itm_engine.reference import diffusion_itm_pair_scores
 from itm_engine.scoring import DiffusionITM
 from itm_engine.shapesworld import CLIP, MODEL, report, world
 from itm_engine.shapesworld.tasks import ShapesI2T
 
 
-def speed_check(scorer: DiffusionITM, draw: world.Draw, samples: int, seed: int) -> bool:
+def speed_check(scorer: DiffusionITM, draw: world.Draw) -> bool:
     """Engine vs naive loop on the image->text work of the first two examples of each subtask."""
     images, texts, pairs = [], [], []
     seen: dict[str, int] = {}
@@ -34,13 +34,14 @@ def speed_check(scorer: DiffusionITM, draw: world.Draw, samples: int, seed: int)
         for candidate in (scene, *negatives):
             pairs.append((len(images) - 1, len(texts)))
             texts.append(world.caption(candidate, subtask))
-    bank = scorer.noise_bank(samples, seed=seed, schedule="stratified")
+    bank = scorer.noise_bank()
     scorer.clear_cache()
     start = time.perf_counter()
     engine = scorer.score_pairs(images, texts, pairs, noise=bank)
     engine_s = time.perf_counter() - start
     start = time.perf_counter()
-    naive = naive_pair_scores(scorer.components, images, texts, pairs, bank)
+    naive = diffusion_itm_pair_scores(scorer.components, images, texts, pairs, bank, "i2t",
+                                      scorer.protocol)
     naive_s = time.perf_counter() - start
     items = len(pairs) * len(bank)
     rel = ((engine - naive).abs().max() / naive.abs().max()).item()
@@ -53,7 +54,7 @@ def speed_check(scorer: DiffusionITM, draw: world.Draw, samples: int, seed: int)
     return rel <= 1e-5
 
 
-def write_figure(path: Path, scorer: DiffusionITM, draw: world.Draw, samples: int, seed: int) -> None:
+def write_figure(path: Path, scorer: DiffusionITM, draw: world.Draw) -> None:
     """One example per subtask: the image, its candidate captions and their I2T scores."""
     matplotlib = extras.require("matplotlib", "the demo's figure", "shapes")
     matplotlib.use("Agg")
@@ -66,7 +67,7 @@ def write_figure(path: Path, scorer: DiffusionITM, draw: world.Draw, samples: in
     cols = (len(firsts) + 1) // 2
     fig, axes = plt.subplots(2, cols, figsize=(3.6 * cols, 9.6), gridspec_kw={"hspace": 0.75})
     for ax, (subtask, example) in zip(axes.flat, firsts.items()):
-        rows, _, _ = score_examples(scorer, [example], ["i2t"], samples=samples, seed=seed, schedule="stratified")
+        rows, _, _ = score_examples(scorer, [example], ["i2t"])
         scores = rows[0]["scores"]["i2t"][0]
         ax.imshow(example.images[0])
         ax.set_xticks([])
@@ -101,7 +102,8 @@ def run_demo(config: DemoConfig) -> int:
     from itm_engine.clip import ClipModel
 
     start = time.perf_counter()
-    diffusion = DiffusionITM.from_pretrained(config.model, progress=False)
+    diffusion = DiffusionITM.from_pretrained(config.model, progress=False,
+                                             protocol=report.lab_protocol(config.samples, config.seed))
     clip = ClipModel.from_name(CLIP, pretrained="bundled").scorer()
     comp = diffusion.components
     print(f"model: {comp.source}  latents {comp.latent_shape}  samples per pair: {config.samples} (stratified), "
@@ -110,13 +112,13 @@ def run_demo(config: DemoConfig) -> int:
     test = world.Draw("test", config.n, config.seed, subtasks=report.SPLITS["test"])
     print("\n" + report.format_table(
         f"ShapesWorld test split, {config.n} examples per subtask: accuracy (the true candidate must score strictly "
-        "highest)", report.accuracy_table(columns, test, config.samples, config.seed)))
+        "highest)", report.accuracy_table(columns, test)))
     held_out = world.Draw("compositional", config.n, config.seed, subtasks=report.SPLITS["compositional"])
     print("\n" + report.format_table(
         "compositional split (colour-shape combinations never seen in training)",
-        report.accuracy_table(columns, held_out, config.samples, config.seed)))
-    ok = speed_check(diffusion, test, config.samples, config.seed)
+        report.accuracy_table(columns, held_out)))
+    ok = speed_check(diffusion, test)
     figure = Path(config.figure)
-    write_figure(figure, diffusion, test, config.samples, config.seed)
+    write_figure(figure, diffusion, test)
     print(f"\nfigure: {figure}   total {time.perf_counter() - start:.0f} s")
     return 0 if ok else 1

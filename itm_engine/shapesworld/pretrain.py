@@ -527,7 +527,8 @@ class Pretrainer:
             c = self.config
             draw = world.Draw("val", c.eval_examples, size=c.render_size, subtasks=world.SUBTASKS)
             with torch.no_grad():
-                scores = report.accuracy(DiffusionITM(self.components, progress=False), draw, "i2t", c.eval_samples)
+                scorer = DiffusionITM(self.components, progress=False, protocol=report.lab_protocol(c.eval_samples))
+                scores = report.accuracy(scorer, draw, "i2t")
             return {k: round(v, 4) for k, v in scores.items()}
         finally:
             for net, mode in zip(nets, modes):

@@ -3,8 +3,10 @@
 The examples are drawn in memory (`tasks.ShapesI2T.from_world`), and are scored and judged by the
 same code as `itm-eval --task shapes|shapes_t2i` on a data root written from the same draw
 (`evaluate.score_examples`, the task's `metrics`: the positive must score strictly highest). The
-examples of each subtask are scored in one call, on `samples` stratified draws from `seed`.
+examples of each subtask are scored in one call, under the scorer's own protocol: the lab's
+reports score with `lab_protocol` (the engine's, with S stratified draws).
 
+    scorer = DiffusionITM.from_pretrained("shapes", protocol=lab_protocol(samples=10, seed=0))
     draw = Draw("test", n=40)
     i2t = accuracy(scorer, draw, "i2t")          # one image vs its k captions
     t2i = accuracy(scorer, draw, "t2i")          # one caption vs its k images, null-normalised
@@ -26,9 +28,11 @@ from typing import Literal, Sequence
 
 import torch
 
+from itm_engine import protocols
 from itm_engine.evaluate import score_examples
 from itm_engine.options import option
 from itm_engine.pairs import PairScorer
+from itm_engine.protocols import Protocol
 from itm_engine.shapesworld.tasks import ShapesI2T, ShapesT2I
 from itm_engine.shapesworld.world import ALL_SUBTASKS, SUBTASKS, Draw
 
@@ -40,7 +44,12 @@ DIRECTIONS = {"i2t": (ShapesI2T, "i2t"), "t2i": (ShapesT2I, "t2i"), "t2i-raw": (
 SPLITS = {"test": ALL_SUBTASKS, "compositional": SUBTASKS}
 
 
-def accuracy(scorer: PairScorer, draw: Draw, direction: Direction, samples: int = 10, seed: int = 0,
+def lab_protocol(samples: int = 10, seed: int = 0) -> Protocol:
+    """The protocol of the lab's reports: the engine's, with `samples` stratified draws from `seed`."""
+    return protocols.resolve(protocols.DEFAULT, samples=samples, seed=seed, schedule="stratified")
+
+
+def accuracy(scorer: PairScorer, draw: Draw, direction: Direction,
              subtasks: Sequence[str] | None = None) -> dict[str, float]:
     """{subtask: accuracy} of `scorer` on the examples of `draw` in `direction`: of every subtask of
     the draw, or of `subtasks` only (their examples in the whole draw)."""
@@ -52,7 +61,7 @@ def accuracy(scorer: PairScorer, draw: Draw, direction: Direction, samples: int 
     matrices: dict[str, torch.Tensor] = {}
     for subtask in task.subtasks:
         group = [example for example in examples if example.meta["subtask"] == subtask]
-        rows, _, _ = score_examples(scorer, group, [mode], samples=samples, seed=seed, schedule="stratified")
+        rows, _, _ = score_examples(scorer, group, [mode])
         matrices.update({row["id"]: torch.tensor(row["scores"][mode]) for row in rows})
     metrics = task.metrics(examples, {task.modes[0]: [matrices[example.id] for example in examples]})
     return {subtask: metrics[f"accuracy/{subtask}"] for subtask in task.subtasks}
@@ -79,11 +88,9 @@ def standard_columns(diffusion: PairScorer, clip: PairScorer, hardneg: PairScore
     return columns
 
 
-def accuracy_table(columns: dict[str, tuple[PairScorer, Direction]], draw: Draw, samples: int = 10,
-                   seed: int = 0) -> dict[str, dict[str, float]]:
+def accuracy_table(columns: dict[str, tuple[PairScorer, Direction]], draw: Draw) -> dict[str, dict[str, float]]:
     """{header: {subtask: accuracy}} for each column (header -> (scorer, direction)), plus "chance"."""
-    table = {header: accuracy(scorer, draw, direction, samples, seed)
-             for header, (scorer, direction) in columns.items()}
+    table = {header: accuracy(scorer, draw, direction) for header, (scorer, direction) in columns.items()}
     table["chance"] = chance(draw)
     return table
 
@@ -121,14 +128,15 @@ def write_report(config: ReportConfig, command: str) -> dict:
     from itm_engine.shapesworld import CLIP
 
     start = time.perf_counter()
-    base = DiffusionITM.from_pretrained(config.model, progress=False)
+    protocol = lab_protocol(config.samples, config.seed)
+    base = DiffusionITM.from_pretrained(config.model, progress=False, protocol=protocol)
     clip = ClipModel.from_name(CLIP, pretrained="bundled").scorer()
-    tuned = DiffusionITM.from_pretrained(config.model, lora=config.lora, progress=False) if config.lora else None
+    tuned = (DiffusionITM.from_pretrained(config.model, lora=config.lora, progress=False, protocol=protocol)
+             if config.lora else None)
     columns = standard_columns(base, clip, tuned)
     tables, text = {}, []
     for split, subtasks in SPLITS.items():
-        tables[split] = accuracy_table(columns, Draw(split, config.n, config.seed, subtasks=subtasks),
-                                       config.samples, config.seed)
+        tables[split] = accuracy_table(columns, Draw(split, config.n, config.seed, subtasks=subtasks))
         text.append(format_table(f"{split} split, {config.n} examples per subtask", tables[split]))
         print(text[-1] + "\n", flush=True)
     report = {

@@ -158,6 +158,8 @@ class ShapesRetrieval(_Shapes):
         if len(examples) != 1 or any(len(scores[m]) != 1 for m in self.modes):
             raise ValueError(f"{self.name}: expected one example with one matrix per mode")
         label = examples[0].label
-        out = {f"i2t/{k}": v for k, v in recall_at_k(scores["i2t"][0], label["i2t"], self.ks).items()}
-        out.update({f"t2i/{k}": v for k, v in recall_at_k(scores["t2i"][0].T, label["t2i"], self.ks).items()})
+        out = {f"i2t/{k}": v for k, v in recall_at_k(scores["i2t"][0], label["i2t"], self.ks,
+                                                                  self.protocol.ties).items()}
+        out.update({f"t2i/{k}": v for k, v in recall_at_k(scores["t2i"][0].T, label["t2i"], self.ks,
+                                                                     self.protocol.ties).items()})
         return out

@@ -23,6 +23,7 @@ import PIL.Image
 import torch
 
 from itm_engine.metrics import is_correct
+from itm_engine.protocols import Protocol
 
 
 class DataError(ValueError):
@@ -84,7 +85,10 @@ class Task(abc.ABC):
     option_names: tuple[str, ...] = ()  # the options the task takes; any other is a ValueError
     needs_root: bool = True  # False for a task that can also make its examples in memory (root None)
 
-    def __init__(self, root: str | os.PathLike | None, skip_missing: bool = False, **options: Any) -> None:
+    def __init__(self, root: str | os.PathLike | None, skip_missing: bool = False, *,
+                 protocol: Protocol | None = None, **options: Any) -> None:
+        """`protocol`: the scoring protocol of the run; the task follows its tie policy (`ties`) and,
+        where a benchmark's reference code made a choice, its `conventions`."""
         unknown = sorted(set(options) - set(self.option_names))
         if unknown:
             known = ", ".join(self.option_names) if self.option_names else "this task takes none"
@@ -97,6 +101,7 @@ class Task(abc.ABC):
         elif self.needs_root:
             raise ValueError(f"{self.name}: a data root is needed (this task reads its examples from files)")
         self.skip_missing = skip_missing
+        self.protocol = protocol or Protocol()
         self.options = options
         self.skipped: list[str] = []  # "file (row)" of every example skipped for missing data
         self._examples: list[Example] | None = None
@@ -136,9 +141,10 @@ class Task(abc.ABC):
 
     def correct(self, examples: Sequence[Example], scores: dict[str, Sequence[torch.Tensor]],
                 mode: str | None = None) -> list[bool]:
-        """Per example: does candidate `label` score strictly highest in its (flattened) matrix?"""
+        """Per example: does candidate `label` win in its (flattened) matrix, under the protocol's
+        tie policy (strictly highest, or the first of the highest)?"""
         matrices = self.score_matrices(examples, scores, mode)
-        return [is_correct(s.reshape(-1), ex.label) for ex, s in zip(examples, matrices)]
+        return [is_correct(s.reshape(-1), ex.label, self.protocol.ties) for ex, s in zip(examples, matrices)]
 
     # -- helpers for loaders ----------------------------------------------------------------
 

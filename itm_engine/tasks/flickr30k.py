@@ -208,7 +208,7 @@ class Flickr30KI2T(_Flickr30K):
                        label=[i for i, t in enumerate(texts) if t in own])
 
     def metrics(self, examples: Sequence[Example], scores: dict[str, Sequence[torch.Tensor]]) -> dict[str, float]:
-        return _recall(self.name, examples, scores["i2t"], lambda ex: len(ex.texts))
+        return _recall(self.name, examples, scores["i2t"], lambda ex: len(ex.texts), self.protocol.ties)
 
 
 @register
@@ -253,10 +253,11 @@ class Flickr30KT2I(_Flickr30K):
                 for (n, j, c), idx in zip(queries, top)]
 
     def metrics(self, examples: Sequence[Example], scores: dict[str, Sequence[torch.Tensor]]) -> dict[str, float]:
-        return _recall(self.name, examples, scores["t2i"], lambda ex: len(ex.images))
+        return _recall(self.name, examples, scores["t2i"], lambda ex: len(ex.images), self.protocol.ties)
 
 
-def _recall(task: str, examples: Sequence[Example], matrices: Sequence[torch.Tensor], n_candidates) -> dict[str, float]:
+def _recall(task: str, examples: Sequence[Example], matrices: Sequence[torch.Tensor], n_candidates,
+            ties: str = "strict") -> dict[str, float]:
     """R@1/5/10 from each example's [1, k] (i2t) or [k, 1] (t2i) score matrix.
 
     Candidate counts may differ between examples (a candidates file): the score vectors are padded
@@ -274,4 +275,4 @@ def _recall(task: str, examples: Sequence[Example], matrices: Sequence[torch.Ten
     padded = torch.full((len(vectors), width), -math.inf, dtype=torch.float64)
     for n, v in enumerate(vectors):
         padded[n, : len(v)] = v
-    return recall_at_k(padded, [ex.label for ex in examples], KS)
+    return recall_at_k(padded, [ex.label for ex in examples], KS, ties)

@@ -79,4 +79,5 @@ class ImageCoDe(Task):
 
     def metrics(self, examples: Sequence[Example], scores: dict[str, Sequence[torch.Tensor]]) -> dict[str, float]:
         """"accuracy": the described image scores strictly highest of the 10."""
-        return {"accuracy": accuracy([s.reshape(-1) for s in scores["t2i"]], [ex.label for ex in examples])}
+        return {"accuracy": accuracy([s.reshape(-1) for s in scores["t2i"]], [ex.label for ex in examples],
+                                     self.protocol.ties)}

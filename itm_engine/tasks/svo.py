@@ -98,13 +98,16 @@ class SVOProbes(Task):
         return next(t for t, on in flags.items() if on)
 
     def metrics(self, examples: Sequence[Example], scores: dict[str, Sequence[torch.Tensor]]) -> dict[str, float]:
-        """"accuracy" (the positive image scores strictly higher) overall and per negation type."""
+        """"accuracy" (the positive image wins, under the protocol's tie policy) overall and per
+        negation type."""
         vectors = [s.reshape(-1) for s in scores["t2i"]]
-        out = {"accuracy": accuracy(vectors, [ex.label for ex in examples])}
+        ties = self.protocol.ties
+        out = {"accuracy": accuracy(vectors, [ex.label for ex in examples], ties)}
         for kind in TYPES:
             members = [n for n, ex in enumerate(examples) if ex.meta["type"] == kind]
             if members:
-                out[f"accuracy/{kind}"] = accuracy([vectors[n] for n in members], [examples[n].label for n in members])
+                out[f"accuracy/{kind}"] = accuracy([vectors[n] for n in members], [examples[n].label for n in members],
+                                                   ties)
         return out
 
 

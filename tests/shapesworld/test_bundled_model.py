@@ -21,7 +21,7 @@ BINDING = ("binding_color_shape", "binding_shape_color", "pair_binding_color", "
 
 @pytest.fixture(scope="module")
 def scorer() -> DiffusionITM:
-    return DiffusionITM.from_pretrained(MODEL, progress=False)
+    return DiffusionITM.from_pretrained(MODEL, progress=False, protocol=report.lab_protocol())
 
 
 @pytest.fixture(scope="module")

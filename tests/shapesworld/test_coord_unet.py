@@ -6,7 +6,7 @@ import torch
 
 from itm_engine import DiffusionITM
 from itm_engine.models import load_components, save_components, save_random_model
-from itm_engine.reference import naive_scores
+from itm_engine.reference import diffusion_itm_scores
 from itm_engine.shapesworld.coord_unet import CoordUNet2DConditionModel, coordinate_grid
 from itm_engine.shapesworld.pretrain import PretrainConfig, build_components
 
@@ -65,6 +65,6 @@ def test_engine_matches_naive_reference_on_a_coordinate_unet(coord_folder, mode)
     images = make_images(2)
     bank = scorer.noise_bank(samples=3, seed=1, schedule="stratified")
     engine = scorer(images, TEXTS, mode=mode, noise=bank)
-    naive = naive_scores(scorer.components, images, TEXTS, bank, mode=mode)
+    naive = diffusion_itm_scores(scorer.components, images, TEXTS, bank, mode=mode, protocol=scorer.protocol)
     scale = scorer(images, TEXTS, mode="i2t", noise=bank).abs().max()
     assert max_rel_diff(engine, naive, scale=scale) <= 1e-5

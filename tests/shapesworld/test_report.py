@@ -38,9 +38,11 @@ def test_report_accuracy_is_itm_eval_on_the_written_draw(written, tmp_path, dire
         return rows, items, full
 
     monkeypatch.setattr(report, "score_examples", recording)
-    mine = report.accuracy(DiffusionITM.from_pretrained("tiny", progress=False), DRAW, direction, samples=2, seed=0)
-    config = EvalConfig(task=task, data_root=str(written), model="tiny", mode=mode, samples=2, seed=0,
-                        schedule="stratified", chunk_size=DRAW.n, task_options={"subtasks": list(DRAW.subtasks)})
+    scorer = DiffusionITM.from_pretrained("tiny", progress=False, protocol=report.lab_protocol(samples=2, seed=0))
+    mine = report.accuracy(scorer, DRAW, direction)
+    config = EvalConfig(task=task, data_root=str(written), model="tiny", mode=mode,
+                        protocol_fields={"samples": 2, "seed": 0, "schedule": "stratified"}, chunk_size=DRAW.n,
+                        task_options={"subtasks": list(DRAW.subtasks)})
     results = evaluate(config, tmp_path / "run", device="cpu", progress=False)
     assert list(mine) == list(DRAW.subtasks)
     assert mine == {subtask: results["metrics"][f"accuracy/{subtask}"] for subtask in DRAW.subtasks}
