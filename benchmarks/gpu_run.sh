@@ -39,7 +39,7 @@ bench() {  # name, then itm-bench options
     python3 -m itm_engine.bench --device cuda "$@" --json "$OUT/itm-bench-$name.json" > "$OUT/itm-bench-$name.log" 2>&1
     echo "$name: exit $? $(grep -E '^engine|agree' "$OUT/itm-bench-$name.log" | tr -s ' ' | head -2 | tr '\n' ' ')"
 }
-TOPK="--protocol i2t-topk --images 8 --topk 10 --samples 10 --repeats 3"
+TOPK="--workload i2t-topk --images 8 --topk 10 --samples 10 --repeats 3"
 bench sd21-bf16 --model sd21-arch --dtype bfloat16 $TOPK --batch-size auto --batch-sweep 8,16,32,64,128,256 --plot "$OUT/itm-bench-sd21-bf16.png"
 if [ "$LEVEL" = full ]; then
     ENGINE_ONLY="--methods batched,engine"
@@ -47,7 +47,8 @@ if [ "$LEVEL" = full ]; then
     bench sd21-bf16-graphs --model sd21-arch --dtype bfloat16 $TOPK $ENGINE_ONLY --batch-size 128 --cuda-graphs
     bench sd21-fp16-math --model sd21-arch --dtype float16 $TOPK $ENGINE_ONLY --batch-size 64 --attention math
     bench sd21-fp32 --model sd21-arch --dtype float32 $TOPK $ENGINE_ONLY --batch-size 64
-    bench sd21-t2i-bf16 --model sd21-arch --dtype bfloat16 --protocol t2i-topk --images 40 --texts 8 --topk 10 --samples 10 --repeats 3 $ENGINE_ONLY --batch-size auto
+    bench sd21-t2i-bf16 --model sd21-arch --dtype bfloat16 --workload t2i-topk --images 40 --texts 8 --topk 10 --samples 10 --repeats 3 $ENGINE_ONLY --batch-size auto
+    bench sd21-bf16-engine-protocol --model sd21-arch --dtype bfloat16 $TOPK $ENGINE_ONLY --protocol engine --batch-size 128
     bench sd15-bf16 --model sd15-arch --dtype bfloat16 $TOPK --batch-size auto
 fi
 ls -la "$OUT"

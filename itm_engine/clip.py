@@ -37,9 +37,9 @@ from itm_engine.cache import ImageInput, check_list, check_texts, content_key, l
 from itm_engine.models import registry
 from itm_engine.pairs import Mode, PairScorer, check_mode, check_pairs
 from itm_engine.stats import RunStats
-from itm_engine.tasks.base import Crop
+from itm_engine.tasks.base import StoredImage
 
-ClipImage = Union[ImageInput, Crop]
+ClipImage = Union[ImageInput, StoredImage]
 PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
 REGISTERED_TAG = "bundled"  # pretrained= value naming the weights a plugin registered for the model
@@ -174,7 +174,7 @@ class ClipModel:
 
     @torch.inference_mode()
     def embed_images(self, images: Sequence[ClipImage], stats: RunStats | None = None) -> torch.Tensor:
-        """Images (PIL, path, [3|1, H, W] tensor, or `Crop`) -> float32 [n_images, D], unit rows.
+        """Images (PIL, path, [3|1, H, W] tensor, or `StoredImage`) -> float32 [n_images, D], unit rows.
 
         Images are decoded and embedded in a stream of batches (memory stays bounded for large
         galleries); an image whose content is already cached is not embedded again.
@@ -404,8 +404,8 @@ def _hf_hub_cache() -> str:
 
 
 def _load(image: ClipImage, name: str) -> PIL.Image.Image:
-    """One image input (as in `itm_engine.cache`, or a `Crop`) -> RGB PIL image."""
-    if isinstance(image, Crop):
+    """One image input (as in `itm_engine.cache`, or a `StoredImage`: a crop, a zip member) -> RGB PIL image."""
+    if isinstance(image, StoredImage):
         if not Path(image.path).is_file():
             raise FileNotFoundError(f"{name}: no such image file: {image.path!r}")
         return load_rgb(image.load(), name)

@@ -133,22 +133,24 @@ def bias_phi(scores: torch.Tensor, n_a: int) -> torch.Tensor:
     return scores[:, :n_a].double().mean(dim=1) - scores[:, n_a:].double().mean(dim=1)
 
 
-def effect_size(phi_x: torch.Tensor, phi_y: torch.Tensor) -> float:
-    """(mean phi_X - mean phi_Y) / std(phi_X ∪ phi_Y), with the sample std (ddof = 1)."""
+def effect_size(phi_x: torch.Tensor, phi_y: torch.Tensor, ddof: int = 1) -> float:
+    """(mean phi_X - mean phi_Y) / std(phi_X ∪ phi_Y), with the sample std (ddof = 1) or the
+    population std (ddof = 0, numpy's `.std()`, the DiffusionITM research code's)."""
     if len(phi_x) == 0 or len(phi_y) == 0 or len(phi_x) + len(phi_y) < 3:
         raise ValueError("effect_size needs both groups non-empty and at least 3 values in all")
     union = torch.cat([phi_x, phi_y]).double()
-    return float((phi_x.double().mean() - phi_y.double().mean()) / union.std(unbiased=True))
+    return float((phi_x.double().mean() - phi_y.double().mean()) / union.std(correction=ddof))
 
 
-def permutation_p_value(phi_x: torch.Tensor, phi_y: torch.Tensor, permutations: int = 10000, seed: int = 0) -> float:
+def permutation_p_value(phi_x: torch.Tensor, phi_y: torch.Tensor, permutations: int = 10000, seed: int = 0,
+                        ddof: int = 1) -> float:
     """One-sided p-value of `effect_size(phi_x, phi_y)` under random relabelling of the union:
     (1 + #{permutations with effect size >= observed}) / (1 + permutations)."""
-    observed = effect_size(phi_x, phi_y)
+    observed = effect_size(phi_x, phi_y, ddof)
     union = torch.cat([phi_x, phi_y]).double()
     n_x = len(phi_x)
     gen = torch.Generator().manual_seed(seed)
-    std = union.std(unbiased=True)  # invariant under relabelling
+    std = union.std(correction=ddof)  # invariant under relabelling
     order = torch.argsort(torch.rand(permutations, len(union), generator=gen), dim=1)
     shuffled = union[order]
     effects = (shuffled[:, :n_x].mean(dim=1) - shuffled[:, n_x:].mean(dim=1)) / std

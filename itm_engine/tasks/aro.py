@@ -360,16 +360,22 @@ class _Order(Task):
                 raise ValueError(f"{self.name}: option {key} must be a positive integer, got {value!r}")
         self.image_dir = self.image_folder(options.get("image_dir"), self.image_dirs)
 
+    def sources(self) -> tuple[tuple[str, ...], str]:
+        """(the annotation files, tried in order; the split read from a Karpathy split file)."""
+        return self.annotation_files, "test"
+
     def _images(self) -> list[tuple[str, str, list[str]]]:
         """(where, image file name, captions) per image, in file order, from the first annotation
         file present."""
-        for file in self.annotation_files:
+        files, split = self.sources()
+        for file in files:
             if (self.root / file).is_file():
                 data = self.read_json(file)
-                reader = _karpathy if isinstance(data, dict) and "images" in data and "annotations" not in data else (
-                    _coco_captions if isinstance(data, dict) else _caption_list)
+                if isinstance(data, dict) and "images" in data and "annotations" not in data:
+                    return _karpathy(self.name, file, data, split)
+                reader = _coco_captions if isinstance(data, dict) else _caption_list
                 return reader(self.name, file, data)
-        raise FileNotFoundError(f"{self.name}: expected one of {', '.join(self.annotation_files)} in {self.root} "
+        raise FileNotFoundError(f"{self.name}: expected one of {', '.join(files)} in {self.root} "
                                 "(layout: docs/evaluation.md)")
 
     def load_examples(self) -> Iterable[Example]:
@@ -406,15 +412,15 @@ def _file_name(value: Any, key: str, where: str, task: str) -> str:
     return value
 
 
-def _karpathy(task: str, file: str, data: dict) -> list[tuple[str, str, list[str]]]:
-    """Karpathy split file {"images": [{"filename", "split", "sentences": [{"raw"}]}]}: the test split."""
+def _karpathy(task: str, file: str, data: dict, split: str = "test") -> list[tuple[str, str, list[str]]]:
+    """Karpathy split file {"images": [{"filename", "split", "sentences": [{"raw"}]}]}: one split."""
     if not isinstance(data["images"], list):
         raise DataError(f"{task}: {file}: expected an object with an 'images' list")
     out = []
     for i, row in enumerate(data["images"]):
         where = f"{file} images[{i}]"
         require(row, ("split",), where, task)
-        if row["split"] != "test":
+        if row["split"] != split:
             continue
         require(row, ("filename", "sentences"), where, task)
         if not isinstance(row["sentences"], list) or not row["sentences"]:
@@ -527,6 +533,10 @@ class Flickr30KOrder(_Order):
         ROOT/dataset_flickr30k.json    Karpathy's split file (its "test" images)
         ROOT/flickr30k-images/         the images, by file name (or ROOT/images/)
 
+    Under the DiffusionITM research code's conventions, its split: the validation split,
+    ROOT/flickr30k_val.json (BLIP's file, the one it downloads; the same row format), or the
+    "val" images of dataset_flickr30k.json.
+
     """
 
     __doc__ += _ORDER_DOC
@@ -534,6 +544,11 @@ class Flickr30KOrder(_Order):
     description = "ARO Flickr30K-Order: caption vs four word-order perturbations, accuracy"
     annotation_files = ("flickr30k_test.json", "dataset_flickr30k.json")
     image_dirs = ("flickr30k-images", "images")
+
+    def sources(self) -> tuple[tuple[str, ...], str]:
+        if self.protocol.conventions == "diffusion-itm":
+            return ("flickr30k_val.json", "dataset_flickr30k.json"), "val"
+        return self.annotation_files, "test"
 
 
 __all__ = ["COCOOrder", "Flickr30KOrder", "VGAttribution", "VGRelation", "normalize_caption", "perturbations",

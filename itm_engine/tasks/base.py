@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence, Union
@@ -30,8 +31,19 @@ class DataError(ValueError):
     """Bad or missing data; the message names the file and the row."""
 
 
+class StoredImage(abc.ABC):
+    """An image a dataset keeps somewhere other than a plain file of its own (a region of a file,
+    a member of an archive), read when it is scored; `path` is the file that holds it."""
+
+    path: str
+
+    @abc.abstractmethod
+    def load(self) -> PIL.Image.Image:
+        """The image, read now."""
+
+
 @dataclass(frozen=True)
-class Crop:
+class Crop(StoredImage):
     """A region of an image file: `box` = (left, top, right, bottom) in pixels."""
 
     path: str
@@ -42,13 +54,27 @@ class Crop:
             return image.convert("RGB").crop(self.box)
 
 
-# an image file path (absolute, inside the data root), a crop of one, or an image in memory
-ImageRef = Union[str, Crop, PIL.Image.Image]
+@dataclass(frozen=True)
+class ZipMember(StoredImage):
+    """An image file inside a zip archive (`path`), read from the archive without extracting it."""
+
+    path: str
+    member: str
+
+    def load(self) -> PIL.Image.Image:
+        with zipfile.ZipFile(self.path) as archive, archive.open(self.member) as handle:
+            with PIL.Image.open(handle) as image:
+                image.load()
+                return image.copy()
+
+
+# an image file path (absolute, inside the data root), an image stored in one, or one in memory
+ImageRef = Union[str, StoredImage, PIL.Image.Image]
 
 
 def load_image_ref(ref: ImageRef) -> str | PIL.Image.Image:
-    """What the scorers accept: the path or the image itself, or the cropped PIL image."""
-    return ref.load() if isinstance(ref, Crop) else ref
+    """What the scorers accept: the path or the image itself, or the stored image, read."""
+    return ref.load() if isinstance(ref, StoredImage) else ref
 
 
 @dataclass(frozen=True)

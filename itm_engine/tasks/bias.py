@@ -69,11 +69,12 @@ class Bias(Task):
 
     Metrics, per pair (X, Y) whose groups both have images (and at least 3 images together):
         with phi(image) = mean score over the pleasant phrases - mean over the unpleasant ones,
-        "effect_size/X_vs_Y" = (mean phi_X - mean phi_Y) / std(phi_X u phi_Y) (sample std; > 0:
-        X is the more pleasant-associated group) and "p_value/X_vs_Y", the one-sided permutation
-        p-value of that effect size (`itm_engine.metrics.permutation_p_value`). The research code
-        uses the population std (ddof = 0) and, for Buddhist vs Hindu and Buddhist vs Jewish, the
-        std of the wrong union (Christian's); here every pair uses its own union.
+        "effect_size/X_vs_Y" = (mean phi_X - mean phi_Y) / std(phi_X u phi_Y) (> 0: X is the more
+        pleasant-associated group) and "p_value/X_vs_Y", the one-sided permutation p-value of that
+        effect size (`itm_engine.metrics.permutation_p_value`). The std is the sample std (ddof 1),
+        or under the DiffusionITM research code's conventions its population std (numpy's
+        `.std()`, ddof 0). That code also divides Buddhist vs Hindu and Buddhist vs Jewish by the
+        std of the wrong union (Christian's, `utils.py`); here every pair uses its own union.
     """
 
     name = "bias"
@@ -217,6 +218,7 @@ class Bias(Task):
             if x not in phis or y not in phis or len(phis[x]) + len(phis[y]) < 3:
                 continue  # a group without images: nothing to compare
             phi_x, phi_y = torch.cat(phis[x]), torch.cat(phis[y])
-            out[f"effect_size/{x}_vs_{y}"] = effect_size(phi_x, phi_y)
-            out[f"p_value/{x}_vs_{y}"] = permutation_p_value(phi_x, phi_y, self.permutations, self.seed)
+            ddof = 0 if self.protocol.conventions == "diffusion-itm" else 1  # its numpy .std()
+            out[f"effect_size/{x}_vs_{y}"] = effect_size(phi_x, phi_y, ddof)
+            out[f"p_value/{x}_vs_{y}"] = permutation_p_value(phi_x, phi_y, self.permutations, self.seed, ddof)
         return out

@@ -2,6 +2,7 @@
 CLIP top-k prefilter, or a precomputed candidates file."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,8 @@ class _Flickr30K(Task):
         ROOT/flickr30k-images/*.jpg      the images (or ROOT/images/, or option image_dir)
 
     Options:
-        split: the Karpathy split to evaluate (default "test": 1,000 images, 5 captions each).
+        split: the Karpathy split to evaluate (default "test": 1,000 images, 5 captions each;
+            "val" under the DiffusionITM research code's conventions).
         image_dir: the image folder, relative to ROOT (default flickr30k-images/, else images/).
         candidates: "all" (default: every caption / every image of the split), "clip" (the top-k
             of option `prefilter`, an object with `topk_texts(images, texts, k)` and
@@ -46,7 +48,17 @@ class _Flickr30K(Task):
             be relative or absolute but must not point outside ROOT.
         topk: k of the CLIP prefilter (default 10); with a candidates file, keep only the first
             topk candidates of each list (default: all of them); not used with "all".
+        save_candidates: write the candidates of every query to this JSON file (absolute, or
+            relative to ROOT), in the research code's format (see `candidates`; image paths
+            relative to ROOT), so a prefiltered run can be repeated or shared.
 
+    The paper's protocol (the DiffusionITM research code's conventions, `Protocol.conventions`):
+    the validation split; with CLIP candidates, the ground truth forced to index 0 and the other
+    k - 1 the prefilter's best *wrong* candidates: image->text, the image's first caption and no
+    other of its captions among the negatives; text->image, one query per image (its first
+    caption: 1,014 queries on val) against its image and 9 others. Read from the research code's
+    own files (val_top10_RN50x64_text.json / val_top10_RN50x64.json), text->image takes every
+    5th entry, as that code does.
     Ground truth: an image's captions are the `sentences` of its row; a caption's image is the row
     it comes from (with a candidates file, whose captions are keys, every split image carrying
     that exact caption counts). With "all", identical captions of different images appear once
@@ -56,11 +68,15 @@ class _Flickr30K(Task):
     """
 
     direction: str = ""  # "i2t" or "t2i", set by the registered subclasses
-    option_names = ("split", "image_dir", "candidates", "prefilter", "topk")
+    option_names = ("split", "image_dir", "candidates", "prefilter", "topk", "save_candidates")
 
     def __init__(self, root, skip_missing: bool = False, **options: Any) -> None:
         super().__init__(root, skip_missing, **options)
-        self.split = options.get("split", "test")
+        self.paper = self.protocol.conventions == "diffusion-itm"  # the paper's query and candidate sets
+        self.split = options.get("split", "val" if self.paper else "test")
+        self.save_candidates = options.get("save_candidates")
+        if self.save_candidates is not None and not isinstance(self.save_candidates, (str, Path)):
+            raise ValueError(f"{self.name}: option save_candidates must be a file path, got {self.save_candidates!r}")
         if not isinstance(self.split, str) or not self.split:
             raise ValueError(f"{self.name}: option split must be a split name such as 'test', got {self.split!r}")
         self.image_dir = self.image_folder(options.get("image_dir"), IMAGE_DIRS)
@@ -134,11 +150,11 @@ class _Flickr30K(Task):
 
     # -- candidates ---------------------------------------------------------------------------
 
-    def _prefilter(self, method: str, queries: list[str], pool: list[str]) -> list[list[int]]:
-        """Indices into `pool` of each query's top-k candidates, from the CLIP prefilter."""
+    def _prefilter(self, method: str, queries: list[str], pool: list[str], k: int | None = None) -> list[list[int]]:
+        """Indices into `pool` of each query's top-k (default `topk`) candidates, from the CLIP prefilter."""
         if not queries:  # every image skipped as missing
             return []
-        k = min(self.topk, len(pool))
+        k = min(k or self.topk, len(pool))
         top = torch.as_tensor(getattr(self.prefilter, method)(queries, pool, k))
         if top.dim() != 2 or top.shape[0] != len(queries) or top.shape[1] != k:
             raise ValueError(f"{self.name}: prefilter.{method} returned shape {tuple(top.shape)}, "
@@ -160,6 +176,19 @@ class _Flickr30K(Task):
                 raise DataError(f"{self.name}: {where}: malformed entry: expected a non-empty list of strings")
             entries.append((where, key, values[: self.topk] if self.topk else values))
         return entries
+
+    def _saved(self, examples: list[Example]) -> list[Example]:
+        """`examples`, after writing their candidates to option save_candidates (if given)."""
+        if self.save_candidates is not None:
+            target = self.root / Path(self.save_candidates).expanduser()
+            relative = lambda p: Path(p).relative_to(self.root).as_posix()  # noqa: E731
+            if self.direction == "i2t":
+                data = {relative(ex.images[0]): list(ex.texts) for ex in examples}
+            else:
+                data = {ex.texts[0]: [relative(p) for p in ex.images] for ex in examples}
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(json.dumps(data, indent=1) + "\n")
+        return examples
 
     def _file_name(self, value: str, where: str) -> str:
         """The file name of an image path from a candidates file; refuses paths outside the root."""
@@ -192,15 +221,21 @@ class Flickr30KI2T(_Flickr30K):
                 row = by_name[name]
                 return self._example(row, self._image(name, where), tuple(captions))
 
-            return list(self.examples_from(((e[0], e) for e in self._file_entries()), build))
+            return self._saved(list(self.examples_from(((e[0], e) for e in self._file_entries()), build)))
 
         rows, paths = self._present(rows)
         pool = list(dict.fromkeys(c for r in rows for c in r.captions))  # unique captions, in order
         if self.candidates == "all":
             texts = tuple(pool)
-            return [self._example(r, p, texts) for r, p in zip(rows, paths)]
+            return self._saved([self._example(r, p, texts) for r, p in zip(rows, paths)])
+        if self.paper:  # its first caption, then the best wrong ones (none of its own captions)
+            most_own = max((len(set(r.captions)) for r in rows), default=0)
+            top = self._prefilter("topk_texts", paths, pool, self.topk - 1 + most_own)
+            wrong = [[pool[i] for i in idx if pool[i] not in r.captions][: self.topk - 1] for r, idx in zip(rows, top)]
+            return self._saved([self._example(r, p, (r.captions[0], *negatives))
+                                for r, p, negatives in zip(rows, paths, wrong)])
         top = self._prefilter("topk_texts", paths, pool)
-        return [self._example(r, p, tuple(pool[i] for i in idx)) for r, p, idx in zip(rows, paths, top)]
+        return self._saved([self._example(r, p, tuple(pool[i] for i in idx)) for r, p, idx in zip(rows, paths, top)])
 
     def _example(self, row: _Row, path: str, texts: tuple[str, ...]) -> Example:
         own = set(row.captions)
@@ -240,17 +275,29 @@ class Flickr30KT2I(_Flickr30K):
                 return Example(id=f"{row.filename}#{j}", images=images, texts=(caption,),
                                label=[i for i, n in enumerate(names) if n in own])
 
-            return list(self.examples_from(((e[0], e) for e in self._file_entries()), build))
+            entries = self._file_entries()
+            if self.paper:  # the research code reads every 5th caption of its file
+                entries = entries[::5]
+            return self._saved(list(self.examples_from(((e[0], e) for e in entries), build)))
 
         rows, paths = self._present(rows)
-        queries = [(n, j, c) for n, r in enumerate(rows) for j, c in enumerate(r.captions)]
+        if self.paper:  # one query per image, its first caption
+            queries = [(n, 0, r.captions[0]) for n, r in enumerate(rows)]
+        else:
+            queries = [(n, j, c) for n, r in enumerate(rows) for j, c in enumerate(r.captions)]
         if self.candidates == "all":
             images = tuple(paths)
-            return [Example(id=f"{rows[n].filename}#{j}", images=images, texts=(c,), label=[n]) for n, j, c in queries]
+            return self._saved([Example(id=f"{rows[n].filename}#{j}", images=images, texts=(c,), label=[n])
+                                for n, j, c in queries])
+        if self.paper:  # its image, then the best other ones
+            top = self._prefilter("topk_images", [c for _, _, c in queries], paths, self.topk)
+            others = [[paths[i] for i in idx if i != n][: self.topk - 1] for (n, _, _), idx in zip(queries, top)]
+            return self._saved([Example(id=f"{rows[n].filename}#{j}", images=(paths[n], *rest), texts=(c,), label=[0])
+                                for (n, j, c), rest in zip(queries, others)])
         top = self._prefilter("topk_images", [c for _, _, c in queries], paths)
-        return [Example(id=f"{rows[n].filename}#{j}", images=tuple(paths[i] for i in idx), texts=(c,),
-                        label=[k for k, i in enumerate(idx) if i == n])
-                for (n, j, c), idx in zip(queries, top)]
+        return self._saved([Example(id=f"{rows[n].filename}#{j}", images=tuple(paths[i] for i in idx), texts=(c,),
+                                    label=[k for k, i in enumerate(idx) if i == n])
+                            for (n, j, c), idx in zip(queries, top)])
 
     def metrics(self, examples: Sequence[Example], scores: dict[str, Sequence[torch.Tensor]]) -> dict[str, float]:
         return _recall(self.name, examples, scores["t2i"], lambda ex: len(ex.images), self.protocol.ties)

@@ -13,6 +13,54 @@ from itm_engine.tasks.base import DataError, Example, Task
 PROMPT = "a photo of a {breed}, a type of pet."
 _IMAGE_NAME = re.compile(r"^(?P<breed>.+)_(?P<n>\d+)$")  # Breed_Name_123 (cats capitalised, dogs lower case)
 SPLITS = ("all", "test", "trainval")
+DIFFUSION_ITM_CLASSES = (  # data/pets/classes.txt of McGill-NLP/diffusion-itm, in its order
+    "american pit bull terrier", "havanese", "chihuahua", "keeshond", "yorkshire terrier", "boxer",
+    "english cocker spaniel", "scottish terrier", "shiba inu", "siamese", "abyssinian", "pomeranian", "samoyed",
+    "bengal", "japanese chin", "staffordshire bull terrier", "wheaten terrier", "bombay", "persian",
+    "miniature pinscher", "great pyrenees", "ragdoll", "sphynx", "beagle", "english setter", "german shorthaired",
+    "american bulldog", "birman", "british shorthair", "saint bernard", "pug", "russian blue", "maine coon",
+    "egyptian mau", "basset hound", "newfoundland", "leonberger",
+)
+# prompts/pets_prompts.csv of diffusion-classifier/diffusion-classifier: (class name, prompt), class index order
+DIFFUSION_CLASSIFIER_PROMPTS = (
+    ("abyssinian", "a photo of a Abyssinian cat, a type of pet."),
+    ("american bulldog", "a photo of a American Bulldog, a type of pet."),
+    ("american pit bull terrier", "a photo of a American Pit Bull Terrier dog, a type of pet."),
+    ("basset hound", "a photo of a Basset Hound dog, a type of pet."),
+    ("beagle", "a photo of a Beagle dog, a type of pet."),
+    ("bengal", "a photo of a Bengal cat, a type of pet."),
+    ("birman", "a photo of a Birman cat, a type of pet."),
+    ("bombay", "a photo of a Bombay cat, a type of pet."),
+    ("boxer", "a photo of a Boxer dog, a type of pet."),
+    ("british shorthair", "a photo of a British Shorthair cat, a type of pet."),
+    ("chihuahua", "a photo of a Chihuahua dog, a type of pet."),
+    ("egyptian mau", "a photo of a Egyptian Mau cat, a type of pet."),
+    ("english cocker spaniel", "a photo of a English Cocker Spaniel dog, a type of pet."),
+    ("english setter", "a photo of a English Setter dog, a type of pet."),
+    ("german shorthaired", "a photo of a German Shorthaired dog, a type of pet."),
+    ("great pyrenees", "a photo of a Great Pyrenees dog, a type of pet."),
+    ("havanese", "a photo of a Havanese dog, a type of pet."),
+    ("japanese chin", "a photo of a Japanese Chin dog, a type of pet."),
+    ("keeshond", "a photo of a Keeshond dog, a type of pet."),
+    ("leonberger", "a photo of a Leonberger dog, a type of pet."),
+    ("maine coon", "a photo of a Maine Coon cat, a type of pet."),
+    ("miniature pinscher", "a photo of a Miniature Pinscher dog, a type of pet."),
+    ("newfoundland", "a photo of a Newfoundland dog, a type of pet."),
+    ("persian", "a photo of a Persian cat, a type of pet."),
+    ("pomeranian", "a photo of a Pomeranian dog, a type of pet."),
+    ("pug", "a photo of a Pug dog, a type of pet."),
+    ("ragdoll", "a photo of a Ragdoll cat, a type of pet."),
+    ("russian blue", "a photo of a Russian Blue cat, a type of pet."),
+    ("saint bernard", "a photo of a Saint Bernard dog, a type of pet."),
+    ("samoyed", "a photo of a Samoyed dog, a type of pet."),
+    ("scottish terrier", "a photo of a Scottish Terrier dog, a type of pet."),
+    ("shiba inu", "a photo of a Shiba Inu dog, a type of pet."),
+    ("siamese", "a photo of a Siamese cat, a type of pet."),
+    ("sphynx", "a photo of a Sphynx cat, a type of pet."),
+    ("staffordshire bull terrier", "a photo of a Staffordshire Bull Terrier dog, a type of pet."),
+    ("wheaten terrier", "a photo of a Wheaten Terrier dog, a type of pet."),
+    ("yorkshire terrier", "a photo of a Yorkshire Terrier dog, a type of pet."),
+)
 
 
 def breed_text(breed: str) -> str:
@@ -31,16 +79,23 @@ class Pets(Task):
         ROOT/annotations/test.txt           only for option split: "Abyssinian_201 1 1 1" a line
         ROOT/annotations/trainval.txt       (image name, class id 1-37, species, breed id)
 
-    Classes: split "all" -> the breeds among the images, sorted case-insensitively (the dataset's
-    class-id order); split "test"/"trainval" -> the breeds of the split file, by class id. Texts:
-    "a photo of a {breed}, a type of pet." with the breed's underscores as spaces, lower case, in
-    class order (one tuple shared by every example). Example per image (id = the image name
-    without extension): images = (the image,), texts = every class prompt, label = the class index.
+    Classes and prompts follow the protocol's `conventions`:
+    - "engine": split "all" -> the breeds among the images, sorted case-insensitively (the
+      dataset's class-id order); split "test"/"trainval" -> the breeds of the split file, by class
+      id; texts "a photo of a {breed}, a type of pet." with the breed's underscores as spaces, lower
+      case, in class order;
+    - "diffusion-itm": the research code's 37 classes in its `classes.txt` order
+      (`DIFFUSION_ITM_CLASSES`), texts "a photo of a {class}" (its prompt, lower case);
+    - "diffusion-classifier": its 37 prompts of `prompts/pets_prompts.csv`
+      (`DIFFUSION_CLASSIFIER_PROMPTS`, e.g. "a photo of a Abyssinian cat, a type of pet."), and the
+      test split by default (torchvision's `OxfordIIITPet(split="test")`).
+    One tuple of texts is shared by every example. Example per image (id = the image name without
+    extension): images = (the image,), texts = every class prompt, label = the class index.
     Examples come in class order, then by image number ("all"), or in file order (split files).
 
     Options:
-        split: "all" (default: every image in images/), "test" or "trainval" (the official
-            3,669 / 3,680-image splits).
+        split: "all" (default, but "test" under Diffusion Classifier's conventions: every image in
+            images/), "test" or "trainval" (the official 3,669 / 3,680-image splits).
 
     Metrics: "accuracy" (top-1, the research code's number; a tie with the right breed counts as
     wrong) and "accuracy/per_class_mean" (mean of the per-breed accuracies, the number CLIP
@@ -54,7 +109,7 @@ class Pets(Task):
 
     def __init__(self, root, skip_missing: bool = False, **options: Any) -> None:
         super().__init__(root, skip_missing, **options)
-        self.split = options.get("split", "all")
+        self.split = options.get("split", "test" if self.protocol.conventions == "diffusion-classifier" else "all")
         if self.split not in SPLITS:
             raise ValueError(f"{self.name}: option split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         self.classes: list[str] = []  # breed names as in the file names, in class order (after loading)
@@ -115,16 +170,30 @@ class Pets(Task):
 
     def load_examples(self) -> Iterable[Example]:
         rows = self._all_images() if self.split == "all" else self._split_images()
-        texts = tuple(PROMPT.format(breed=breed_text(b)) for b in self.classes)
-        index = {b.lower(): i for i, b in enumerate(self.classes)}
+        names, texts = self._class_prompts()
+        index = {name: i for i, name in enumerate(names)}
 
         def build(item: tuple[str, str, str]) -> Example:
             where, stem, breed = item
             path = self.path(where if self.split == "all" else f"images/{stem}.jpg", where)
-            return Example(id=stem, images=(path,), texts=texts, label=index[breed.lower()],
+            if breed_text(breed) not in index:
+                raise DataError(f"{self.name}: {where}: breed {breed!r} is not one of the "
+                                f"{self.protocol.conventions} conventions' {len(names)} classes")
+            return Example(id=stem, images=(path,), texts=texts, label=index[breed_text(breed)],
                            meta={"breed": breed_text(breed)})
 
         return list(self.examples_from(((r[0], r) for r in rows), build))
+
+    def _class_prompts(self) -> tuple[list[str], tuple[str, ...]]:
+        """(class names as `breed_text` gives them, in class order; their prompts), per the
+        protocol's conventions (class docstring)."""
+        conventions = self.protocol.conventions
+        if conventions == "diffusion-itm":
+            return list(DIFFUSION_ITM_CLASSES), tuple("a photo of a " + c for c in DIFFUSION_ITM_CLASSES)
+        if conventions == "diffusion-classifier":
+            return [n for n, _ in DIFFUSION_CLASSIFIER_PROMPTS], tuple(p for _, p in DIFFUSION_CLASSIFIER_PROMPTS)
+        names = [breed_text(b) for b in self.classes]
+        return names, tuple(PROMPT.format(breed=n) for n in names)
 
     def metrics(self, examples: Sequence[Example], scores: dict[str, Sequence[torch.Tensor]]) -> dict[str, float]:
         correct = self.correct(examples, scores)

@@ -2,26 +2,37 @@
 from __future__ import annotations
 
 import json
+import zipfile
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Sequence
 
 import torch
 
 from itm_engine.metrics import grouped_accuracy, winoground
 from itm_engine.tasks import register
-from itm_engine.tasks.base import DataError, Example, Task, require
+from itm_engine.tasks.base import DataError, Example, ImageRef, MissingData, Task, ZipMember, require
 
 
 @register
 class Winoground(Task):
     """Winoground (Thrush et al., 2022): text, image and group scores, overall and per collapsed tag.
 
-    Layout::
+    Layout, either as the Hugging Face dataset ships it (facebook/winoground, the copy the
+    DiffusionITM research code loads)::
 
-        ROOT/examples.jsonl              one example a line (the Hugging Face copy), or
-        ROOT/data.json                   a JSON list of them (the research code's copy; JSON lines
-                                         are accepted too); each with "id", "caption_0",
-                                         "caption_1", "tag" and "collapsed_tag" (a string or a
-                                         list of strings; when absent, "tag" is used)
+        ROOT/data/examples.jsonl         one example a line: "id", "image_0", "image_1" (the image
+                                         names, "ex_{id}_img_0"), "caption_0", "caption_1", "tag",
+                                         "secondary_tag", "num_main_preds", "collapsed_tag"
+        ROOT/data/images.zip             the images, read from the archive: {image name}.png, at
+                                         its root or in a folder of it (images/)
+
+    (ROOT/examples.jsonl and ROOT/images.zip are accepted too), or unpacked::
+
+        ROOT/examples.jsonl              one example a line, or
+        ROOT/data.json                   a JSON list of them (JSON lines are accepted too); each
+                                         with "id", "caption_0", "caption_1", "tag" and
+                                         "collapsed_tag" (a string or a list of strings; when
+                                         absent, "tag" is used)
         ROOT/images/ex_{id}_img_0.png    the two images of each example (or directly in ROOT/)
         ROOT/images/ex_{id}_img_1.png
 
@@ -35,6 +46,8 @@ class Winoground(Task):
     description = "Winoground: text, image and group scores, overall and per collapsed tag"
 
     def _rows(self) -> list[tuple[str, Any]]:
+        if (self.root / "data" / "examples.jsonl").is_file() and not (self.root / "examples.jsonl").is_file():
+            return self.read_jsonl("data/examples.jsonl")
         if (self.root / "examples.jsonl").is_file() or not (self.root / "data.json").is_file():
             return self.read_jsonl("examples.jsonl")
         try:
@@ -47,8 +60,35 @@ class Winoground(Task):
             raise DataError(f"{self.name}: {self.root / 'data.json'}: expected a JSON list of examples")
         return [(f"data.json[{i}]", row) for i, row in enumerate(data)]
 
+    def _archive(self) -> tuple[Path, dict[str, str]] | None:
+        """The images zip and {image file name: member}, when the images come in one."""
+        if (self.root / "images").is_dir():
+            return None
+        archive = next((f for f in (self.root / "data" / "images.zip", self.root / "images.zip") if f.is_file()), None)
+        if archive is None:
+            return None
+        try:
+            with zipfile.ZipFile(archive) as opened:
+                names = [n for n in opened.namelist() if not n.endswith("/")]
+        except zipfile.BadZipFile as err:
+            raise DataError(f"{self.name}: {archive}: not a readable zip archive ({err})") from None
+        return archive, {PurePosixPath(n).name: n for n in names}
+
+    def _image(self, row: dict, i: int, where: str, archive: tuple[Path, dict[str, str]] | None,
+               folder: str) -> ImageRef:
+        stem = row.get(f"image_{i}") or f"ex_{row['id']}_img_{i}"
+        if not isinstance(stem, str):
+            raise DataError(f"{self.name}: {where}: malformed row: image_{i} must be an image name")
+        if archive is None:
+            return self.path(f"{folder}/{stem}.png", where)
+        path, members = archive
+        if f"{stem}.png" not in members:
+            raise MissingData(f"{self.name}: {where}: {path.name} has no image {stem}.png")
+        return ZipMember(str(path), members[f"{stem}.png"])
+
     def load_examples(self) -> Iterable[Example]:
         folder = "images" if (self.root / "images").is_dir() else "."
+        archive = self._archive()
 
         def build(item: tuple[str, Any]) -> Example:
             where, row = item
@@ -60,7 +100,7 @@ class Winoground(Task):
             _tags(row["tag"], "tag", where, self.name)
             collapsed = row.get("collapsed_tag") or row["tag"]  # absent or empty in some copies
             meta = {"tag": row["tag"], "collapsed_tag": _tags(collapsed, "collapsed_tag", where, self.name)}
-            images = tuple(self.path(f"{folder}/ex_{row['id']}_img_{i}.png", where) for i in (0, 1))
+            images = tuple(self._image(row, i, where, archive, folder) for i in (0, 1))
             return Example(id=str(row["id"]), images=images, texts=(row["caption_0"], row["caption_1"]), meta=meta)
 
         return list(self.examples_from(((where, (where, row)) for where, row in self._rows()), build))
