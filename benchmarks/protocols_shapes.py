@@ -28,8 +28,8 @@ from itm_engine.shapesworld import report, world
 
 # name -> (preset, field overrides)
 PROTOCOLS = {
-    "engine": ("engine", {}),
-    "engine, stratified timesteps": ("engine", {"schedule": "stratified"}),
+    "engine (the default)": ("engine", {}),
+    "engine, uniform timesteps": ("engine", {"schedule": "uniform"}),
     "engine, diffusion-itm timesteps": ("engine", {"schedule": "diffusion-itm"}),
     "engine, l2 norm": ("engine", {"error": "l2"}),
     "engine, posterior sample per draw": ("engine", {"latent": "sample-per-draw"}),

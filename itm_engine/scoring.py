@@ -145,7 +145,7 @@ class DiffusionITM(PairScorer):
         pairs: torch.Tensor | Sequence[tuple[int, int]],
         mode: Mode = "i2t",
         *,
-        noise: NoiseBank | None = None,
+        noise: NoiseBank | str | None = None,
         batch_size: int | None = None,
         protocol: str | Protocol | None = None,
         **overrides: Any,
@@ -163,7 +163,7 @@ class DiffusionITM(PairScorer):
         policy: str | Policy,
         mode: Mode = "i2t",
         *,
-        noise: NoiseBank | None = None,
+        noise: NoiseBank | str | None = None,
         batch_size: int | None = None,
         protocol: str | Protocol | None = None,
         **overrides: Any,
@@ -183,6 +183,8 @@ class DiffusionITM(PairScorer):
         """
         from itm_engine.adaptive import budget, check_rounds, parse_policy, score_adaptive
 
+        if isinstance(noise, str):  # the protocol field "noise", not draws
+            noise, overrides = None, {**overrides, "noise": noise}
         proto = self.call_protocol(protocol, **overrides)
         if proto.noise == "per-query" and noise is None:
             raise ValueError("adaptive elimination shares one noise bank by all queries; the protocol's "
@@ -203,7 +205,7 @@ class DiffusionITM(PairScorer):
         pairs: torch.Tensor | Sequence[tuple[int, int]],
         mode: Mode = "i2t",
         *,
-        noise: NoiseBank | None = None,
+        noise: NoiseBank | str | None = None,
         draws: slice | None = None,
         batch_size: int | None = None,
         protocol: str | Protocol | None = None,
@@ -215,12 +217,15 @@ class DiffusionITM(PairScorer):
         Args:
             mode: "i2t" (compare texts for an image) or "t2i" (compare images for a text).
             noise: the draws, shared by every pair (default: the protocol's: one bank from its seed,
-                or with `noise="per-query"` one per query, from the seed and the query's content).
+                or with `noise="per-query"` one per query, from the seed and the query's content); a
+                string sets the protocol's `noise` field instead.
             draws: score only these draws of the bank(s) (a slice); their indices in the bank
                 still key the per-draw posterior samples.
             batch_size: work items per model call for this call (default: the scorer's).
             protocol, overrides: this call's protocol (see `call_protocol`).
         """
+        if isinstance(noise, str):  # the protocol field "noise" ("shared" / "per-query"), not draws
+            noise, overrides = None, {**overrides, "noise": noise}
         proto = self.call_protocol(protocol, **overrides)
         pairs = check_pairs(images, texts, pairs)
         check_mode(mode)

@@ -139,6 +139,7 @@ def test_per_query_noise_is_the_querys_own_whatever_else_is_scored(components, i
     torch.testing.assert_close(together[:1], alone, rtol=1e-5, atol=1e-7)
     shared = scorer_for(components, "diffusion-classifier", samples=2, noise="shared")
     assert not torch.allclose(shared(images, TEXTS)[1:], together[1:])
+    torch.testing.assert_close(scorer(images, TEXTS, noise="shared"), shared(images, TEXTS))  # the field, per call
     t2i_alone = scorer(images, TEXTS[:1], mode="t2i")
     t2i_together = scorer(images, TEXTS, mode="t2i")
     torch.testing.assert_close(t2i_together[:, :1], t2i_alone, rtol=1e-5, atol=1e-7)
