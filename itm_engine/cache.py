@@ -103,7 +103,12 @@ def query_key(item: ImageInput | str, mode: str, transparency: Transparency = "c
     "i2t", its caption in "t2i"."""
     if mode == "t2i":
         return "text:" + item
-    return "image:" + content_key(load_rgb(item, name, transparency))
+    return image_query_key(content_key(load_rgb(item, name, transparency)))
+
+
+def image_query_key(content: str) -> str:
+    """The query key of an image whose content key is `content` (see `query_key`)."""
+    return "image:" + content
 
 
 def check_list(values: Sequence, what: str) -> None:
@@ -156,6 +161,22 @@ def encode_posterior(components: SDComponents, pixels: torch.Tensor) -> tuple[to
     vae = components.vae
     posterior = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
     return posterior.mean.float(), posterior.std.float()
+
+
+def posterior_latents(mean: torch.Tensor, std: torch.Tensor, keys: Sequence[str], protocol: Protocol,
+                      draws: range, scaling: float) -> torch.Tensor:
+    """Latents z0 float32 from the posteriors (mean, std [U, C, h, w]) of the images `keys`, as the
+    protocol's `latent` says: [U] for the mean or one sample per image, [U * len(draws)] for a
+    sample per draw (row u * len(draws) + s for draw draws[s])."""
+    if protocol.latent == "mean":
+        return mean * scaling
+    if protocol.latent == "sample":
+        eps = torch.stack([posterior_noise(sample_seed(key), mean.shape[1:]) for key in keys])
+        return (mean + std * eps.to(mean.device)) * scaling
+    eps = torch.stack([posterior_noise(sample_seed(key, protocol.seed, s), mean.shape[1:])
+                       for key in keys for s in draws]).to(mean.device)
+    n = len(draws)
+    return (mean.repeat_interleave(n, 0) + std.repeat_interleave(n, 0) * eps) * scaling
 
 
 def encode_pixels(components: SDComponents, pixels: torch.Tensor) -> torch.Tensor:
@@ -212,7 +233,8 @@ class LatentCache:
     `get(images, protocol=..., draws=S, first_draw=f)` returns `(latents, index)`: row `index[i]`
     of `latents` (float32) belongs to `images[i]`; latents are [U, C, h, w] for the posterior mean
     or one sample per image, and [U * S, C, h, w] for a sample per draw (row `index[i] * S + s` for
-    the draw f + s of the bank), with U the distinct images.
+    the draw f + s of the bank), with U the distinct images. `get` is `encode` (the distinct
+    images' content keys, encoding the new ones) then `latents` (made from their posteriors).
     """
 
     def __init__(self, components: SDComponents, batch_size: int = 16) -> None:
@@ -228,6 +250,14 @@ class LatentCache:
 
     def get(self, images: Sequence[ImageInput], stats: RunStats | None = None, protocol: Protocol | None = None,
             draws: int = 1, first_draw: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        protocol = protocol or Protocol()
+        keys, index = self.encode(images, stats, protocol)
+        return self.latents(keys, protocol, draws, first_draw), index
+
+    def encode(self, images: Sequence[ImageInput], stats: RunStats | None = None,
+               protocol: Protocol | None = None) -> tuple[list[str], torch.Tensor]:
+        """(the content keys of the distinct images, index LongTensor [n_images] into them); the
+        images not cached under the protocol's resize conventions are encoded."""
         check_list(images, "images")
         protocol = protocol or Protocol()
         stats = stats if stats is not None else RunStats()
@@ -251,26 +281,14 @@ class LatentCache:
             for (key, _), m, sd in zip(chunk, mean, std):
                 self._store[(key, protocol.resize, protocol.interpolation)] = (m, sd)
             stats.images_encoded += len(chunk)
-        unique = list(dict.fromkeys(keys))
-        position = {key: row for row, key in enumerate(unique)}
-        index = torch.tensor([position[key] for key in keys], dtype=torch.long)
-        posteriors = [self._store[(key, protocol.resize, protocol.interpolation)] for key in unique]
-        return self._latents(unique, posteriors, protocol, range(first_draw, first_draw + draws)), index
+        return _unique_index(keys)
 
-    def _latents(self, keys: list[str], posteriors: list[tuple[torch.Tensor, torch.Tensor]], protocol: Protocol,
-                 draws: range) -> torch.Tensor:
-        scale = self.components.scaling_factor
-        mean = torch.stack([m for m, _ in posteriors])
-        if protocol.latent == "mean":
-            return mean * scale
-        std = torch.stack([sd for _, sd in posteriors])
-        if protocol.latent == "sample":
-            eps = torch.stack([posterior_noise(sample_seed(key), mean.shape[1:]) for key in keys])
-            return (mean + std * eps.to(mean.device)) * scale
-        eps = torch.stack([posterior_noise(sample_seed(key, protocol.seed, s), mean.shape[1:])
-                           for key in keys for s in draws]).to(mean.device)
-        n = len(draws)
-        return (mean.repeat_interleave(n, 0) + std.repeat_interleave(n, 0) * eps) * scale
+    def latents(self, keys: Sequence[str], protocol: Protocol, draws: int = 1, first_draw: int = 0) -> torch.Tensor:
+        """The latents of the encoded images `keys` (see the class docstring for the shapes)."""
+        posteriors = [self._store[(key, protocol.resize, protocol.interpolation)] for key in keys]
+        mean, std = torch.stack([m for m, _ in posteriors]), torch.stack([sd for _, sd in posteriors])
+        return posterior_latents(mean, std, keys, protocol, range(first_draw, first_draw + draws),
+                                 self.components.scaling_factor)
 
 
 class TextCache:
@@ -306,10 +324,14 @@ class TextCache:
         return _gather(self._store, list(texts))
 
 
-def _gather(store: dict[str, torch.Tensor], keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack the distinct entries for `keys` -> (rows [U, ...], index LongTensor [len(keys)])."""
+def _unique_index(keys: list[str]) -> tuple[list[str], torch.Tensor]:
+    """(the distinct keys, in first-seen order; index LongTensor [len(keys)] of each key among them)."""
     unique = list(dict.fromkeys(keys))
     position = {key: row for row, key in enumerate(unique)}
-    rows = torch.stack([store[key] for key in unique])
-    index = torch.tensor([position[key] for key in keys], dtype=torch.long)
-    return rows, index
+    return unique, torch.tensor([position[key] for key in keys], dtype=torch.long)
+
+
+def _gather(store: dict[str, torch.Tensor], keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack the distinct entries for `keys` -> (rows [U, ...], index LongTensor [len(keys)])."""
+    unique, index = _unique_index(keys)
+    return torch.stack([store[key] for key in unique]), index

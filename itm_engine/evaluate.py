@@ -310,7 +310,7 @@ def evaluate(config: EvalConfig, out: Path, resume: bool = False, device: str = 
                    "skipped_missing": len(task.skipped), "processes": state.num_processes},
         "skipped": task.skipped, "modes": list(modes), "unet_items_now": unet_items,
         "full_budget_items_now": full_items, **_adaptive_draws(config, examples, stored),
-        "seconds": time.perf_counter() - started, "versions": _versions(), "device": str(torch_device),
+        "seconds": time.perf_counter() - started, "versions": versions(), "device": str(torch_device),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -346,7 +346,8 @@ def _check_config(path: Path, config: EvalConfig, resume: bool) -> None:
         path.write_text(json.dumps(config.identity(), indent=2) + "\n")
 
 
-def _versions() -> dict:
+def versions() -> dict:
+    """The versions of this package and of the libraries that decide its scores."""
     import diffusers
     import transformers
 

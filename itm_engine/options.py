@@ -67,13 +67,13 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=prog, description=description)
 
 
-def _unwrap_optional(kind: Any) -> tuple[Any, bool]:
-    """(X, True) for `X | None` / `Optional[X]`, else (kind, False)."""
+def _unwrap_optional(kind: Any) -> Any:
+    """X for `X | None` / `Optional[X]`, else `kind`."""
     if typing.get_origin(kind) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(kind) if a is not type(None)]
         if len(args) == 1 and len(typing.get_args(kind)) == 2:
-            return args[0], True
-    return kind, False
+            return args[0]
+    return kind
 
 
 def _comma_separated(item: Callable[[str], Any]) -> Callable[[str], tuple]:
@@ -94,7 +94,7 @@ def _json(text: str) -> Any:
 
 def _parse_and_choices(kind: Any) -> tuple[Callable[[str], Any] | None, Sequence[Any] | None]:
     """How to read a value of annotation `kind` from the command line, and its choices."""
-    kind, _ = _unwrap_optional(kind)
+    kind = _unwrap_optional(kind)
     origin = typing.get_origin(kind)
     if origin is typing.Literal:
         values = typing.get_args(kind)
@@ -138,7 +138,7 @@ def add_options(target: argparse.ArgumentParser | argparse._ArgumentGroup, cls: 
             default = f.default if f.default is not _MISSING else f.default_factory()
             help_text += f" (default: {_format_default(default)})"
         common = dict(dest=f.name, help=help_text.replace("%", "%%"), required=required, default=argparse.SUPPRESS)
-        kind, _ = _unwrap_optional(hints[f.name])
+        kind = _unwrap_optional(hints[f.name])
         if kind is bool and not meta["append"]:
             target.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
             continue

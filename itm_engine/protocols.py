@@ -105,11 +105,6 @@ class Protocol:
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @property
-    def image_key(self) -> tuple[str, str, str]:
-        """The fields that decide the pixels an image becomes (the latent cache keys on them)."""
-        return (self.resize, self.interpolation, self.transparency)
-
     def query_seed(self, key: str) -> int:
         """The seed of the draws of one query under `noise="per-query"`: from (seed, the query's key)."""
         digest = hashlib.sha256(f"{self.seed}:{key}".encode()).digest()

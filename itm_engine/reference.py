@@ -16,8 +16,8 @@
 
 Both follow a `Protocol` (error, latent, image preparation, draws): given the same protocol and
 draws, each equals the engine (a test), so the engine reproduces each research code under its
-preset. They share with the engine only image loading, resizing, tokenisation and the seeding of
-posterior samples and per-query draws.
+preset. They share with the engine only image loading, resizing, tokenisation, the making of a
+latent from the VAE posterior (`cache.posterior_latents`) and the seeding of per-query draws.
 """
 from __future__ import annotations
 
@@ -34,10 +34,9 @@ from itm_engine.cache import (
     encode_posterior,
     encode_texts,
     load_rgb,
-    posterior_noise,
+    posterior_latents,
     preprocess_images,
     query_key,
-    sample_seed,
     warn_if_truncated,
 )
 from itm_engine.models import SDComponents
@@ -53,14 +52,11 @@ def _pixels(components: SDComponents, image: ImageInput, protocol: Protocol) -> 
     return preprocess_images(components, [rgb], protocol.resize, protocol.interpolation), content_key(rgb)
 
 
-def _latent(components: SDComponents, pixels: torch.Tensor, key: str, protocol: Protocol, draw: int) -> torch.Tensor:
-    """z0 [1, C, h, w] float32 of the prepared image at draw `draw`, as the protocol says."""
-    mean, std = encode_posterior(components, pixels)
-    if protocol.latent == "sample":
-        mean = mean + std * posterior_noise(sample_seed(key), mean.shape[1:]).to(mean.device)
-    elif protocol.latent == "sample-per-draw":
-        mean = mean + std * posterior_noise(sample_seed(key, protocol.seed, draw), mean.shape[1:]).to(mean.device)
-    return mean * components.scaling_factor
+def _latents(components: SDComponents, posterior: tuple[torch.Tensor, torch.Tensor], key: str, protocol: Protocol,
+             draws: range) -> torch.Tensor:
+    """z0 float32 of one image from its posterior (mean, std [1, C, h, w]), as the protocol says:
+    [1, C, h, w], or [len(draws), ...] for a sample per draw."""
+    return posterior_latents(*posterior, [key], protocol, draws, components.scaling_factor)
 
 
 def _text(components: SDComponents, text: str) -> torch.Tensor:
@@ -96,6 +92,7 @@ class _Draws:
         self.components, self.images, self.texts, self.protocol, self.mode = components, images, texts, protocol, mode
         self.shared = noise if noise is not None or protocol.noise == "per-query" else self._bank(protocol.seed)
         self.per_query = noise is None and protocol.noise == "per-query"
+        self.banks: dict[str, NoiseBank] = {}  # per query, drawn once
         for bank in [self.shared] if self.shared is not None else []:
             bank.check_fits(components.latent_shape, components.scheduler.config.num_train_timesteps)
 
@@ -107,7 +104,10 @@ class _Draws:
         if not self.per_query:
             return self.shared
         item = self.images[i] if self.mode == "i2t" else self.texts[j]
-        return self._bank(self.protocol.query_seed(query_key(item, self.mode, self.protocol.transparency)))
+        key = query_key(item, self.mode, self.protocol.transparency)
+        if key not in self.banks:
+            self.banks[key] = self._bank(self.protocol.query_seed(key))
+        return self.banks[key]
 
 
 def _check(components: SDComponents, images, texts, mode: str) -> None:
@@ -145,7 +145,8 @@ def diffusion_itm_pair_scores(
         pair_bank = draws.of(i, j)
         dists = torch.empty(len(pair_bank))
         for k in range(len(pair_bank)):
-            z0 = _latent(components, pixels, key, protocol, k)  # the VAE inside the draw loop
+            posterior = encode_posterior(components, pixels)  # the VAE inside the draw loop
+            z0 = _latents(components, posterior, key, protocol, range(k, k + 1))
             t = pair_bank.timesteps[k : k + 1].to(unet.device)
             eps = pair_bank.noise[k : k + 1].to(unet.device)
             abar = abar_all[t].to(unet.device).view(-1, 1, 1, 1)
@@ -178,6 +179,7 @@ def diffusion_classifier_pair_scores(
     unet, scheduler = components.unet, components.scheduler
     draws = _Draws(components, images, texts, protocol, bank, mode)
     prepared = {i: _pixels(components, images[i], protocol) for i in dict.fromkeys(i for i, _ in pairs)}
+    posteriors = {i: encode_posterior(components, pixels) for i, (pixels, _) in prepared.items()}  # once each
     embeddings = {j: _text(components, texts[j]) for j in dict.fromkeys(j for _, j in pairs)}
     null = _text(components, "") if mode == "t2i" else None
 
@@ -189,15 +191,10 @@ def diffusion_classifier_pair_scores(
         pred = unet(noised.to(unet.dtype), t, encoder_hidden_states=cond.expand(len(t), -1, -1)).sample
         return _errors(pred, _target(components, latent, noise, t), protocol.error)
 
-    per_draw = protocol.latent == "sample-per-draw"
-    latents = {} if per_draw else {i: _latent(components, *prepared[i], protocol, 0) for i in prepared}  # once each
     scores = torch.empty(len(pairs))
     for p, (i, j) in enumerate(pairs):
         pair_bank = draws.of(i, j)
-        if per_draw:  # one latent per draw
-            latent = torch.cat([_latent(components, *prepared[i], protocol, k) for k in range(len(pair_bank))])
-        else:
-            latent = latents[i]
+        latent = _latents(components, posteriors[i], prepared[i][1], protocol, range(len(pair_bank)))
         err = errors(latent, embeddings[j], pair_bank)
         if null is not None:
             err = err - errors(latent, null, pair_bank)

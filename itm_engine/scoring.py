@@ -17,7 +17,7 @@ import torch
 
 from itm_engine import extras, fastpath, protocols
 from itm_engine.adaptive import AdaptiveResult, Confidence, Policy
-from itm_engine.cache import ImageInput, LatentCache, TextCache, query_key
+from itm_engine.cache import ImageInput, LatentCache, TextCache, image_query_key, query_key
 from itm_engine.engine import Executor, plan_items
 from itm_engine.fastpath import Attention
 from itm_engine.models import SDComponents, load_components
@@ -236,20 +236,19 @@ class DiffusionITM(PairScorer):
 
         stats = RunStats()
         started = time.perf_counter()
+        image_keys, image_row = self.latent_cache.encode(images, stats, proto)
         # draws: one bank shared by every pair (block 0), or one bank (block) per query
         if noise is not None or proto.noise == "shared":
             banks = [noise if noise is not None else self._bank(proto, proto.seed)]
             block = torch.zeros(len(pairs), dtype=torch.long)
         else:
-            side, items, what = (0, images, "images") if mode == "i2t" else (1, texts, "texts")
-            known: dict[int, str] = {}
-            for i in pairs[:, side].tolist():
-                if i not in known:
-                    known[i] = query_key(items[i], mode, proto.transparency, f"{what}[{i}]")
-            keys = [known[i] for i in pairs[:, side].tolist()]
-            distinct = list(dict.fromkeys(keys))
-            banks = [self._bank(proto, proto.query_seed(key)) for key in distinct]
-            block = torch.tensor([distinct.index(key) for key in keys], dtype=torch.long)
+            if mode == "i2t":
+                keys = [image_query_key(image_keys[row]) for row in image_row[pairs[:, 0]].tolist()]
+            else:
+                keys = [query_key(texts[j], mode) for j in pairs[:, 1].tolist()]
+            blocks: dict[str, int] = {}
+            block = torch.tensor([blocks.setdefault(key, len(blocks)) for key in keys], dtype=torch.long)
+            banks = [self._bank(proto, proto.query_seed(key)) for key in blocks]
         first = 0
         if draws is not None:
             first = draws.start or 0
@@ -260,7 +259,7 @@ class DiffusionITM(PairScorer):
         bank = banks[0] if len(banks) == 1 else NoiseBank.from_tensors(
             torch.cat([b.timesteps for b in banks]), torch.cat([b.noise for b in banks]))
 
-        latents, image_row = self.latent_cache.get(images, stats, proto, draws=S, first_draw=first)
+        latents = self.latent_cache.latents(image_keys, proto, draws=S, first_draw=first)
         embeddings, text_row = self.text_cache.get(list(texts) + [NULL_PROMPT] * with_null, stats)
 
         # Distinct (latent row, text row, bank block) triples: duplicates in the input are evaluated once.

@@ -29,12 +29,12 @@ from typing import Literal, Sequence
 import torch
 
 from itm_engine import protocols
-from itm_engine.evaluate import score_examples
+from itm_engine.evaluate import score_examples, versions
 from itm_engine.options import option
 from itm_engine.pairs import PairScorer
 from itm_engine.protocols import Protocol
 from itm_engine.shapesworld.tasks import ShapesI2T, ShapesT2I
-from itm_engine.shapesworld.world import ALL_SUBTASKS, SUBTASKS, Draw
+from itm_engine.shapesworld.world import ALL_SUBTASKS, SUBTASKS, Draw, draw_scenes
 
 Direction = Literal["i2t", "t2i", "t2i-raw"]
 # direction -> (the task, the score mode): raw T2I scores the T2I examples by their plain errors
@@ -68,12 +68,11 @@ def accuracy(scorer: PairScorer, draw: Draw, direction: Direction,
 
 
 def chance(draw: Draw) -> dict[str, float]:
-    """Accuracy of a random ranking per subtask: 1 / k, k the fewest candidates of its examples."""
-    task = ShapesI2T.from_world(draw, subtasks=draw.subtasks)
+    """Accuracy of a random ranking per subtask: 1 / k, k the fewest candidates (the positive and
+    its negatives) of its examples; from the scenes alone, nothing rendered."""
     fewest: dict[str, int] = {}
-    for example in task.examples:
-        subtask = example.meta["subtask"]
-        fewest[subtask] = min(fewest.get(subtask, len(example.texts)), len(example.texts))
+    for subtask, _, negatives in draw_scenes(draw):
+        fewest[subtask] = min(fewest.get(subtask, 1 + len(negatives)), 1 + len(negatives))
     return {subtask: 1.0 / k for subtask, k in fewest.items()}
 
 
@@ -143,7 +142,7 @@ def write_report(config: ReportConfig, command: str) -> dict:
         "command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "threads": torch.get_num_threads()},
-        "versions": _versions(), **{k: v for k, v in asdict(config).items() if k != "out"},
+        "versions": versions(), **{k: v for k, v in asdict(config).items() if k != "out"},
         "schedule": "stratified", "seconds": round(time.perf_counter() - start, 1), "accuracy": tables,
     }
     out = Path(config.out)
@@ -158,9 +157,4 @@ def write_report(config: ReportConfig, command: str) -> dict:
     return report
 
 
-def _versions() -> dict[str, str]:
-    import diffusers
-    import transformers
 
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
