@@ -13,15 +13,25 @@ white or plainly converted (`transparency`); then scaled to [-1, 1].
 The latent cache keeps each image's VAE posterior (mean and standard deviation), keyed by image
 *content* (a hash of the RGB pixels and size) and the resize conventions, so two equal images share
 one entry whatever Python objects hold them; the latent a call uses (the mean, one sample per
-image, or one per draw) is made from it. Text embeddings are keyed by the string.
+image, or one per draw) is made from it. Text embeddings are keyed by the string. Both caches hold
+at most a byte budget (`DEFAULT_CACHE_BYTES`; None: unbounded) and evict the least recently used
+entries beyond it, never one the current call uses.
+
+Hostile inputs get a clear error naming the input, never a silent wrong score: non-finite or
+out-of-range pixels, decompression bombs, captions that are not valid Unicode. Integer images of
+more than 8 bits (16-bit PNG, 32-bit TIFF) are scaled by their bit depth, not clipped. "crop"
+never makes an intermediate larger than `EXACT_ASPECT` times the output: a longer image is
+resampled straight from its centre window (the same geometry as resize-then-crop, pixels equal
+to within the resampling's rounding).
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import warnings
+from collections import OrderedDict
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Any, Iterable, Sequence, Union
 
 import numpy as np
 import PIL.Image
@@ -37,6 +47,10 @@ ImageInput = Union[PIL.Image.Image, str, os.PathLike, torch.Tensor]
 _PIL_FILTERS = {"lanczos": PIL.Image.LANCZOS, "bicubic": PIL.Image.BICUBIC, "bilinear": PIL.Image.BILINEAR}
 _TORCHVISION_FILTERS = {"lanczos": TF.InterpolationMode.LANCZOS, "bicubic": TF.InterpolationMode.BICUBIC,
                         "bilinear": TF.InterpolationMode.BILINEAR}
+# integer modes of more than 8 bits -> the largest value of their bit depth ("I": signed 32-bit)
+_HIGH_BIT_DEPTH = {"I;16": 2**16 - 1, "I;16L": 2**16 - 1, "I;16B": 2**16 - 1, "I;16N": 2**16 - 1, "I": 2**31 - 1}
+EXACT_ASPECT = 16  # "crop": up to this long/short side ratio, exactly torchvision's Resize + CenterCrop
+DEFAULT_CACHE_BYTES = 2 * 2**30  # each cache's budget by default
 
 
 def load_rgb(image: ImageInput, name: str = "image", transparency: Transparency = "composite") -> PIL.Image.Image:
@@ -51,6 +65,8 @@ def load_rgb(image: ImageInput, name: str = "image", transparency: Transparency 
             with PIL.Image.open(path) as opened:
                 opened.load()
                 image = opened.copy()
+        except PIL.Image.DecompressionBombError as err:
+            raise ValueError(f"{name}: {str(path)!r} refused as a decompression bomb ({err})") from None
         except (PIL.UnidentifiedImageError, OSError) as err:
             raise ValueError(f"{name}: cannot read {str(path)!r} as an image ({err})") from None
     elif isinstance(image, torch.Tensor):
@@ -61,6 +77,7 @@ def load_rgb(image: ImageInput, name: str = "image", transparency: Transparency 
         )
     if image.width == 0 or image.height == 0:
         raise ValueError(f"{name}: image has zero size {image.size}")
+    image = _to_8_bit(image, name)
     if image.mode == "RGB" or transparency == "convert-after-resize":
         return image
     if transparency == "convert":
@@ -73,6 +90,31 @@ def load_rgb(image: ImageInput, name: str = "image", transparency: Transparency 
     return image.convert("RGB")
 
 
+def _to_8_bit(image: PIL.Image.Image, name: str) -> PIL.Image.Image:
+    """An image of more than 8 bits per sample as 8-bit greyscale ("L"), scaled by its bit depth
+    (PIL's own conversion clips at 255); a float image ("F") must lie in [0, 1]. Other modes as given."""
+    if image.mode not in _HIGH_BIT_DEPTH and image.mode != "F":
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        _check_unit_range(values, name, "float images")
+        scaled = values * 255
+    else:
+        scaled = np.clip(values, 0, None) * (255 / _HIGH_BIT_DEPTH[image.mode])
+    return PIL.Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
+
+
+def _check_unit_range(values: np.ndarray | torch.Tensor, name: str, what: str) -> None:
+    """Raise ValueError unless every value is finite and in [0, 1] (NaN fails both comparisons, so
+    finiteness is checked first)."""
+    finite = np.isfinite(values).all() if isinstance(values, np.ndarray) else bool(torch.isfinite(values).all())
+    if not finite:
+        raise ValueError(f"{name}: {what} hold NaN or infinite values")
+    if values.size if isinstance(values, np.ndarray) else values.numel():
+        if values.min() < 0 or values.max() > 1:
+            raise ValueError(f"{name}: {what} must lie in [0, 1]")
+
+
 def _tensor_to_pil(tensor: torch.Tensor, name: str) -> PIL.Image.Image:
     """[3|1, H, W] (or [H, W]) float in [0, 1] or uint8 -> RGB PIL image (8-bit)."""
     t = tensor.detach().cpu()
@@ -83,8 +125,7 @@ def _tensor_to_pil(tensor: torch.Tensor, name: str) -> PIL.Image.Image:
     if t.dtype != torch.uint8:
         if not t.is_floating_point():
             raise ValueError(f"{name}: image tensors must be float in [0, 1] or uint8, got {t.dtype}")
-        if t.numel() and (t.min() < 0 or t.max() > 1):
-            raise ValueError(f"{name}: float image tensors must lie in [0, 1]")
+        _check_unit_range(t, name, "float image tensors")
         t = (t.float() * 255).round().to(torch.uint8)
     t = t.expand(3, -1, -1)
     return PIL.Image.fromarray(t.permute(1, 2, 0).contiguous().numpy(), mode="RGB")
@@ -111,22 +152,35 @@ def image_query_key(content: str) -> str:
     return "image:" + content
 
 
-def check_list(values: Sequence, what: str) -> None:
-    """Raise ValueError for an empty or non-list input (a bare string is the usual mistake)."""
+def as_list(values: Iterable, what: str) -> Sequence:
+    """`values` as a non-empty sequence: a list, tuple or [N, ...] tensor as given, any other
+    iterable (a generator) read into a list; ValueError for a single item (a bare string, image
+    or [3, H, W] tensor is the usual mistake), TypeError for a non-iterable, ValueError when empty."""
     if isinstance(values, (str, bytes, PIL.Image.Image)) or (
         isinstance(values, torch.Tensor) and values.dim() != 4
     ):
         raise ValueError(f"{what} must be a list; wrap a single item in a list")
+    if not isinstance(values, (Sequence, torch.Tensor)):
+        if not isinstance(values, Iterable):
+            raise TypeError(f"{what} must be a list, got {type(values).__name__}")
+        values = list(values)
     if len(values) == 0:
         raise ValueError(f"{what} is empty: give at least one")
+    return values
 
 
-def check_texts(texts: Sequence[str]) -> None:
-    """Raise ValueError unless `texts` is a non-empty list of strings (naming the culprit)."""
-    check_list(texts, "texts")
+def check_texts(texts: Iterable[str]) -> Sequence[str]:
+    """`texts` as a non-empty sequence of strings (`as_list`); ValueError naming the culprit for a
+    non-string or a string that is not valid Unicode (a lone surrogate cannot be tokenised)."""
+    texts = as_list(texts, "texts")
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise ValueError(f"texts[{i}] is a {type(text).__name__}, not a string")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(f"texts[{i}] is not valid Unicode: {err.reason} at position {err.start}") from None
+    return texts
 
 
 def resize_image(image: PIL.Image.Image, size: int, resize: Resize = "crop",
@@ -136,12 +190,32 @@ def resize_image(image: PIL.Image.Image, size: int, resize: Resize = "crop",
     if resize == "stretch":
         out = image.resize((size, size), resample=_PIL_FILTERS[interpolation])
     elif resize == "crop":
-        out = TF.center_crop(TF.resize(image, size, interpolation=_TORCHVISION_FILTERS[interpolation]), size)
+        if max(image.size) > EXACT_ASPECT * min(image.size):
+            out = _centre_window(image, size, interpolation)
+        else:
+            out = TF.center_crop(TF.resize(image, size, interpolation=_TORCHVISION_FILTERS[interpolation]), size)
     elif resize == "pad":
+        if min(image.size) * size < max(image.size):
+            raise ValueError(f"an image of {image.width} x {image.height} px is too thin to fit into "
+                             f"{size} x {size} (resize 'pad'): crop it, or score it with resize 'crop'")
         out = VaeImageProcessor(resample=interpolation).resize(image, size, size, resize_mode="fill")
     else:
         raise ValueError(f"resize must be 'crop', 'stretch' or 'pad', got {resize!r}")
     return out if out.mode == "RGB" else out.convert("RGB")
+
+
+def _centre_window(image: PIL.Image.Image, size: int, interpolation: Interpolation) -> PIL.Image.Image:
+    """"crop" of an image longer than `EXACT_ASPECT`: the window that torchvision's Resize (short
+    side to `size`) + CenterCrop would keep, resampled straight from the source to [size x size]
+    (PIL's `resize(box=)`): no intermediate larger than the output."""
+    w, h = image.size
+    short, long = min(w, h), max(w, h)
+    resized_long = int(size * long / short)  # torchvision's size of the resized long side
+    offset = int(round((resized_long - size) / 2.0))  # and CenterCrop's offset along it
+    scale = long / resized_long
+    first, last = offset * scale, (offset + size) * scale
+    box = (0, first, w, last) if h > w else (first, 0, last, h)
+    return image.resize((size, size), _PIL_FILTERS[interpolation], box=box)
 
 
 def preprocess_images(components: SDComponents, images: Sequence[PIL.Image.Image], resize: Resize = "crop",
@@ -226,9 +300,62 @@ def warn_if_truncated(components: SDComponents, texts: Sequence[str]) -> None:
         )
 
 
+class BoundedStore:
+    """A dict of tensors (or tuples of tensors) with a byte budget: `shrink` evicts the least
+    recently used entries (`get` and `put` count as use) until the store fits `max_bytes`, never
+    the keys of the call in progress (`keep`). `max_bytes` None: unbounded."""
+
+    def __init__(self, max_bytes: int | None) -> None:
+        if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
+            raise ValueError(f"a cache budget must be a number of bytes >= 0 or None, got {max_bytes!r}")
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._entries: OrderedDict[Any, Any] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self._entries
+
+    def get(self, key: Any) -> Any:
+        self._entries.move_to_end(key)
+        return self._entries[key]
+
+    def put(self, key: Any, value: Any) -> None:
+        if key in self._entries:
+            self.bytes -= _nbytes(self._entries[key])
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        self.bytes += _nbytes(value)
+
+    def shrink(self, keep: Iterable[Any] = ()) -> int:
+        """Evict least recently used entries not in `keep` until the budget holds; returns how many."""
+        if self.max_bytes is None or self.bytes <= self.max_bytes:
+            return 0
+        keep = set(keep)
+        evicted = 0
+        for key in [k for k in self._entries if k not in keep]:
+            if self.bytes <= self.max_bytes:
+                break
+            self.bytes -= _nbytes(self._entries.pop(key))
+            evicted += 1
+        return evicted
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
+
+
+def _nbytes(value: torch.Tensor | tuple[torch.Tensor, ...]) -> int:
+    tensors = value if isinstance(value, tuple) else (value,)
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 class LatentCache:
     """VAE posteriors of images, keyed by content and resize conventions; each image is encoded at
-    most once per convention.
+    most once per convention while it stays in the cache (at most `max_bytes`, least recently used
+    evicted first; None: unbounded).
 
     `get(images, protocol=..., draws=S, first_draw=f)` returns `(latents, index)`: row `index[i]`
     of `latents` (float32) belongs to `images[i]`; latents are [U, C, h, w] for the posterior mean
@@ -237,13 +364,18 @@ class LatentCache:
     images' content keys, encoding the new ones) then `latents` (made from their posteriors).
     """
 
-    def __init__(self, components: SDComponents, batch_size: int = 16) -> None:
+    def __init__(self, components: SDComponents, batch_size: int = 16,
+                 max_bytes: int | None = DEFAULT_CACHE_BYTES) -> None:
         self.components = components
         self.batch_size = batch_size
-        self._store: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (key, resize, filter) -> (mean, std)
+        self._store = BoundedStore(max_bytes)  # (key, resize, filter) -> (mean, std)
 
     def __len__(self) -> int:
         return len(self._store)
+
+    @property
+    def bytes(self) -> int:
+        return self._store.bytes
 
     def clear(self) -> None:
         self._store.clear()
@@ -252,13 +384,14 @@ class LatentCache:
             draws: int = 1, first_draw: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         protocol = protocol or Protocol()
         keys, index = self.encode(images, stats, protocol)
-        return self.latents(keys, protocol, draws, first_draw), index
+        return self.latents(keys, protocol, draws, first_draw, stats), index
 
     def encode(self, images: Sequence[ImageInput], stats: RunStats | None = None,
                protocol: Protocol | None = None) -> tuple[list[str], torch.Tensor]:
         """(the content keys of the distinct images, index LongTensor [n_images] into them); the
-        images not cached under the protocol's resize conventions are encoded."""
-        check_list(images, "images")
+        images not cached under the protocol's resize conventions are encoded. Entries beyond the
+        budget are evicted afterwards, never those of `images` (`latents` reads them next)."""
+        images = as_list(images, "images")
         protocol = protocol or Protocol()
         stats = stats if stats is not None else RunStats()
         keys: list[str] = []
@@ -268,7 +401,7 @@ class LatentCache:
                 rgb = load_rgb(image, name=f"images[{i}]", transparency=protocol.transparency)
                 key = content_key(rgb)
                 keys.append(key)
-                if (key, protocol.resize, protocol.interpolation) not in self._store and key not in missing:
+                if self._key(key, protocol) not in self._store and key not in missing:
                     missing[key] = rgb
         pending = list(missing.items())
         for start in range(0, len(pending), self.batch_size):
@@ -279,38 +412,56 @@ class LatentCache:
             with stats.timer("vae", self.components.device):
                 mean, std = encode_posterior(self.components, pixels)
             for (key, _), m, sd in zip(chunk, mean, std):
-                self._store[(key, protocol.resize, protocol.interpolation)] = (m, sd)
+                self._store.put(self._key(key, protocol), (m.clone(), sd.clone()))  # own storage: evictable
             stats.images_encoded += len(chunk)
+        stats.evicted += self._store.shrink(self._key(key, protocol) for key in keys)
+        stats.cache_bytes["latent"] = self._store.bytes
         return _unique_index(keys)
 
-    def latents(self, keys: Sequence[str], protocol: Protocol, draws: int = 1, first_draw: int = 0) -> torch.Tensor:
-        """The latents of the encoded images `keys` (see the class docstring for the shapes)."""
-        posteriors = [self._store[(key, protocol.resize, protocol.interpolation)] for key in keys]
+    def latents(self, keys: Sequence[str], protocol: Protocol, draws: int = 1, first_draw: int = 0,
+                stats: RunStats | None = None) -> torch.Tensor:
+        """The latents of the encoded images `keys` (see the class docstring for the shapes); then
+        the budget holds again (a call whose own images exceed it keeps them only until here)."""
+        posteriors = [self._store.get(self._key(key, protocol)) for key in keys]
         mean, std = torch.stack([m for m, _ in posteriors]), torch.stack([sd for _, sd in posteriors])
+        evicted = self._store.shrink()
+        if stats is not None:
+            stats.evicted += evicted
+            stats.cache_bytes["latent"] = self._store.bytes
         return posterior_latents(mean, std, keys, protocol, range(first_draw, first_draw + draws),
                                  self.components.scaling_factor)
 
+    @staticmethod
+    def _key(key: str, protocol: Protocol) -> tuple[str, str, str]:
+        return key, protocol.resize, protocol.interpolation
+
 
 class TextCache:
-    """Text-encoder hidden states, keyed by the caption string; each caption is encoded once.
+    """Text-encoder hidden states, keyed by the caption string; each caption is encoded once while it
+    stays in the cache (at most `max_bytes`, least recently used evicted first; None: unbounded).
 
     `get(texts)` returns `(embeddings [V, L, D] in the model dtype, index LongTensor [n_texts])`.
     The empty string is a valid caption: the null prompt of T2I normalisation.
     """
 
-    def __init__(self, components: SDComponents, batch_size: int = 64) -> None:
+    def __init__(self, components: SDComponents, batch_size: int = 64,
+                 max_bytes: int | None = DEFAULT_CACHE_BYTES) -> None:
         self.components = components
         self.batch_size = batch_size
-        self._store: dict[str, torch.Tensor] = {}
+        self._store = BoundedStore(max_bytes)
 
     def __len__(self) -> int:
         return len(self._store)
+
+    @property
+    def bytes(self) -> int:
+        return self._store.bytes
 
     def clear(self) -> None:
         self._store.clear()
 
     def get(self, texts: Sequence[str], stats: RunStats | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        check_texts(texts)
+        texts = check_texts(texts)
         stats = stats if stats is not None else RunStats()
         missing = list(dict.fromkeys(t for t in texts if t not in self._store))
         warn_if_truncated(self.components, missing)
@@ -319,9 +470,13 @@ class TextCache:
             with stats.timer("text_encoder", self.components.device):
                 embeddings = encode_texts(self.components, chunk)
             for text, emb in zip(chunk, embeddings):
-                self._store[text] = emb
+                self._store.put(text, emb.clone())  # own storage: evictable
             stats.texts_encoded += len(chunk)
-        return _gather(self._store, list(texts))
+        unique, index = _unique_index(list(texts))
+        rows = torch.stack([self._store.get(text) for text in unique])
+        stats.evicted += self._store.shrink()
+        stats.cache_bytes["text"] = self._store.bytes
+        return rows, index
 
 
 def _unique_index(keys: list[str]) -> tuple[list[str], torch.Tensor]:
@@ -329,9 +484,3 @@ def _unique_index(keys: list[str]) -> tuple[list[str], torch.Tensor]:
     unique = list(dict.fromkeys(keys))
     position = {key: row for row, key in enumerate(unique)}
     return unique, torch.tensor([position[key] for key in keys], dtype=torch.long)
-
-
-def _gather(store: dict[str, torch.Tensor], keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack the distinct entries for `keys` -> (rows [U, ...], index LongTensor [len(keys)])."""
-    unique, index = _unique_index(keys)
-    return torch.stack([store[key] for key in unique]), index

@@ -33,7 +33,7 @@ from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from tqdm.auto import tqdm
 
 from itm_engine import kernels
-from itm_engine.cache import ImageInput, check_list, check_texts, content_key, load_rgb
+from itm_engine.cache import ImageInput, as_list, check_texts, content_key, load_rgb
 from itm_engine.models import registry
 from itm_engine.pairs import Mode, PairScorer, check_mode, check_pairs
 from itm_engine.stats import RunStats
@@ -179,7 +179,7 @@ class ClipModel:
         Images are decoded and embedded in a stream of batches (memory stays bounded for large
         galleries); an image whose content is already cached is not embedded again.
         """
-        check_list(images, "images")
+        images = as_list(images, "images")
         stats = stats if stats is not None else RunStats()
         keys: list[str] = []
         pending: dict[str, PIL.Image.Image] = {}
@@ -203,7 +203,7 @@ class ClipModel:
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str], stats: RunStats | None = None) -> torch.Tensor:
         """Captions -> float32 [n_texts, D], unit rows (longer than the context: truncated)."""
-        check_texts(texts)
+        texts = check_texts(texts)
         stats = stats if stats is not None else RunStats()
         missing = list(dict.fromkeys(t for t in texts if t not in self._texts))
         with tqdm(total=len(missing), desc="CLIP texts", unit="text", disable=self._bar_disabled(len(missing))) as bar:
@@ -292,6 +292,7 @@ class ClipScorer(PairScorer):
     ) -> torch.Tensor:
         """Cosine similarity float32 [P] (CPU) of (images[i], texts[j]) for each (i, j) of
         `pairs` ([P, 2]); the same in both modes (CLIP draws no noise: it takes no options)."""
+        images, texts = as_list(images, "images"), as_list(texts, "texts")
         pairs = check_pairs(images, texts, pairs)
         check_mode(mode)
         stats = RunStats(batch_size=self.clip.batch_size)

@@ -50,6 +50,16 @@ def plan_items(pairs: torch.Tensor, samples: int, per_draw_latents: bool = False
     )
 
 
+def check_batch_size(batch_size: int | str, name: str = "batch_size") -> None:
+    """Raise unless `batch_size` is a positive int (not a bool) or "auto" (TypeError for another type)."""
+    if batch_size == "auto":
+        return
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+        raise TypeError(f"{name} must be a positive integer or 'auto', got {batch_size!r}")
+    if batch_size < 1:
+        raise ValueError(f"{name} must be a positive integer or 'auto', got {batch_size!r}")
+
+
 def _is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
@@ -82,8 +92,7 @@ class Executor:
             cuda_graphs: compile in "reduce-overhead" mode: CUDA graph replay (implies compile).
             fixed_shapes: pad every batch to the batch size (default: when compiling).
         """
-        if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
+        check_batch_size(batch_size)
         self.components = components
         self.batch_size = batch_size
         self.progress = progress
@@ -108,13 +117,14 @@ class Executor:
         bank: NoiseBank,
         plan: WorkPlan,
         stats: RunStats,
-        batch_size: int | None = None,
+        batch_size: int | str | None = None,
         error: Error = "mse",
     ) -> torch.Tensor:
         """Errors of every item of `plan`, float32 [len(plan)] on the model's device.
 
         Args:
             latents: z0 [U, C, h, w]; embeddings: [V, L, D]; bank: the draws; plan: the items.
+            batch_size: items per UNet call for this run (None or "auto": the executor's).
             error: the reduction of an item's error (`protocols.Protocol.error`): "mse" and "l2"
                 (sqrt(mse * numel), the norm) from the fused op, "l1" and "huber" from the
                 reference reduction (`kernels.reference.item_loss`).
@@ -122,7 +132,9 @@ class Executor:
         unet = self.components.unet
         forward = unet if self.compiled_unet is None else self.compiled_unet
         device, dtype = unet.device, unet.dtype
-        size = batch_size or self.resolved_batch_size(tuple(embeddings.shape[1:]))
+        size = batch_size if isinstance(batch_size, int) else self.resolved_batch_size(tuple(embeddings.shape[1:]))
+        if not self.fixed_shapes:  # no buffer larger than the work (fixed shapes pad every batch to the size)
+            size = max(1, min(size, len(plan)))
         alphas_cumprod = self.components.scheduler.alphas_cumprod.to(device)
         latents = latents.to(device)
         embeddings = embeddings.to(device=device, dtype=dtype)

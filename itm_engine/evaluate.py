@@ -11,6 +11,12 @@ crash loses at most the chunk in flight, and `--resume` recomputes nothing alrea
 ends with exactly the results of an uninterrupted run. Processes take chunks round-robin; the
 main process gathers every shard, computes the task's metrics and writes `results.json` (metrics,
 config, versions, timing, counts) and `scores.jsonl` (the raw per-example score matrices).
+
+`--resume` also checks the data: `OUT/<scorer>/fingerprint.json` records the size and modification
+time of every file the task read its examples from, every image file it scores and the weight
+files of a local model folder, and a resume from changed files is refused. The main process holds
+a lock on `OUT/<scorer>` for the run (a second writer is refused), and metadata files are
+replaced atomically (`itm_engine.storage`).
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -27,12 +34,14 @@ from typing import Any, Literal, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from itm_engine import extras, options, protocols
+from itm_engine import extras, options, protocols, storage
 from itm_engine.options import option, parse_batch_size
 from itm_engine.tasks import Example, Task, get_task
-from itm_engine.tasks.base import load_image_ref
+from itm_engine.tasks.base import StoredImage, load_image_ref
 
 SCORERS = ("diffusion", "clip")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")  # the files of a model folder fingerprinted
+CHANGES_LISTED = 5  # changed files named in a refused resume's message (the rest are counted)
 
 
 def parse_task_options(items: Sequence[str]) -> dict[str, Any]:
@@ -114,42 +123,56 @@ class EvalRun:
 class ScoreStore:
     """Append-only, crash-safe per-process score files: one JSON line per example.
 
-    Each `append` writes a whole chunk with one write and an fsync; a torn last line (from a
-    kill during the write) is ignored on reading and cut off before the next append.
+    Each `append` writes a whole chunk with one write and an fsync. A kill during that write can
+    leave the last line without its newline: opening the store repairs this process's file once
+    (`_repair_tail`), so what `load_all` counts as stored is exactly what later appends keep.
     """
 
     def __init__(self, folder: Path, rank: int) -> None:
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
         self.file = folder / f"rank{rank}.jsonl"
+        self._repair_tail()
 
     def load_all(self) -> dict[str, dict[str, list]]:
-        """{example id: {mode: matrix as nested lists}} from every rank's file."""
+        """{example id: {mode: matrix as nested lists}} from every rank's file (a torn line, whose
+        chunk was not finished, is skipped)."""
         stored: dict[str, dict[str, list]] = {}
         for shard in sorted(self.folder.glob("rank*.jsonl")):
-            for line in shard.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a torn last line: that chunk was not finished
+            for row in storage.read_jsonl(shard):
                 stored[row["id"]] = row["scores"]
         return stored
 
     def append(self, rows: list[dict]) -> None:
-        self._cut_torn_tail()
         payload = "".join(json.dumps(row) + "\n" for row in rows)
         with open(self.file, "a") as handle:
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
 
-    def _cut_torn_tail(self) -> None:
+    def _repair_tail(self) -> None:
+        """End the file at a row boundary: a last row that parses but lacks its newline gets it
+        (`load_all` counts it, so it must survive the next append); a torn one is cut off. Other
+        ranks' files are left to their own processes: `load_all` reads both cases the same way."""
         if not self.file.exists():
             return
         data = self.file.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with open(self.file, "r+b") as handle:
-                handle.truncate(data.rfind(b"\n") + 1)
+        if not data or data.endswith(b"\n"):
+            return
+        start = data.rfind(b"\n") + 1
+        try:
+            json.loads(data[start:])
+            complete = True
+        except ValueError:  # JSONDecodeError or UnicodeDecodeError: the row was torn
+            complete = False
+        with open(self.file, "r+b") as handle:
+            if complete:
+                handle.seek(0, os.SEEK_END)
+                handle.write(b"\n")
+            else:
+                handle.truncate(start)
+            handle.flush()
+            os.fsync(handle.fileno())
 
 
 def build_scorer(config: EvalConfig, device: torch.device, batch_size: int | str, kernels: str | None):
@@ -173,8 +196,10 @@ def _clip_model(config: EvalConfig, device: torch.device, dtype: torch.dtype):
     )
 
 
-def load_task(config: EvalConfig, device: torch.device) -> Task:
-    """The task with its options (candidate source and CLIP prefilter for retrieval tasks)."""
+def load_task(config: EvalConfig, device: torch.device) -> tuple[Task, set[str]]:
+    """The task with its options (candidate source and CLIP prefilter for retrieval tasks), its
+    examples loaded, and the files it read to load them: those under the data root, and the
+    candidates file (absolute paths; what `data_fingerprint` records besides the images)."""
     options: dict[str, Any] = dict(config.task_options)
     if config.candidates is not None:
         options["candidates"] = config.candidates
@@ -183,11 +208,42 @@ def load_task(config: EvalConfig, device: torch.device) -> Task:
         options.update(candidates="clip", prefilter=_clip_model(config, device, dtype))
     if config.candidates is not None or config.prefilter:
         options["topk"] = config.topk
-    try:
-        return get_task(config.task, config.data_root, skip_missing=config.skip_missing,
-                        protocol=config.scoring_protocol(), **options)
-    except TypeError as err:  # a task that takes no candidate options
-        raise ValueError(f"task {config.task!r} does not take --candidates/--prefilter ({err})") from None
+    watched = [Path(config.data_root).expanduser().resolve()]
+    if config.candidates not in (None, "all", "clip") and Path(config.candidates).expanduser().is_file():
+        watched.append(Path(config.candidates).expanduser())
+    with storage.recording_reads(*watched) as read:
+        try:
+            task = get_task(config.task, config.data_root, skip_missing=config.skip_missing,
+                            protocol=config.scoring_protocol(), **options)
+        except TypeError as err:  # a task that takes no candidate options
+            raise ValueError(f"task {config.task!r} does not take --candidates/--prefilter ({err})") from None
+        task.examples  # loaded now, while the files it reads are recorded
+    return task, read
+
+
+def data_fingerprint(config: EvalConfig, task: Task, examples: Sequence[Example], read: set[str]) -> dict:
+    """{source: storage.fingerprint} of what the scores of `examples` come from: "data", the files
+    the task read (`load_task`) and the image files of the examples (named relative to the data
+    root; images in memory have no file), and "model", "lora", "clip" for the weight files of the
+    model, LoRA and CLIP checkpoint this run scores with when they are local files or folders (a
+    built-in architecture's random weights have no file)."""
+    images = {ref if isinstance(ref, str) else ref.path for example in examples for ref in example.images
+              if isinstance(ref, (str, StoredImage))}
+    record = {"data": storage.fingerprint(sorted(read | images), task.root or config.data_root)}
+    diffusion = config.scorer == "diffusion"
+    clip = config.scorer == "clip" or config.prefilter == "clip"
+    from itm_engine.models import ARCHITECTURES
+
+    for source, location in (("model", config.model if diffusion and config.model not in ARCHITECTURES else None),
+                             ("lora", config.lora if diffusion else None),
+                             ("clip", config.clip_pretrained if clip else None)):
+        path = Path(location).expanduser() if location else None
+        if path is not None and path.is_dir():
+            files = sorted(f for f in path.rglob("*") if f.suffix in WEIGHT_SUFFIXES and f.is_file())
+            record[source] = storage.fingerprint(files, path)
+        elif path is not None and path.is_file():
+            record[source] = storage.fingerprint([path], path.parent)
+    return record
 
 
 def score_examples(scorer, examples: Sequence[Example], modes: Sequence[str], *, adaptive: str | None = None,
@@ -254,21 +310,35 @@ def _score_adaptive(scorer, examples: Sequence[Example], modes: Sequence[str], *
 
 def evaluate(config: EvalConfig, out: Path, resume: bool = False, device: str = "auto",
              batch_size: int | str = 64, kernels: str | None = None, progress: bool | None = None) -> dict | None:
-    """Run one task with one scorer; returns the results (on the main process; None elsewhere)."""
+    """Run one task with one scorer; returns the results (on the main process; None elsewhere).
+    The main process holds the lock of `out` meanwhile (storage.FolderLocked if another process does)."""
     PartialState = extras.require("accelerate", "itm-eval").PartialState
 
     state = PartialState(cpu=device == "cpu" or (device == "auto" and not torch.cuda.is_available()))
+    with storage.folder_lock(out, "itm-eval", enabled=state.is_main_process):
+        return _evaluate(config, out, state, resume, device, batch_size, kernels, progress)
+
+
+def _evaluate(config: EvalConfig, out: Path, state, resume: bool, device: str, batch_size: int | str,
+              kernels: str | None, progress: bool | None) -> dict | None:
+    """`evaluate` under the folder's lock, on accelerate's `state`."""
     torch_device = state.device if device == "auto" else torch.device(device)
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
+    resumed = False
     if state.is_main_process:  # one process checks and writes, so the others cannot race it
-        _check_config(out / "config.json", config, resume)
+        resumed = _check_config(out / "config.json", config, resume)
     state.wait_for_everyone()
 
-    task = load_task(config, torch_device)
+    task, read = load_task(config, torch_device)
     examples = task.examples[: config.limit] if config.limit else task.examples
     if not examples:
         raise ValueError(f"task {config.task}: no examples under {config.data_root}")
+    if state.is_main_process:  # the data is checked before any process scores (or reads stored scores)
+        _check_fingerprint(out / "fingerprint.json", data_fingerprint(config, task, examples, read), resumed)
+        if not resumed:  # written last: a folder with config.json always has its fingerprint
+            storage.atomic_write_text(out / "config.json", json.dumps(config.identity(), indent=2) + "\n")
+    state.wait_for_everyone()
     modes = task.modes if config.mode == "auto" else (config.mode,)
     store = ScoreStore(out / "scores", state.process_index)
     done = store.load_all() if resume else {}
@@ -299,10 +369,8 @@ def evaluate(config: EvalConfig, out: Path, resume: bool = False, device: str = 
     matrices = {m: [torch.tensor(stored[e.id][m if m in stored[e.id] else config.mode]) for e in examples]
                 for m in task.modes}  # a forced --mode serves every matrix the metric needs
     metrics = task.metrics(examples, matrices)
-    with open(out / "scores.jsonl", "w") as handle:
-        for example in examples:
-            handle.write(json.dumps({"id": example.id, "meta": example.meta, "label": example.label,
-                                     "scores": stored[example.id]}) + "\n")
+    storage.atomic_write_text(out / "scores.jsonl", "".join(
+        json.dumps({"id": e.id, "meta": e.meta, "label": e.label, "scores": stored[e.id]}) + "\n" for e in examples))
     results = {
         "task": config.task, "scorer": config.scorer, "metrics": metrics, "config": asdict(config),
         "protocol": config.scoring_protocol().as_dict() if config.scorer == "diffusion" else None,
@@ -313,7 +381,7 @@ def evaluate(config: EvalConfig, out: Path, resume: bool = False, device: str = 
         "seconds": time.perf_counter() - started, "versions": versions(), "device": str(torch_device),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    storage.atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     return results
 
 
@@ -335,15 +403,39 @@ def _adaptive_draws(config: EvalConfig, examples: Sequence[Example], stored: dic
                          "savings": full / max(used, 1)}}
 
 
-def _check_config(path: Path, config: EvalConfig, resume: bool) -> None:
-    """Refuse to mix runs: an existing output folder needs --resume and the same configuration."""
-    if path.exists():
-        if not resume:
-            raise FileExistsError(f"{path.parent} already holds a run; pass --resume to continue it or choose "
-                                  "another --out")
-        options.check_same_config(json.loads(path.read_text()), config.identity(), path)
-    else:
-        path.write_text(json.dumps(config.identity(), indent=2) + "\n")
+def _check_config(path: Path, config: EvalConfig, resume: bool) -> bool:
+    """Refuse to mix runs: an existing output folder needs --resume and the same configuration.
+    True when a stored run is resumed (`path` exists); a new run's configuration is written by
+    `_evaluate` once its data is fingerprinted."""
+    if not path.exists():
+        return False
+    if not resume:
+        raise FileExistsError(f"{path.parent} already holds a run; pass --resume to continue it or choose "
+                              "another --out")
+    options.check_same_config(storage.read_json(path), config.identity(), path)
+    return True
+
+
+def _check_fingerprint(path: Path, current: dict, resumed: bool) -> None:
+    """Refuse to resume a run whose stored scores came from other files than `current`
+    (`data_fingerprint`): ValueError naming the first changed files and their count. A new run
+    records `current`, and so does a resumed run stored before fingerprints existed (warning that
+    its data cannot be checked)."""
+    if resumed and path.exists():
+        changes = storage.fingerprint_changes(storage.read_json(path), current)
+        if changes:
+            listed = ", ".join(changes[:CHANGES_LISTED])
+            if len(changes) > CHANGES_LISTED:
+                listed += f" and {len(changes) - CHANGES_LISTED} more ({len(changes)} files changed)"
+            raise ValueError(f"--resume with different data than the run stored in {path.parent}: {listed}; its "
+                             "stored scores come from the files as they were: restore them, or score the new data "
+                             "in another --out")
+        return
+    if resumed:
+        warnings.warn(f"{path.parent} has no fingerprint.json (a run stored by an older itm-engine): whether its "
+                      "stored scores come from the current data cannot be checked; recording the current data's "
+                      "fingerprint (start over in another --out if the data changed since)", stacklevel=2)
+    storage.atomic_write_text(path, json.dumps(current) + "\n")
 
 
 def versions() -> dict:
@@ -400,9 +492,11 @@ def main(argv: list[str] | None = None) -> int:
             if result is not None:
                 results.append(result)
                 print(f"wrote {out / scorer / 'results.json'}")
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"itm-eval: error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:
+        code = storage.report_failure("itm-eval", err, out)
+        if code is None:
+            raise
+        return code
     if results:
         print_table(results)
     return 0

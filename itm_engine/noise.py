@@ -91,6 +91,8 @@ class NoiseBank:
             raise ValueError("NoiseBank needs at least one sample (S >= 1)")
         if (t < 0).any():
             raise ValueError("NoiseBank timesteps must be >= 0")
+        if not eps.is_floating_point() or not bool(torch.isfinite(eps).all()):
+            raise ValueError("NoiseBank noise must be finite floating-point values (NaN or infinite found)")
 
     @classmethod
     def sample(
@@ -129,8 +131,14 @@ class NoiseBank:
 
     @classmethod
     def from_tensors(cls, timesteps: torch.Tensor, noise: torch.Tensor) -> "NoiseBank":
-        """Wrap given draws: timesteps LongTensor [S], noise Tensor [S, C, h, w]."""
-        return cls(torch.as_tensor(timesteps).long().cpu(), noise.detach().float().cpu())
+        """Wrap given draws: timesteps [S] (integers; a float tensor only with whole values),
+        noise Tensor [S, C, h, w]."""
+        timesteps = torch.as_tensor(timesteps)
+        if timesteps.is_floating_point() and not bool((timesteps == timesteps.round()).all()):
+            raise ValueError("NoiseBank timesteps must be whole numbers (a fractional timestep would be truncated)")
+        if not isinstance(noise, torch.Tensor):
+            raise TypeError(f"NoiseBank noise must be a tensor [S, C, h, w], got {type(noise).__name__}")
+        return cls(timesteps.long().cpu(), noise.detach().float().cpu())
 
     def spread(self) -> "NoiseBank":
         """The same draws reordered so that every prefix spreads over the bank's timesteps

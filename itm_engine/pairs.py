@@ -11,7 +11,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from itm_engine.cache import check_list
+from itm_engine.cache import as_list
 
 Mode = Literal["i2t", "t2i"]
 
@@ -22,12 +22,22 @@ def check_mode(mode: str) -> None:
 
 
 def check_pairs(images: Sequence, texts: Sequence, pairs) -> torch.Tensor:
-    """`pairs` as LongTensor [P, 2], checked non-empty and in range of the image and text lists."""
-    check_list(images, "images")
-    check_list(texts, "texts")
-    pairs = torch.as_tensor(pairs, dtype=torch.long).reshape(-1, 2)
-    if len(pairs) == 0:
+    """`pairs` as LongTensor [P, 2], checked: a non-empty [P, 2] table of integer indices in range of
+    the image and text lists (no reshaping, no truncation of fractional indices)."""
+    if isinstance(pairs, torch.Tensor):
+        table = pairs.detach().cpu()
+    else:
+        try:
+            table = torch.as_tensor(pairs)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"pairs must be a [P, 2] table of (image, text) indices ({err})") from None
+    if table.numel() == 0:
         raise ValueError("pairs is empty")
+    if table.dim() != 2 or table.shape[1] != 2:
+        raise ValueError(f"pairs must have shape [P, 2] (image index, text index), got {tuple(table.shape)}")
+    if table.dtype == torch.bool or table.is_floating_point() or table.is_complex():
+        raise ValueError(f"pairs must hold integer indices, got {table.dtype}")
+    pairs = table.long()
     for axis, (what, count) in enumerate((("image", len(images)), ("text", len(texts)))):
         bad = (pairs[:, axis] < 0) | (pairs[:, axis] >= count)
         if bad.any():
@@ -36,16 +46,21 @@ def check_pairs(images: Sequence, texts: Sequence, pairs) -> torch.Tensor:
     return pairs
 
 
+def as_candidates(queries, candidates) -> tuple[Sequence, list[Sequence]]:
+    """The per-query candidate form as sequences (`cache.as_list`: generators are read)."""
+    queries = as_list(queries, "queries")
+    candidates = [as_list(cands, f"candidates[{q}]") for q, cands in enumerate(as_list(candidates, "candidates"))]
+    return queries, candidates
+
+
 def check_candidates(queries: Sequence, candidates: Sequence[Sequence], mode: str) -> int:
-    """Check the per-query candidate form (one non-empty list of k candidates per query, the same
-    k for all, a valid mode); returns k."""
-    check_list(queries, "queries")
+    """Check the per-query candidate form (from `as_candidates`: one non-empty list of k candidates
+    per query, the same k for all, a valid mode); returns k."""
     check_mode(mode)
     if len(candidates) != len(queries):
         raise ValueError(f"got {len(queries)} queries but {len(candidates)} candidate lists")
     k = len(candidates[0])
     for q, cands in enumerate(candidates):
-        check_list(cands, f"candidates[{q}]")
         if len(cands) != k:
             raise ValueError(f"candidates[{q}] has {len(cands)} entries, candidates[0] has {k}: all need the same k")
     return k
@@ -60,15 +75,16 @@ class PairScorer(abc.ABC):
     @abc.abstractmethod
     def score_pairs(self, images: Sequence, texts: Sequence[str], pairs: torch.Tensor | Sequence[tuple[int, int]],
                     mode: Mode = "i2t", **options: Any) -> torch.Tensor:
-        """Scores float32 [P] of (images[i], texts[j]) for each (i, j) of `pairs` ([P, 2])."""
+        """Scores float32 [P] of (images[i], texts[j]) for each (i, j) of `pairs` ([P, 2]).
+
+        `images` and `texts` are lists (or any iterable: read once into a list)."""
 
     def __call__(self, images: Sequence, texts: Sequence[str], mode: Mode = "i2t", **options: Any) -> torch.Tensor:
         """Score every image against every text: float32 Tensor [n_images, n_texts], higher = better.
 
         mode: "i2t" (compare texts for an image) or "t2i" (compare images for a text).
         """
-        check_list(images, "images")
-        check_list(texts, "texts")
+        images, texts = as_list(images, "images"), as_list(texts, "texts")
         pairs = torch.cartesian_prod(torch.arange(len(images)), torch.arange(len(texts)))
         return self.score_pairs(images, texts, pairs, mode, **options).view(len(images), len(texts))
 
@@ -80,6 +96,7 @@ class PairScorer(abc.ABC):
         mode "t2i": queries are texts, candidates[q] is a list of k images for text q.
         Only the listed pairs are scored; a candidate shared between queries is encoded once.
         """
+        queries, candidates = as_candidates(queries, candidates)
         k = check_candidates(queries, candidates, mode)
         flat = [c for cands in candidates for c in cands]
         query_idx = torch.arange(len(queries)).repeat_interleave(k)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from itm_engine import protocols
 from itm_engine.cache import (
     ImageInput,
-    check_list,
+    as_list,
     content_key,
     encode_posterior,
     encode_texts,
@@ -110,12 +110,12 @@ class _Draws:
         return self.banks[key]
 
 
-def _check(components: SDComponents, images, texts, mode: str) -> None:
+def _check(components: SDComponents, images, texts, mode: str) -> tuple[Sequence, Sequence]:
     if mode not in ("i2t", "t2i"):
         raise ValueError(f"mode must be 'i2t' or 't2i', got {mode!r}")
-    check_list(images, "images")
-    check_list(texts, "texts")
+    images, texts = as_list(images, "images"), as_list(texts, "texts")
     warn_if_truncated(components, texts)
+    return images, texts
 
 
 @torch.inference_mode()
@@ -132,7 +132,7 @@ def diffusion_itm_pair_scores(
     (module docstring) under `protocol` (default its own preset), on the draws `bank` (default the
     protocol's). P * S UNet calls of 1 item (I2T) or 2 (T2I)."""
     protocol = protocols.resolve(protocol)
-    _check(components, images, texts, mode)
+    images, texts = _check(components, images, texts, mode)
     unet = components.unet
     draws = _Draws(components, images, texts, protocol, bank, mode)
     abar_all = components.scheduler.alphas_cumprod
@@ -175,7 +175,7 @@ def diffusion_classifier_pair_scores(
     own preset), on the draws `bank` (default the protocol's): each image and text encoded once,
     one UNet call of S items per pair (and one more for the null prompt in T2I)."""
     protocol = protocols.resolve(protocol)
-    _check(components, images, texts, mode)
+    images, texts = _check(components, images, texts, mode)
     unet, scheduler = components.unet, components.scheduler
     draws = _Draws(components, images, texts, protocol, bank, mode)
     prepared = {i: _pixels(components, images[i], protocol) for i in dict.fromkeys(i for i, _ in pairs)}

@@ -17,12 +17,20 @@ import torch
 
 from itm_engine import extras, fastpath, protocols
 from itm_engine.adaptive import AdaptiveResult, Confidence, Policy
-from itm_engine.cache import ImageInput, LatentCache, TextCache, image_query_key, query_key
-from itm_engine.engine import Executor, plan_items
+from itm_engine.cache import (
+    DEFAULT_CACHE_BYTES,
+    ImageInput,
+    LatentCache,
+    TextCache,
+    as_list,
+    image_query_key,
+    query_key,
+)
+from itm_engine.engine import Executor, check_batch_size, plan_items
 from itm_engine.fastpath import Attention
 from itm_engine.models import SDComponents, load_components
 from itm_engine.noise import NoiseBank
-from itm_engine.pairs import Mode, PairScorer, check_candidates, check_mode, check_pairs
+from itm_engine.pairs import Mode, PairScorer, as_candidates, check_candidates, check_mode, check_pairs
 from itm_engine.protocols import Protocol
 from itm_engine.stats import RunStats
 
@@ -54,6 +62,7 @@ class DiffusionITM(PairScorer):
         channels_last: bool = False,
         compile: bool = False,
         cuda_graphs: bool = False,
+        cache_bytes: int | None = DEFAULT_CACHE_BYTES,
         **protocol_fields: Any,
     ) -> None:
         """
@@ -70,6 +79,8 @@ class DiffusionITM(PairScorer):
             channels_last: store the UNet's conv weights NHWC (faster convs on tensor cores).
             compile: `torch.compile` the UNet with fixed batch shapes (the last batch is padded).
             cuda_graphs: replay the compiled UNet as CUDA graphs ("reduce-overhead"; implies compile).
+            cache_bytes: the byte budget of each cache (latents, text embeddings): beyond it the
+                least recently used entries are evicted (`last_stats.evicted`); None: unbounded.
 
         attention and channels_last change `components.unet` in place.
         """
@@ -78,8 +89,8 @@ class DiffusionITM(PairScorer):
         if channels_last:
             fastpath.use_channels_last(components.unet)
         self.components = components
-        self.latent_cache = LatentCache(components)
-        self.text_cache = TextCache(components)
+        self.latent_cache = LatentCache(components, max_bytes=cache_bytes)
+        self.text_cache = TextCache(components, max_bytes=cache_bytes)
         self.executor = Executor(
             components, batch_size=batch_size, progress=progress, kernels=kernels, compile=compile,
             cuda_graphs=cuda_graphs,
@@ -183,12 +194,12 @@ class DiffusionITM(PairScorer):
         """
         from itm_engine.adaptive import budget, check_rounds, parse_policy, score_adaptive
 
-        if isinstance(noise, str):  # the protocol field "noise", not draws
-            noise, overrides = None, {**overrides, "noise": noise}
+        noise, overrides = _noise_argument(noise, overrides)
         proto = self.call_protocol(protocol, **overrides)
         if proto.noise == "per-query" and noise is None:
             raise ValueError("adaptive elimination shares one noise bank by all queries; the protocol's "
                              "noise='per-query' cannot be followed (pass noise=, or noise='shared')")
+        queries, candidates = as_candidates(queries, candidates)
         k = check_candidates(queries, candidates, mode)
         policy = parse_policy(policy, proto.samples) if isinstance(policy, str) else policy
         if not isinstance(policy, Confidence):
@@ -221,16 +232,16 @@ class DiffusionITM(PairScorer):
                 string sets the protocol's `noise` field instead.
             draws: score only these draws of the bank(s) (a slice); their indices in the bank
                 still key the per-draw posterior samples.
-            batch_size: work items per model call for this call (default: the scorer's).
+            batch_size: work items per model call for this call, or "auto" (default: the scorer's).
             protocol, overrides: this call's protocol (see `call_protocol`).
         """
-        if isinstance(noise, str):  # the protocol field "noise" ("shared" / "per-query"), not draws
-            noise, overrides = None, {**overrides, "noise": noise}
+        noise, overrides = _noise_argument(noise, overrides)
         proto = self.call_protocol(protocol, **overrides)
+        images, texts = as_list(images, "images"), as_list(texts, "texts")
         pairs = check_pairs(images, texts, pairs)
         check_mode(mode)
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size is not None:
+            check_batch_size(batch_size)
         T = self.components.scheduler.config.num_train_timesteps
         with_null = mode == "t2i"
 
@@ -259,7 +270,7 @@ class DiffusionITM(PairScorer):
         bank = banks[0] if len(banks) == 1 else NoiseBank.from_tensors(
             torch.cat([b.timesteps for b in banks]), torch.cat([b.noise for b in banks]))
 
-        latents = self.latent_cache.latents(image_keys, proto, draws=S, first_draw=first)
+        latents = self.latent_cache.latents(image_keys, proto, draws=S, first_draw=first, stats=stats)
         embeddings, text_row = self.text_cache.get(list(texts) + [NULL_PROMPT] * with_null, stats)
 
         # Distinct (latent row, text row, bank block) triples: duplicates in the input are evaluated once.
@@ -277,3 +288,14 @@ class DiffusionITM(PairScorer):
         stats.seconds["total"] = time.perf_counter() - started
         self.last_stats = stats
         return -diff
+
+
+def _noise_argument(noise: NoiseBank | str | None, overrides: dict[str, Any]) -> tuple[NoiseBank | None, dict]:
+    """(the given draws, the protocol overrides): a string is the protocol field "noise" ("shared" /
+    "per-query"), not draws; anything else but a NoiseBank is a TypeError."""
+    if isinstance(noise, str):
+        return None, {**overrides, "noise": noise}
+    if noise is not None and not isinstance(noise, NoiseBank):
+        raise TypeError(f"noise must be a NoiseBank (NoiseBank.from_tensors(timesteps, noise) wraps tensors) or "
+                        f"'shared' / 'per-query', got {type(noise).__name__}")
+    return noise, overrides

@@ -26,13 +26,16 @@ class RunStats:
     kernels: dict[str, str] = field(default_factory=dict)  # fused op -> backend that ran it
     seconds: dict[str, float] = field(default_factory=dict)
     full_items: int | None = None  # adaptive runs: the UNet items of scoring every candidate on every draw
+    evicted: int = 0  # cache entries evicted to keep the caches' byte budgets
+    cache_bytes: dict[str, int] = field(default_factory=dict)  # cache ("latent", "text") -> bytes held after the call
 
     def add(self, other: "RunStats") -> None:
         """Accumulate another call's counters and seconds into this one (batch size: the largest)."""
-        for name in ("unet_items", "padded_items", "unet_calls", "images_encoded", "texts_encoded"):
+        for name in ("unet_items", "padded_items", "unet_calls", "images_encoded", "texts_encoded", "evicted"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.batch_size = max(self.batch_size, other.batch_size)
         self.kernels.update(other.kernels)
+        self.cache_bytes.update(other.cache_bytes)
         for stage, seconds in other.seconds.items():
             self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
 
@@ -69,4 +72,6 @@ class RunStats:
             "seconds": dict(self.seconds),
             "items_per_second": self.items_per_second,
             "full_items": self.full_items,
+            "evicted": self.evicted,
+            "cache_bytes": dict(self.cache_bytes),
         }

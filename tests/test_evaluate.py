@@ -227,3 +227,137 @@ def test_adaptive_eval_keeps_the_metric_when_keeping_all_and_reports_draws(tmp_p
 
     assert run_eval("--task", "shapes_retrieval", "--data-root", root, "--out", tmp_path / "bad", "--adaptive",
                     "1:2", "--no-progress") == 2  # an N x N retrieval matrix has no single query
+
+
+# -- resume safety: data fingerprint, score-file tails, metadata, lock, full disk -------------------
+
+
+def _winoground_run(tmp_path: Path, *extra: str) -> tuple[Path, Path, list[str]]:
+    """A finished winoground run: (data root, output folder, the command's arguments)."""
+    root = datasets.write_winoground(tmp_path / "data")
+    out = tmp_path / "out"
+    args = ["--task", "winoground", "--data-root", root, "--out", out, *FAST, *extra]
+    assert run_eval(*args) == 0
+    return root, out, args
+
+
+def _touch(path: Path, seconds: int = 1000) -> None:
+    """Move `path`'s modification time forward by `seconds` (a rewrite of the same size)."""
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + seconds * 10**9))
+
+
+def test_resume_refuses_regenerated_examples_under_the_same_ids(tmp_path, capsys):
+    root, out, args = _winoground_run(tmp_path)
+    examples = root / "examples.jsonl"
+    size = examples.stat().st_size
+    rows = [json.loads(line) for line in examples.read_text().splitlines()]
+    examples.write_text("".join(json.dumps({**row, "caption_0": row["caption_0"] + " again"}) + "\n" for row in rows))
+    capsys.readouterr()
+    assert run_eval(*args, "--resume") == 2
+    err = capsys.readouterr().err
+    assert f"examples.jsonl changed (size {size} -> {examples.stat().st_size})" in err
+    assert str(out / "diffusion") in err and "--resume" in err
+
+
+def test_resume_refuses_changed_images_and_lists_a_few_with_a_count(tmp_path, capsys):
+    root, out, args = _winoground_run(tmp_path)
+    images = sorted((root / "images").glob("*.png"))
+    assert len(images) == 6
+    for image in images:
+        _touch(image)
+    capsys.readouterr()
+    assert run_eval(*args, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "images/ex_0_img_0.png changed (modified " in err
+    assert "and 1 more (6 files changed)" in err and images[-1].name not in err
+    for image in images:  # the same files again: the resume goes ahead
+        _touch(image, -1000)
+    assert run_eval(*args, "--resume") == 0
+
+
+def test_resume_refuses_changed_model_weights_of_a_local_model_folder(tmp_path, capsys):
+    from itm_engine.models.loading import save_random_model
+
+    model = save_random_model("tiny", tmp_path / "model")
+    root, out, args = _winoground_run(tmp_path, "--model", model)
+    weights = sorted((model / "unet").glob("*.safetensors"))
+    assert weights
+    _touch(weights[0])
+    capsys.readouterr()
+    assert run_eval(*args, "--resume") == 2
+    assert f"model: unet/{weights[0].name} changed (modified " in capsys.readouterr().err
+
+
+def test_resume_of_a_run_without_a_fingerprint_warns_and_records_one(tmp_path):
+    root, out, args = _winoground_run(tmp_path)
+    fingerprint = out / "diffusion" / "fingerprint.json"
+    data = json.loads(fingerprint.read_text())
+    assert data["data"].keys() >= {"examples.jsonl", "images/ex_0_img_0.png"}
+    fingerprint.unlink()  # a run stored before fingerprints
+    with pytest.warns(UserWarning, match="no fingerprint.json"):
+        assert run_eval(*args, "--resume") == 0
+    assert json.loads(fingerprint.read_text()) == data
+
+
+def test_a_stored_row_missing_only_its_final_newline_is_kept_and_a_torn_one_dropped(tmp_path):
+    from itm_engine.evaluate import ScoreStore
+
+    folder = tmp_path / "scores"
+    folder.mkdir()
+    shard = folder / "rank0.jsonl"
+    row = {"id": "a", "scores": {"i2t": [[1.0, 2.0]]}}
+    for tail, kept in ((json.dumps({**row, "id": "b"}), {"a", "b"}), ('{"id": "b", "sco', {"a"})):
+        shard.write_text(json.dumps(row) + "\n" + tail)
+        store = ScoreStore(folder, 0)
+        assert set(store.load_all()) == kept
+        store.append([{**row, "id": "c"}])
+        assert set(store.load_all()) == kept | {"c"}  # what load counted is still there after the append
+        assert all(json.loads(line)["id"] for line in shard.read_text().splitlines())
+
+
+def test_a_torn_config_json_is_named_in_the_error(tmp_path, capsys):
+    root, out, args = _winoground_run(tmp_path)
+    config = out / "diffusion" / "config.json"
+    config.write_text("")  # what a full disk leaves of a write
+    capsys.readouterr()
+    assert run_eval(*args, "--resume") == 2
+    err = capsys.readouterr().err
+    assert f"{config} is not valid JSON (empty file)" in err and "start over" in err
+
+
+def test_a_second_writer_of_an_output_folder_is_refused(tmp_path, capsys):
+    import fcntl
+
+    root = datasets.write_winoground(tmp_path / "data")
+    out = tmp_path / "out"
+    (out / "diffusion").mkdir(parents=True)
+    # another run holding the folder's lock (flock treats each open file on its own, so this
+    # process can play that run)
+    with open(out / "diffusion" / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert run_eval("--task", "winoground", "--data-root", root, "--out", out, *FAST) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'diffusion'} is in use by another process" in err
+    assert not (out / "diffusion" / "config.json").exists()
+    assert run_eval("--task", "winoground", "--data-root", root, "--out", out, *FAST) == 0  # released
+
+
+def test_a_full_disk_stops_with_a_message_and_resume_continues(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from itm_engine.evaluate import ScoreStore
+
+    root = datasets.write_winoground(tmp_path / "data")
+    out = tmp_path / "out"
+    args = ["--task", "winoground", "--data-root", root, "--out", out, *FAST]
+
+    def disk_full(self, rows):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ScoreStore, "append", disk_full)
+    assert run_eval(*args) == 1
+    err = capsys.readouterr().err
+    assert f"no space left on device while writing to {out}" in err and "--resume" in err
+    monkeypatch.undo()
+    assert run_eval(*args, "--resume") == 0

@@ -209,3 +209,81 @@ def test_bf16_mixed_precision_runs_and_stays_close(tmp_path):
                    check=True, capture_output=True)
     mixed = [json.loads(line) for line in (tmp_path / "bf16" / "log.jsonl").read_text().splitlines()]
     assert math.isfinite(mixed[0]["loss"]) and mixed[0]["l_pos"] == pytest.approx(full[0]["l_pos"], rel=3e-2)
+
+
+# -- resume safety: torn checkpoints, the log, the lock, a full disk ----------------------------
+
+
+def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--data", str(data), "--out", str(out), "--max-steps", "2", "--batch-size", "4",
+            "--grad-accum", "1", "--negatives", "hard-text", "--checkpoint-every", "1", *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damaged", ["trainer.json", "model.safetensors"])
+def test_resume_skips_a_damaged_latest_checkpoint_for_the_previous_intact_one(tmp_path, damaged):
+    data = write_pairs(tmp_path / "data")
+    Trainer(config(data, max_steps=2, checkpoint_every=1), tmp_path / "out").train()
+    latest = tmp_path / "out" / "checkpoints" / "step-0000002"
+    assert (latest / damaged).is_file()
+    (latest / damaged).write_bytes((latest / damaged).read_bytes()[:10])  # torn by a crash or a full disk
+    resumed = Trainer(config(data, max_steps=2, checkpoint_every=1), tmp_path / "out")
+    with pytest.warns(UserWarning, match=f"skipping checkpoint {latest}"):
+        resumed.resume()
+    assert resumed.step == 1
+
+
+def test_resume_without_an_intact_checkpoint_names_the_torn_trainer_json(tmp_path, capsys):
+    data = write_pairs(tmp_path / "data")
+    out = tmp_path / "out"
+    assert cli.main(_train_args(data, out, "--max-steps", "1")) == 0
+    state = out / "checkpoints" / "step-0000001" / "trainer.json"
+    state.write_text("")
+    with pytest.warns(UserWarning, match=f"{state} is not valid JSON"):
+        assert cli.main(_train_args(data, out, "--max-steps", "1", "--resume")) == 2
+    assert f"no intact checkpoint under {out / 'checkpoints'}" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_resume_truncates_the_log_to_the_checkpoint(tmp_path):
+    data = write_pairs(tmp_path / "data")
+    out = tmp_path / "out"
+    Trainer(config(data, max_steps=3, checkpoint_every=2), out).train()  # checkpoints at steps 2 and 3
+    shutil.rmtree(out / "checkpoints" / "step-0000003")  # a crash after step 3 was logged, before its checkpoint
+    with open(out / "log.jsonl", "a") as log:
+        log.write('{"step": 4, "lo')  # and a row torn by the crash
+    resumed = Trainer(config(data, max_steps=3, checkpoint_every=2), out)
+    resumed.resume()
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
+    resumed.train()
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_second_writer_of_a_run_folder_is_refused(tmp_path, capsys):
+    import fcntl
+
+    data = write_pairs(tmp_path / "data")
+    out = tmp_path / "out"
+    out.mkdir()
+    # another run holding the folder's lock (flock treats each open file on its own, so this
+    # process can play that run)
+    with open(out / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert cli.main(_train_args(data, out)) == 2
+    assert f"{out} is in use by another process" in capsys.readouterr().err
+    assert not (out / "log.jsonl").exists() and not (out / "checkpoints").exists()
+
+
+def test_a_full_disk_stops_training_with_a_message(tmp_path, capsys, monkeypatch):
+    import errno
+
+    data = write_pairs(tmp_path / "data")
+    out = tmp_path / "out"
+
+    def disk_full(self):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", disk_full)
+    assert cli.main(_train_args(data, out)) == 1
+    err = capsys.readouterr().err
+    assert f"no space left on device while writing to {out}" in err and "--resume" in err

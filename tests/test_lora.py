@@ -22,6 +22,7 @@ from itm_engine.models.lora import (
 )
 
 from fixtures.helpers import make_images
+from fixtures.models import write_malicious_pickle
 
 TEXTS = ["a red circle", "a blue square on the left", "two green triangles"]
 RELEASED = Path(__file__).parents[2] / "shared" / "fixtures" / "diffusion-itm-hardneg-lora"
@@ -195,6 +196,43 @@ def test_missing_checkpoint_is_named(tmp_path):
         load_lora(unet, tmp_path / "nowhere.bin")
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path))):
         load_lora(unet, tmp_path)
+
+
+def test_malicious_pickle_fixture_runs_its_payload(tmp_path):
+    """The crafted file does run its command when unpickled without weights_only: the refusals below
+    are of a live payload."""
+    marker = tmp_path / "payload-ran"
+    torch.load(write_malicious_pickle(tmp_path / LEGACY_WEIGHTS_NAME, marker), weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["torch.save", "bare pickle"])
+def test_malicious_legacy_checkpoint_is_refused(tmp_path, plain):
+    marker = tmp_path / "payload-ran"
+    file = write_malicious_pickle(tmp_path / "lora" / LEGACY_WEIGHTS_NAME, marker, plain=plain)
+    unet = build_random_components("tiny").unet
+    with pytest.raises(ValueError) as info:
+        load_lora(unet, file.parent)
+    message = str(info.value)
+    assert f"{file} was refused as unsafe" in message
+    assert "safetensors.torch.save_file(" in message and "pytorch_lora_weights.safetensors" in message
+    assert not marker.exists() and not hasattr(unet, "peft_config")
+
+
+@pytest.mark.parametrize("name, message", [
+    (WEIGHTS_NAME, "is not a valid safetensors file (truncated?)"),
+    (LEGACY_WEIGHTS_NAME, "is not a readable PyTorch checkpoint (truncated?)"),
+])
+def test_truncated_checkpoint_is_named(saved, tmp_path, name, message):
+    file = tmp_path / name
+    if name == LEGACY_WEIGHTS_NAME:
+        torch.save(legacy_state_dict(build_random_components("tiny").unet), file)
+        data = file.read_bytes()
+    else:
+        data = (saved["folder"] / WEIGHTS_NAME).read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=re.escape(f"{file} {message}")):
+        load_lora(build_random_components("tiny").unet, tmp_path)
 
 
 @pytest.mark.skipif(not (RELEASED / LEGACY_WEIGHTS_NAME).is_file(), reason=f"released checkpoint absent: {RELEASED}")

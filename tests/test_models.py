@@ -21,6 +21,8 @@ from itm_engine.models import (
 )
 from itm_engine.models.architectures import _clip_bpe
 
+from fixtures.models import write_malicious_pickle
+
 SENTENCES = [
     "A photo of a cat.",
     "Hello, WORLD!! it's 3:45pm",
@@ -243,6 +245,38 @@ def test_folder_missing_component(tiny_folder: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="unet") as info:
         load_components(folder)
     assert str(folder) in str(info.value) and "vae" not in str(info.value)
+
+
+# --- unreadable weights files: the message names the file -----------------------------------
+
+@pytest.mark.parametrize("net, name", [("unet", "diffusion_pytorch_model.safetensors"),
+                                       ("text_encoder", "model.safetensors")])
+def test_truncated_safetensors_file_is_named(tiny_folder: Path, tmp_path: Path, net: str, name: str) -> None:
+    folder = shutil.copytree(tiny_folder, tmp_path / "truncated")
+    file = folder / net / name
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    with pytest.raises(ValueError) as info:
+        load_components(folder)
+    assert f"{file} is not a valid safetensors file (truncated?)" in str(info.value)
+
+
+@pytest.mark.parametrize("net, safe_name, bin_name", [
+    ("unet", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+    ("text_encoder", "model.safetensors", "pytorch_model.bin"),
+])
+def test_unsafe_pickle_is_refused_and_named(tiny_folder: Path, tmp_path: Path, net: str, safe_name: str,
+                                            bin_name: str) -> None:
+    folder = shutil.copytree(tiny_folder, tmp_path / "unsafe")
+    (folder / net / safe_name).unlink()
+    marker = tmp_path / "payload-ran"
+    file = write_malicious_pickle(folder / net / bin_name, marker)
+    with pytest.raises(ValueError) as info:
+        load_components(folder)
+    message = str(info.value)
+    assert f"{file} was refused as unsafe" in message
+    assert "posix.system" in message  # torch's reason: the callable the pickle would run
+    assert "save_pretrained(" in message and "safe_serialization=True" in message  # how to convert it
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("source", ["./no/such/model", "/no/such/model", "~/no-model", Path("no-model")])

@@ -12,13 +12,17 @@ hard-negative image's latent under the positive caption. The clamp stops the mod
 
 Every random choice (data order, noise, timesteps, negatives) is derived from (seed, epoch, example
 index), so `--resume` from a checkpoint continues to exactly the losses of an uninterrupted run,
-and N processes sharing a global batch compute the gradient one process would.
+and N processes sharing a global batch compute the gradient one process would. `--resume` takes
+the newest intact checkpoint (a damaged one is skipped with a warning) and cuts `log.jsonl` back
+to its step; the main process holds a lock on the run folder for the run (a second writer is
+refused), and metadata files are replaced atomically (`itm_engine.storage`).
 """
 from __future__ import annotations
 
 import json
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
@@ -28,7 +32,7 @@ import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from itm_engine import extras, options
+from itm_engine import extras, options, storage
 from itm_engine.cache import LatentCache, TextCache
 from itm_engine.hardneg.data import NEGATIVE_KINDS
 from itm_engine.models import SDComponents, load_components
@@ -114,7 +118,7 @@ class Trainer:
         out.mkdir(parents=True, exist_ok=True)
         self.accelerator = Accelerator(
             gradient_accumulation_steps=config.grad_accum, mixed_precision=config.mixed_precision,
-            cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False,
+            cpu=cpu_only(), step_scheduler_with_optimizer=False,
         )
         self.pairs = read_pairs(config.data, config.image_root, config.limit)
         self.val_pairs = read_pairs(config.val_data, config.image_root, config.val_limit) if config.val_data else []
@@ -303,20 +307,45 @@ class Trainer:
         self.accelerator.save_state(str(folder))
         if self.accelerator.is_main_process:
             state = {"step": self.step, "config": options.identity(self.config)}
-            (folder / "trainer.json").write_text(json.dumps(state))
+            storage.atomic_write_text(folder / "trainer.json", json.dumps(state))
         self.accelerator.wait_for_everyone()
 
     def resume(self, folder: Path | None = None) -> None:
-        """Continue from `folder` (default: the latest checkpoint under OUT/checkpoints)."""
-        if folder is None:
-            found = sorted((self.out / "checkpoints").glob("step-*/trainer.json"))
-            if not found:
-                raise FileNotFoundError(f"--resume: no checkpoint under {self.out / 'checkpoints'}")
-            folder = found[-1].parent
-        state = json.loads((folder / "trainer.json").read_text())
-        options.check_same_config(state["config"], options.identity(self.config), folder)
-        self.accelerator.load_state(str(folder))
-        self.step = state["step"]
+        """Continue from `folder` (default: the newest intact checkpoint under OUT/checkpoints).
+
+        A checkpoint whose trainer.json is missing (a crash while saving: it is written last) or
+        unreadable, or whose state does not load, is skipped with a warning naming it, for the
+        one before. A different configuration is refused (ValueError), not skipped. The log is cut
+        back to the checkpoint's step, so the steps after it are logged once."""
+        root = self.out / "checkpoints"
+        candidates = [folder] if folder is not None else sorted(root.glob("step-*"), reverse=True)
+        for candidate in candidates:
+            try:
+                state = storage.read_json(candidate / "trainer.json", hint="a checkpoint torn by a crash")
+            except (FileNotFoundError, ValueError) as err:
+                warnings.warn(f"--resume: skipping checkpoint {candidate}: {err}", stacklevel=2)
+                continue
+            options.check_same_config(state["config"], options.identity(self.config), candidate)
+            try:
+                self.accelerator.load_state(str(candidate))
+            except Exception as err:  # torn or missing weights: safetensors, torch.load and OS errors alike
+                warnings.warn(f"--resume: skipping checkpoint {candidate}: its state does not load "
+                              f"({type(err).__name__}: {err})", stacklevel=2)
+                continue
+            self.step = state["step"]
+            self._truncate_log()
+            return
+        if folder is not None:
+            raise FileNotFoundError(f"--resume: checkpoint {folder} does not load")
+        raise FileNotFoundError(f"--resume: no {'intact ' if candidates else ''}checkpoint under {root}")
+
+    def _truncate_log(self) -> None:
+        """Drop the log rows after the current step (logged after the checkpoint resumed from, so
+        about to be logged again) and a torn last row, in one atomic rewrite."""
+        if self.accelerator.is_main_process and self.log_file.exists():
+            rows = [row for row in storage.read_jsonl(self.log_file) if row.get("step", 0) <= self.step]
+            storage.atomic_write_text(self.log_file, "".join(json.dumps(row) + "\n" for row in rows))
+        self.accelerator.wait_for_everyone()
 
     def save_lora(self) -> Path | None:
         from itm_engine.models.lora import save_lora
@@ -338,6 +367,11 @@ def _tensorboard_writer(folder: Path):
     return SummaryWriter(str(folder))
 
 
+def cpu_only() -> bool:
+    """Whether Accelerate runs on the CPU (no CUDA device)."""
+    return not torch.cuda.is_available()
+
+
 def main(argv: list[str] | None = None) -> int:
     """`itm-train [options]`: HardNeg LoRA fine-tuning."""
     parser = options.parser("itm-train", __doc__.splitlines()[0])
@@ -346,16 +380,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config, run = options.from_args(TrainConfig, args), options.from_args(TrainRun, args)
     out = Path(run.out)
+    # the process state the Trainer's Accelerator will share: the main process locks the folder
+    # before anything is written to it
+    main_process = extras.require("accelerate", "itm-train").PartialState(cpu=cpu_only()).is_main_process
     try:
-        trainer = Trainer(config, out)
-        if run.resume:
-            trainer.resume()
-        elif any((out / "checkpoints").glob("step-*")):
-            raise FileExistsError(f"{out} already holds checkpoints: pass --resume or choose another --out")
-        trainer.train()
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"itm-train: error: {err}", file=sys.stderr)
-        return 2
+        with storage.folder_lock(out, "itm-train", enabled=main_process):
+            trainer = Trainer(config, out)
+            if run.resume:
+                trainer.resume()
+            elif any((out / "checkpoints").glob("step-*")):
+                raise FileExistsError(f"{out} already holds checkpoints: pass --resume or choose another --out")
+            trainer.train()
+    except Exception as err:
+        code = storage.report_failure("itm-train", err, out)
+        if code is None:
+            raise
+        return code
     if trainer.accelerator.is_main_process:
         print(f"wrote {out / 'lora'} and {trainer.log_file}")
     return 0

@@ -14,20 +14,63 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
 import diffusers
 import huggingface_hub
+import safetensors.torch
 import torch
 import transformers
 from huggingface_hub.errors import HFValidationError, IncompleteSnapshotError, LocalEntryNotFoundError
+from safetensors import SafetensorError
 
 from itm_engine.models import registry
 from itm_engine.models.architectures import ARCHITECTURES, build_random_components
 from itm_engine.models.components import SDComponents, frozen, quiet
 
 _COMPONENTS: tuple[str, ...] = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# The safetensors file that replaces a PyTorch .bin: transformers' name, else the same name (diffusers, LoRA).
+_SAFETENSORS_NAMES = {"pytorch_model.bin": "model.safetensors"}
+
+
+class WeightsFileError(ValueError):
+    """A weights file that cannot be read: not valid safetensors, not a readable PyTorch checkpoint,
+    or a pickle that ``torch.load(weights_only=True)`` refuses as unsafe; the message names the file."""
+
+
+def read_weights(file: str | os.PathLike) -> dict[str, Any]:
+    """The state dict in a weights file: a ``.safetensors`` file, any other a PyTorch checkpoint read
+    with ``torch.load(weights_only=True)``, which unpickles tensors and plain containers only (no
+    code in the file runs).
+
+    Raises WeightsFileError naming the file when it is not valid safetensors (e.g. truncated), not
+    a readable checkpoint, or a pickle refused as unsafe (the message says how to convert a
+    trusted one to safetensors).
+    """
+    file = Path(file)
+    if file.suffix == ".safetensors":
+        try:
+            return safetensors.torch.load_file(file, device="cpu")
+        except SafetensorError as err:
+            raise WeightsFileError(f"{file} is not a valid safetensors file (truncated?): {err}") from err
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch wraps the unpickler's own error (its __context__) in a long generic message
+        inner = err.__context__ if isinstance(err.__context__, pickle.UnpicklingError) else err
+        reason = str(inner).strip().split(". ")[0].rstrip(".")
+        target = _SAFETENSORS_NAMES.get(file.name, file.with_suffix(".safetensors").name)
+        raise WeightsFileError(
+            f"{file} was refused as unsafe: torch.load(weights_only=True) will not unpickle it ({reason}); "
+            "unpickling it could run code from the file. If you trust where it came from, convert it to "
+            f"safetensors once: state = torch.load({str(file)!r}, weights_only=False), then "
+            f"safetensors.torch.save_file(state, {str(file.with_name(target))!r}) (or load the model with it and "
+            "save_pretrained(folder, safe_serialization=True)), and load that instead."
+        ) from err
+    except (RuntimeError, OSError, EOFError) as err:  # what torch raises for a damaged zip or pickle
+        raise WeightsFileError(f"{file} is not a readable PyTorch checkpoint (truncated?): {err}") from err
 
 
 def save_random_model(
@@ -68,7 +111,15 @@ def _load_folder(folder: Path, source: str) -> SDComponents:
 
     def weights(cls: Any, name: str) -> Any:
         use_safetensors = any((folder / name).glob("*.safetensors"))
-        return cls.from_pretrained(folder, subfolder=name, use_safetensors=use_safetensors)
+        try:
+            return cls.from_pretrained(folder, subfolder=name, use_safetensors=use_safetensors)
+        except Exception:
+            # diffusers and transformers report a damaged or refused weights file without its cause
+            # or without its name: read each file `from_pretrained` would have read to find the one
+            # (read_weights raises WeightsFileError naming it); nothing wrong there, the error stands
+            for file in sorted((folder / name).glob("*.safetensors" if use_safetensors else "*.bin")):
+                read_weights(file)
+            raise
 
     unet_config_file = folder / "unet" / "config.json"
     unet_config = json.loads(unet_config_file.read_text()) if unet_config_file.is_file() else {}
@@ -134,7 +185,9 @@ def load_components(
        Hugging Face cache (``cache_dir``, default ``HF_HUB_CACHE``/``HF_HOME``), then loaded as 2.
 
     Raises FileNotFoundError when the source cannot be found (the message says how to get it)
-    or a folder lacks a component, and ValueError for a prediction type other than
+    or a folder lacks a component, WeightsFileError (a ValueError) naming a weights file that is
+    not valid safetensors, not a readable checkpoint, or a pickle refused as unsafe (with how to
+    convert it to safetensors), and ValueError for a prediction type other than
     ``"epsilon"``/``"v_prediction"``. The result is on ``device``/``dtype``, in eval mode,
     with gradients off.
     """

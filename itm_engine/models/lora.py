@@ -26,6 +26,8 @@ from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
+from itm_engine.models.loading import read_weights
+
 ADAPTER = "default"
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 LEGACY_WEIGHTS_NAME = "pytorch_lora_weights.bin"
@@ -109,21 +111,19 @@ def read_lora(path: str | os.PathLike, unet: torch.nn.Module) -> tuple[dict[str,
     config (None for files without one). Only reads shapes from `unet`, so a UNet on the meta
     device validates a checkpoint without materialising any weights.
 
-    Raises FileNotFoundError for a missing file and ValueError naming every key (as written in
-    the file) that does not map onto a linear layer of `unet`, lacks its A/B partner, or has the
-    wrong shape.
+    Raises FileNotFoundError for a missing file, WeightsFileError (a ValueError, `read_weights`)
+    naming a file that is not valid safetensors, not a readable checkpoint, or a pickle refused as
+    unsafe, and ValueError naming every key (as written in the file) that does not map onto a
+    linear layer of `unet`, lacks its A/B partner, or has the wrong shape.
     """
     file = _weights_file(Path(path))
+    raw = read_weights(file)
+    config = None
     if file.suffix == ".safetensors":
-        raw = safetensors.torch.load_file(file, device="cpu")
         with safetensors.safe_open(file, framework="pt") as handle:
-            stored = json.loads((handle.metadata() or {}).get(LORA_ADAPTER_METADATA_KEY, "null"))
-        if stored and any(k.startswith("unet.") for k in stored):  # pipeline files; not unet.save_lora_adapter's
-            stored = {k.removeprefix("unet."): v for k, v in stored.items() if k.startswith("unet.")}
-        config = stored
-    else:
-        raw = torch.load(file, map_location="cpu", weights_only=True)
-        config = None
+            config = json.loads((handle.metadata() or {}).get(LORA_ADAPTER_METADATA_KEY, "null"))
+        if config and any(k.startswith("unet.") for k in config):  # pipeline files; not unet.save_lora_adapter's
+            config = {k.removeprefix("unet."): v for k, v in config.items() if k.startswith("unet.")}
     if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
         raise ValueError(f"{file}: not a LoRA state dict (a mapping of names to tensors)")
     # diffusers' mapping: drop ".processor.", "to_q_lora.down" -> "to_q.lora_A", "to_out_lora" -> "to_out.0", ...

@@ -13,7 +13,20 @@ import torch
 
 from itm_engine.metrics import macro_accuracy
 from itm_engine.tasks import register
-from itm_engine.tasks.base import Crop, DataError, Example, Task, require
+from itm_engine.tasks.base import (
+    Crop,
+    DataError,
+    Example,
+    Task,
+    check_id,
+    check_number,
+    check_string,
+    check_strings,
+    malformed,
+    require,
+    wrong_field,
+)
+from itm_engine.tasks.flickr30k import karpathy_captions
 
 # -- VG-Relation / VG-Attribution -----------------------------------------------------------------
 
@@ -65,27 +78,19 @@ class _VisualGenome(Task):
         where = f"{self.annotations} row {index}"
         keys = ("image_path", "bbox_x", "bbox_y", "bbox_w", "bbox_h", "true_caption", "false_caption", self.group_field)
         require(row, keys, where, self.name)
-        for key in ("true_caption", "false_caption"):
-            if not isinstance(row[key], str) or not row[key].strip():
-                raise DataError(f"{self.name}: {where}: malformed row: {key} must be a non-empty string")
-        if not isinstance(row["image_path"], str) or not row["image_path"]:
-            raise DataError(f"{self.name}: {where}: malformed row: image_path must be a non-empty string")
-        x, y, w, h = (_pixels(row[k], k, where, self.name) for k in ("bbox_x", "bbox_y", "bbox_w", "bbox_h"))
+        texts = tuple(check_string(row[k], k, where, self.name) for k in ("true_caption", "false_caption"))
+        image = check_string(row["image_path"], "image_path", where, self.name)
+        # fractional boxes are rounded to whole pixels
+        x, y, w, h = (int(round(check_number(row[k], k, where, self.name)))
+                      for k in ("bbox_x", "bbox_y", "bbox_w", "bbox_h"))
         if w <= 0 or h <= 0:
-            raise DataError(f"{self.name}: {where}: malformed row: empty box (bbox_w={w}, bbox_h={h})")
+            raise malformed(where, f"empty box (bbox_w={w}, bbox_h={h})", self.name)
         meta = self._meta(row[self.group_field], where)
-        path = self.path(Path("images") / row["image_path"], where)
-        return Example(id=str(index), images=(Crop(path, (x, y, x + w, y + h)),),
-                       texts=(row["true_caption"], row["false_caption"]), label=0, meta=meta)
+        path = self.path(Path("images") / image, where)
+        return Example(id=str(index), images=(Crop(path, (x, y, x + w, y + h)),), texts=texts, label=0, meta=meta)
 
     def _meta(self, value: Any, where: str) -> dict:
         raise NotImplementedError
-
-
-def _pixels(value: Any, key: str, where: str, task: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise DataError(f"{task}: {where}: malformed row: {key} must be a number, got {value!r}")
-    return int(round(value))
 
 
 @register
@@ -123,9 +128,7 @@ class VGRelation(_VisualGenome):
     group_field = "relation_name"
 
     def _meta(self, value: Any, where: str) -> dict:
-        if not isinstance(value, str) or not value:
-            raise DataError(f"{self.name}: {where}: malformed row: relation_name must be a non-empty string")
-        return {"relation": value}
+        return {"relation": check_string(value, "relation_name", where, self.name)}
 
     def metrics(self, examples: Sequence[Example], scores: dict[str, Sequence[torch.Tensor]]) -> dict[str, float]:
         correct = self.correct(examples, scores)
@@ -168,9 +171,7 @@ class VGAttribution(_VisualGenome):
     group_field = "attributes"
 
     def _meta(self, value: Any, where: str) -> dict:
-        if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) and v for v in value)):
-            raise DataError(f"{self.name}: {where}: malformed row: attributes must be a list of two strings")
-        return {"attributes": list(value)}
+        return {"attributes": check_strings(value, "attributes", where, self.name, length=2)}
 
     def metrics(self, examples: Sequence[Example], scores: dict[str, Sequence[torch.Tensor]]) -> dict[str, float]:
         correct = self.correct(examples, scores)
@@ -398,18 +399,12 @@ class _Order(Task):
         return {"accuracy": sum(correct) / len(correct)}
 
 
-def _caption_text(value: Any, where: str, task: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise DataError(f"{task}: {where}: malformed row: a caption must be a non-empty string")
-    return value
-
-
 def _file_name(value: Any, key: str, where: str, task: str) -> str:
-    if not isinstance(value, str) or not value or value.endswith(("/", "\\")):
-        raise DataError(f"{task}: {where}: malformed row: {key} must be an image file name")
-    if Path(value).name in ("..", "."):
-        raise DataError(f"{task}: {where}: malformed row: {key} {value!r} is not a file name")
-    return value
+    """An image file name (a path whose last part names a file), checked."""
+    name = check_string(value, key, where, task)
+    if name.endswith(("/", "\\")) or Path(name).name in ("..", "."):
+        raise wrong_field(value, key, "an image file name", where, task)
+    return name
 
 
 def _karpathy(task: str, file: str, data: dict, split: str = "test") -> list[tuple[str, str, list[str]]]:
@@ -420,14 +415,11 @@ def _karpathy(task: str, file: str, data: dict, split: str = "test") -> list[tup
     for i, row in enumerate(data["images"]):
         where = f"{file} images[{i}]"
         require(row, ("split",), where, task)
-        if row["split"] != split:
+        if check_string(row["split"], "split", where, task) != split:
             continue
         require(row, ("filename", "sentences"), where, task)
-        if not isinstance(row["sentences"], list) or not row["sentences"]:
-            raise DataError(f"{task}: {where}: malformed row: sentences must be a non-empty list")
-        captions = [_caption_text(s.get("raw") if isinstance(s, dict) else None, f"{where} sentences[{j}]", task)
-                    for j, s in enumerate(row["sentences"])]
-        out.append((where, _file_name(row["filename"], "filename", where, task), captions))
+        out.append((where, _file_name(row["filename"], "filename", where, task),
+                    karpathy_captions(row["sentences"], where, task)))
     return out
 
 
@@ -440,11 +432,10 @@ def _caption_list(task: str, file: str, data: Any) -> list[tuple[str, str, list[
     for i, row in enumerate(data):
         where = f"{file} row {i}"
         require(row, ("image", "caption"), where, task)
-        captions = row["caption"] if isinstance(row["caption"], list) else [row["caption"]]
-        if not captions:
-            raise DataError(f"{task}: {where}: malformed row: caption is an empty list")
         image = _file_name(row["image"], "image", where, task)
-        texts = [_caption_text(c, f"{where} caption {j}", task) for j, c in enumerate(captions)]
+        caption = row["caption"]
+        texts = (check_strings(caption, "caption", where, task) if isinstance(caption, list)
+                 else [check_string(caption, "caption", where, task)])
         out.append((where, Path(image).name, texts))
     return out
 
@@ -452,23 +443,25 @@ def _caption_list(task: str, file: str, data: Any) -> list[tuple[str, str, list[
 def _coco_captions(task: str, file: str, data: dict) -> list[tuple[str, str, list[str]]]:
     """COCO captions file {"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}:
     images in file order, each with its captions in annotation order; images without captions
-    are left out."""
+    are left out. Image ids are compared as strings (`check_id`): 7 and "7" are one image."""
     images, annotations = data.get("images"), data.get("annotations")
     if not isinstance(images, list) or not isinstance(annotations, list):
         raise DataError(f"{task}: {file}: expected an object with 'images' and 'annotations' lists")
-    rows: dict[Any, tuple[str, str, list[str]]] = {}
+    rows: dict[str, tuple[str, str, list[str]]] = {}
     for i, row in enumerate(images):
         where = f"{file} images[{i}]"
         require(row, ("id", "file_name"), where, task)
-        if row["id"] in rows:
-            raise DataError(f"{task}: {where}: image id {row['id']!r} is listed twice")
-        rows[row["id"]] = (where, _file_name(row["file_name"], "file_name", where, task), [])
+        image_id = check_id(row["id"], "id", where, task)
+        if image_id in rows:
+            raise DataError(f"{task}: {where}: image id {image_id!r} is listed twice")
+        rows[image_id] = (where, _file_name(row["file_name"], "file_name", where, task), [])
     for i, row in enumerate(annotations):
         where = f"{file} annotations[{i}]"
         require(row, ("image_id", "caption"), where, task)
-        if row["image_id"] not in rows:
-            raise DataError(f"{task}: {where}: malformed row: image_id {row['image_id']!r} is not in 'images'")
-        rows[row["image_id"]][2].append(_caption_text(row["caption"], where, task))
+        image_id = check_id(row["image_id"], "image_id", where, task)
+        if image_id not in rows:
+            raise malformed(where, f"image_id {row['image_id']!r} is not in 'images'", task)
+        rows[image_id][2].append(check_string(row["caption"], "caption", where, task))
     return [r for r in rows.values() if r[2]]
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import json
+import math
 import os
 import zipfile
 from dataclasses import dataclass, field
@@ -102,7 +103,8 @@ class Task(abc.ABC):
     Subclasses set `name`, `modes` and `description`, implement `load_examples` and `metrics`,
     and document their on-disk layout in the class docstring. Use `self.path(relative, where)` to
     resolve every file the dataset names (it refuses paths outside the data root and handles
-    missing files) and raise `DataError` naming the file and row for malformed rows.
+    missing files), the `check_*` functions of this module to read the fields of a row, and raise
+    `DataError` naming the file and row (`malformed`) for any other malformed row.
     """
 
     name: str = ""
@@ -175,32 +177,49 @@ class Task(abc.ABC):
     # -- helpers for loaders ----------------------------------------------------------------
 
     def image(self, value: Any, where: str) -> ImageRef:
-        """An image a row names: an image made in memory as it is, else a file path (`path`)."""
-        return value if isinstance(value, PIL.Image.Image) else self.path(value, where)
+        """An image a row names (its field "image"): an image made in memory as it is, else a file
+        path relative to the root (`check_string`, then `path`)."""
+        if isinstance(value, PIL.Image.Image):
+            return value
+        return self.path(check_string(value, "image", where, self.name), where)
+
+    def real_path(self, path: str | os.PathLike) -> Path | None:
+        """`path` (absolute, or relative to the data root) with every symlink followed and every `..`
+        applied (`os.path.realpath`), or None when that lies outside the (equally resolved) data root
+        or names no file at all (a NUL character, which the OS refuses).
+
+        The one containment check of every file or folder a dataset names: a symlink inside the
+        root that leads out of it is outside, one that stays inside is fine.
+        """
+        try:
+            real = Path(os.path.realpath(self.root / path))
+        except ValueError:  # embedded NUL
+            return None
+        return real if real.is_relative_to(self.root) else None
 
     def path(self, relative: str | os.PathLike, where: str) -> str:
-        """Absolute path of a file the dataset names, checked.
+        """Real absolute path of a file the dataset names, checked (`real_path`).
 
         Raises DataError when it resolves outside the data root, MissingData (caught by
         `examples_from`) when the file does not exist; `where` names the row for the message.
         """
-        full = Path(os.path.normpath(self.root / relative))  # lexical: symlinked image folders are fine
-        if not full.is_relative_to(self.root):
+        full = self.real_path(relative)
+        if full is None:
             raise DataError(f"{self.name}: {where}: image path {str(relative)!r} resolves outside the data "
-                            f"root {self.root}")
+                            f"root {self.root} (symlinks are followed: give a --data-root that holds the files)")
         if not full.is_file():
             raise MissingData(f"{self.name}: {where}: missing image file {str(full)!r}")
         return str(full)
 
     def image_folder(self, value: Any, defaults: Sequence[str]) -> str:
         """The image folder, relative to the root: option `value` (checked to be a folder inside
-        the root), else the first of `defaults` that exists (else the first of them)."""
+        the root, `real_path`), else the first of `defaults` that exists (else the first of them)."""
         if value is None:
             return next((d for d in defaults if (self.root / d).is_dir()), defaults[0])
         if not isinstance(value, (str, os.PathLike)):
             raise ValueError(f"{self.name}: option image_dir must be a folder path, got {value!r}")
-        folder = (self.root / value).resolve()
-        if not folder.is_relative_to(self.root) or not folder.is_dir():
+        folder = self.real_path(value)
+        if folder is None or not folder.is_dir():
             raise ValueError(f"{self.name}: option image_dir {str(value)!r} is not a folder inside {self.root}")
         return str(folder.relative_to(self.root))
 
@@ -245,12 +264,95 @@ class MissingData(Exception):
     """A file a row names does not exist (turned into DataError or a skip by `examples_from`)."""
 
 
+# -- checking the rows of a dataset ---------------------------------------------------------------
+#
+# Every check names `task` (when given) and `where` (the file and row) in its DataError, in one form:
+# "TASK: WHERE: malformed row: PROBLEM" (`malformed`), a field's problem as "FIELD must be WHAT, got
+# VALUE" (`wrong_field`). The `check_*` functions return the value they checked (as the type they
+# promise), so a loader reads each field through one of them.
+
+
+def malformed(where: str, problem: str, task: str | None = None) -> DataError:
+    """The DataError of a malformed row: "TASK: WHERE: malformed row: PROBLEM" (no "TASK: " without `task`)."""
+    return DataError(f"{task}: {where}: malformed row: {problem}" if task else f"{where}: malformed row: {problem}")
+
+
+def wrong_field(value: Any, name: str, expected: str, where: str, task: str | None = None) -> DataError:
+    """The DataError of a field with a bad value: "... malformed row: NAME must be EXPECTED, got VALUE"
+    (its repr, cut at 80 characters)."""
+    shown = repr(value)
+    return malformed(where, f"{name} must be {expected}, got {shown if len(shown) <= 80 else shown[:77] + '...'}",
+                     task)
+
+
 def require(row: Any, keys: Sequence[str], where: str, task: str | None = None) -> None:
     """Raise DataError unless `row` is a dict with all `keys`; the message names `task` (when
     given) and `where` (file and row)."""
-    prefix = f"{task}: {where}" if task else where
     if not isinstance(row, dict):
-        raise DataError(f"{prefix}: malformed row: expected an object, got {type(row).__name__}")
+        raise malformed(where, f"expected an object, got {type(row).__name__}", task)
     missing = [k for k in keys if k not in row]
     if missing:
-        raise DataError(f"{prefix}: malformed row: missing field(s) {', '.join(missing)}")
+        raise malformed(where, f"missing field(s) {', '.join(missing)}", task)
+
+
+def check_string(value: Any, name: str, where: str, task: str | None = None) -> str:
+    """`value` (field `name` of the row `where`), checked to be a string with a non-space character."""
+    if not isinstance(value, str) or not value.strip():
+        raise wrong_field(value, name, "a non-empty string", where, task)
+    return value
+
+
+def check_id(value: Any, name: str, where: str, task: str | None = None) -> str:
+    """`value` as an id: a non-empty string as it is, an integer (not a bool) in decimal, so that
+    7 and "7" are the same id."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise wrong_field(value, name, "a non-empty string or an integer", where, task)
+    return value
+
+
+def check_int(value: Any, name: str, where: str, task: str | None = None, *, low: int | None = None,
+              high: int | None = None) -> int:
+    """`value` as an integer: an int (not a bool), or a string of ASCII digits (a column of a text
+    or CSV file, a key of a JSON object); checked to lie in [low, high] where given."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        number = int(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    else:
+        number = None
+    if number is None or (low is not None and number < low) or (high is not None and number > high):
+        if low is not None and high is not None:
+            expected = f"an integer from {low} to {high}"
+        elif low is not None or high is not None:
+            expected = f"an integer >= {low}" if low is not None else f"an integer <= {high}"
+        else:
+            expected = "an integer"
+        raise wrong_field(value, name, expected, where, task)
+    return number
+
+
+def check_number(value: Any, name: str, where: str, task: str | None = None) -> float:
+    """`value`, checked to be a finite number (an int or a float, not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise wrong_field(value, name, "a finite number", where, task)
+    return value
+
+
+def check_list(value: Any, name: str, where: str, task: str | None = None, *, length: int | None = None,
+               of: str = "items") -> list:
+    """`value`, checked to be a non-empty list (of exactly `length` items where given); `of` says
+    what the items are, for the message."""
+    if not isinstance(value, list) or not value or (length is not None and len(value) != length):
+        expected = f"a list of {length} {of}" if length else f"a non-empty list of {of}"
+        raise wrong_field(value, name, expected, where, task)
+    return value
+
+
+def check_strings(value: Any, name: str, where: str, task: str | None = None, *,
+                  length: int | None = None) -> list[str]:
+    """`value`, checked to be a non-empty list (of `length` items where given) of non-empty strings
+    (`check_string`; item i is named "name[i]")."""
+    items = check_list(value, name, where, task, length=length, of="strings")
+    return [check_string(item, f"{name}[{i}]", where, task) for i, item in enumerate(items)]

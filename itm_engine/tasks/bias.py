@@ -9,7 +9,7 @@ import torch
 
 from itm_engine.metrics import bias_phi, effect_size, permutation_p_value
 from itm_engine.tasks import register
-from itm_engine.tasks.base import DataError, Example, Task
+from itm_engine.tasks.base import DataError, Example, Task, check_strings
 
 CATEGORIES = {
     "Religion": ("Christian", "Muslim", "Jewish", "Hindu", "Buddhist"),
@@ -180,10 +180,7 @@ class Bias(Task):
         key = next((k for k in (kind, f"{kind}_phrases") if k in data), None)
         if key is None:
             raise DataError(f"{self.name}: {relative}: malformed file: no {kind!r} (or {kind + '_phrases'!r}) list")
-        value = data[key]
-        if not isinstance(value, list) or not all(isinstance(p, str) and p.strip() for p in value):
-            raise DataError(f"{self.name}: {relative} [{key!r}]: malformed entry: expected a list of non-empty strings")
-        return [p.strip() for p in value]
+        return [p.strip() for p in check_strings(data[key], key, relative, self.name)]
 
     def load_examples(self) -> Iterable[Example]:
         pleasant, unpleasant = self._phrase_lists()

@@ -8,7 +8,7 @@ import torch
 
 from itm_engine.metrics import accuracy_by_group
 from itm_engine.tasks import register
-from itm_engine.tasks.base import DataError, Example, Task
+from itm_engine.tasks.base import DataError, Example, Task, check_list, check_strings
 
 SUBTASKS = ("pair_binding_size", "pair_binding_color", "recognition_color", "recognition_shape", "spatial",
             "binding_color_shape", "binding_shape_color")
@@ -86,13 +86,9 @@ class CLEVR(Task):
                                 "[[positive, negative], ...]}")
             for image, pairs in data.items():
                 where = f"{file} [{image!r}]"
-                if not isinstance(pairs, list):
-                    raise DataError(f"{self.name}: {where}: malformed row: expected a list of [positive, "
-                                    "negative] pairs")
+                check_list(pairs, "pairs", where, self.name, of="[positive, negative] pairs")
                 for k, pair in enumerate(pairs):
-                    if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) and t for t in pair)):
-                        raise DataError(f"{self.name}: {where} pair {k}: malformed row: expected [positive, "
-                                        "negative] strings")
+                    pair = check_strings(pair, f"pairs[{k}]", where, self.name, length=2)
                     rows.append((where, (where, subtask, image, k, pair)))
         return list(self.examples_from(rows, self._build))
 

@@ -12,11 +12,21 @@ import torch
 
 from itm_engine.metrics import recall_at_k
 from itm_engine.tasks import register
-from itm_engine.tasks.base import DataError, Example, Task, require
+from itm_engine.tasks.base import DataError, Example, Task, check_list, check_string, check_strings, require
 
 KARPATHY_JSON = "dataset_flickr30k.json"
 IMAGE_DIRS = ("flickr30k-images", "images")
 KS = (1, 5, 10)
+
+
+def karpathy_captions(sentences: Any, where: str, task: str) -> list[str]:
+    """The captions of a row of a Karpathy split file: its "sentences", a non-empty list of
+    {"raw": caption} objects, checked (the row `where` of `task`; sentence j is "where sentences[j]")."""
+    captions = []
+    for j, sentence in enumerate(check_list(sentences, "sentences", where, task, of="{'raw': caption} objects")):
+        require(sentence, ("raw",), f"{where} sentences[{j}]", task)
+        captions.append(check_string(sentence["raw"], "raw", f"{where} sentences[{j}]", task))
+    return captions
 
 
 @dataclass(frozen=True)
@@ -115,21 +125,12 @@ class _Flickr30K(Task):
         for i, row in enumerate(data["images"]):
             where = f"{KARPATHY_JSON} images[{i}]"
             require(row, ("split",), where, self.name)
-            splits.add(str(row["split"]))
+            splits.add(check_string(row["split"], "split", where, self.name))
             if row["split"] != self.split:
                 continue
             require(row, ("filename", "sentences"), where, self.name)
-            filename, sentences = row["filename"], row["sentences"]
-            if not isinstance(filename, str) or not filename:
-                raise DataError(f"{self.name}: {where}: malformed row: filename must be a non-empty string")
-            if not isinstance(sentences, list) or not sentences:
-                raise DataError(f"{self.name}: {where}: malformed row: sentences must be a non-empty list")
-            captions = []
-            for j, sentence in enumerate(sentences):
-                raw = sentence.get("raw") if isinstance(sentence, dict) else None
-                if not isinstance(raw, str) or not raw.strip():
-                    raise DataError(f"{self.name}: {where}: malformed row: sentences[{j}] has no 'raw' caption")
-                captions.append(raw)
+            filename = check_string(row["filename"], "filename", where, self.name)
+            captions = karpathy_captions(row["sentences"], where, self.name)
             rows.append(_Row(f"{where} ({filename})", filename, tuple(captions)))
         if not rows:
             raise ValueError(f"{self.name}: no images of split {self.split!r} in {KARPATHY_JSON}; "
@@ -172,8 +173,7 @@ class _Flickr30K(Task):
         entries = []
         for key, values in data.items():
             where = f"{file.name} [{key!r}]"
-            if not isinstance(values, list) or not values or not all(isinstance(v, str) and v for v in values):
-                raise DataError(f"{self.name}: {where}: malformed entry: expected a non-empty list of strings")
+            values = check_strings(values, "candidates", where, self.name)
             entries.append((where, key, values[: self.topk] if self.topk else values))
         return entries
 
@@ -191,8 +191,9 @@ class _Flickr30K(Task):
         return examples
 
     def _file_name(self, value: str, where: str) -> str:
-        """The file name of an image path from a candidates file; refuses paths outside the root."""
-        if not (self.root / value).resolve().is_relative_to(self.root):
+        """The file name of an image path from a candidates file; refuses paths outside the root
+        (`real_path`)."""
+        if self.real_path(value) is None:
             raise DataError(f"{self.name}: {where}: image path {value!r} resolves outside the data root {self.root}")
         return Path(value).name
 

@@ -7,7 +7,7 @@ import torch
 
 from itm_engine.metrics import accuracy
 from itm_engine.tasks import register
-from itm_engine.tasks.base import DataError, Example, Task
+from itm_engine.tasks.base import DataError, Example, Task, check_int, check_string, malformed
 
 SET_SIZE = 10
 SUBSETS = ("static", "video", "all")
@@ -62,18 +62,16 @@ class ImageCoDe(Task):
             if self.subset != "all" and ("open-images" in image_set) != (self.subset == "static"):
                 continue
             if not isinstance(descriptions, dict):
-                raise DataError(f"{self.name}: {file} [{image_set!r}]: malformed row: expected {{index: description}}")
+                raise malformed(f"{file} [{image_set!r}]", "expected {index: description}", self.name)
             rows += [(f"{file} [{image_set!r}][{index!r}]", (image_set, index, text))
                      for index, text in descriptions.items()]
 
         def build(item: tuple[str, tuple[str, str, Any]]) -> Example:
             where, (image_set, index, text) = item
-            if not index.isdigit() or not 0 <= int(index) < SET_SIZE:
-                raise DataError(f"{self.name}: {where}: malformed row: index must be 0..{SET_SIZE - 1}")
-            if not isinstance(text, str) or not text.strip():
-                raise DataError(f"{self.name}: {where}: malformed row: the description must be a non-empty string")
+            label = check_int(index, "index", where, self.name, low=0, high=SET_SIZE - 1)
+            text = check_string(text, "description", where, self.name)
             images = tuple(self.path(f"{folder}/{image_set}/img{i}.jpg", where) for i in range(SET_SIZE))
-            return Example(id=f"{image_set}#{int(index)}", images=images, texts=(text,), label=int(index))
+            return Example(id=f"{image_set}#{label}", images=images, texts=(text,), label=label)
 
         return list(self.examples_from(((where, (where, row)) for where, row in rows), build))
 

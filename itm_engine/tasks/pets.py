@@ -8,7 +8,7 @@ import torch
 
 from itm_engine.metrics import macro_accuracy
 from itm_engine.tasks import register
-from itm_engine.tasks.base import DataError, Example, Task
+from itm_engine.tasks.base import DataError, Example, Task, check_int, malformed
 
 PROMPT = "a photo of a {breed}, a type of pet."
 _IMAGE_NAME = re.compile(r"^(?P<breed>.+)_(?P<n>\d+)$")  # Breed_Name_123 (cats capitalised, dogs lower case)
@@ -152,10 +152,9 @@ class Pets(Task):
             where = f"{relative}:{number}"
             fields = line.split()
             match = _IMAGE_NAME.match(fields[0])
-            if len(fields) < 2 or not match or not fields[1].isdigit():
-                raise DataError(f"{self.name}: {where}: malformed row {line.strip()!r}: expected "
-                                "'Breed_Name_n CLASS-ID ...'")
-            breed, class_id = match["breed"], int(fields[1])
+            if len(fields) < 2 or not match:
+                raise malformed(where, f"{line.strip()!r}: expected 'Breed_Name_n CLASS-ID ...'", self.name)
+            breed, class_id = match["breed"], check_int(fields[1], "class id", where, self.name, low=1)
             if class_of.setdefault(class_id, breed).lower() != breed.lower():
                 raise DataError(f"{self.name}: {where}: class id {class_id} is {class_of[class_id]!r} elsewhere, "
                                 f"here {breed!r}")

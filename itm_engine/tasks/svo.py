@@ -9,7 +9,16 @@ import torch
 
 from itm_engine.metrics import accuracy
 from itm_engine.tasks import register
-from itm_engine.tasks.base import DataError, Example, Task
+from itm_engine.tasks.base import (
+    DataError,
+    Example,
+    Task,
+    check_id,
+    check_string,
+    malformed,
+    require,
+    wrong_field,
+)
 
 TYPES = ("subj", "verb", "obj")
 FILES = ("svo_probes.csv", "svo_probes.jsonl", "svo.json")
@@ -66,11 +75,8 @@ class SVOProbes(Task):
     def load_examples(self) -> Iterable[Example]:
         def build(item: tuple[int, str, Any]) -> Example:
             n, where, row = item
-            if not isinstance(row, dict):
-                raise DataError(f"{self.name}: {where}: malformed row: expected an object, got {type(row).__name__}")
-            sentence = row.get("sentence")
-            if not isinstance(sentence, str) or not sentence.strip():
-                raise DataError(f"{self.name}: {where}: malformed row: missing or empty sentence")
+            require(row, (), where, self.name)
+            sentence = check_string(row.get("sentence"), "sentence", where, self.name)
             images = tuple(self.path(Path("images") / self._image_name(row, columns, where), where)
                            for columns in (POS_COLUMNS, NEG_COLUMNS))
             return Example(id=str(n), images=images, texts=(sentence,), label=0, meta={"type": self._type(row, where)})
@@ -79,22 +85,22 @@ class SVOProbes(Task):
         return list(self.examples_from(rows, build))
 
     def _image_name(self, row: dict, columns: Sequence[str], where: str) -> str:
-        value = next((row[c] for c in columns if row.get(c) not in (None, "")), None)
-        if isinstance(value, bool) or not isinstance(value, (str, int)):
-            raise DataError(f"{self.name}: {where}: malformed row: missing image column ({' or '.join(columns)})")
-        name = str(value).strip()
+        """The image file name in the first of `columns` with a value (null and "" count as absent):
+        a file name, or an id (a string or an integer) that gets ".jpg"."""
+        column = next((c for c in columns if row.get(c) not in (None, "")), None)
+        if column is None:
+            raise malformed(where, f"missing image column ({' or '.join(columns)})", self.name)
+        name = check_id(row[column], column, where, self.name).strip()
         return name if Path(name).suffix else f"{name}.jpg"
 
     def _type(self, row: dict, where: str) -> str:
-        if row.get("neg_type") not in (None, ""):
+        if row.get("neg_type") not in (None, ""):  # absent in the original files, which have the flags
             if row["neg_type"] not in TYPES:
-                raise DataError(f"{self.name}: {where}: malformed row: neg_type must be one of "
-                                f"{', '.join(TYPES)}, got {row['neg_type']!r}")
+                raise wrong_field(row["neg_type"], "neg_type", f"one of {', '.join(TYPES)}", where, self.name)
             return row["neg_type"]
         flags = {t: _flag(row.get(f"{t}_neg"), f"{t}_neg", where, self.name) for t in TYPES}
         if sum(flags.values()) != 1:
-            raise DataError(f"{self.name}: {where}: malformed row: needs neg_type, "
-                            "or exactly one of subj_neg, verb_neg, obj_neg true")
+            raise malformed(where, "needs neg_type, or exactly one of subj_neg, verb_neg, obj_neg true", self.name)
         return next(t for t, on in flags.items() if on)
 
     def metrics(self, examples: Sequence[Example], scores: dict[str, Sequence[torch.Tensor]]) -> dict[str, float]:
@@ -119,4 +125,4 @@ def _flag(value: Any, key: str, where: str, task: str) -> bool:
         return False
     if str(value).strip().lower() in TRUE:
         return True
-    raise DataError(f"{task}: {where}: malformed row: {key} must be a boolean, got {value!r}")
+    raise wrong_field(value, key, "a boolean", where, task)

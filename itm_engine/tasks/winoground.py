@@ -10,7 +10,19 @@ import torch
 
 from itm_engine.metrics import grouped_accuracy, winoground
 from itm_engine.tasks import register
-from itm_engine.tasks.base import DataError, Example, ImageRef, MissingData, Task, ZipMember, require
+from itm_engine.tasks.base import (
+    DataError,
+    Example,
+    ImageRef,
+    MissingData,
+    Task,
+    ZipMember,
+    check_id,
+    check_string,
+    check_strings,
+    require,
+    wrong_field,
+)
 
 
 @register
@@ -61,12 +73,16 @@ class Winoground(Task):
         return [(f"data.json[{i}]", row) for i, row in enumerate(data)]
 
     def _archive(self) -> tuple[Path, dict[str, str]] | None:
-        """The images zip and {image file name: member}, when the images come in one."""
+        """The images zip and {image file name: member}, when the images come in one (checked to
+        lie inside the data root, `real_path`)."""
         if (self.root / "images").is_dir():
             return None
-        archive = next((f for f in (self.root / "data" / "images.zip", self.root / "images.zip") if f.is_file()), None)
-        if archive is None:
+        relative = next((f for f in ("data/images.zip", "images.zip") if (self.root / f).is_file()), None)
+        if relative is None:
             return None
+        archive = self.real_path(relative)
+        if archive is None:
+            raise DataError(f"{self.name}: {relative} resolves outside the data root {self.root}")
         try:
             with zipfile.ZipFile(archive) as opened:
                 names = [n for n in opened.namelist() if not n.endswith("/")]
@@ -74,11 +90,11 @@ class Winoground(Task):
             raise DataError(f"{self.name}: {archive}: not a readable zip archive ({err})") from None
         return archive, {PurePosixPath(n).name: n for n in names}
 
-    def _image(self, row: dict, i: int, where: str, archive: tuple[Path, dict[str, str]] | None,
+    def _image(self, row: dict, example_id: str, i: int, where: str, archive: tuple[Path, dict[str, str]] | None,
                folder: str) -> ImageRef:
-        stem = row.get(f"image_{i}") or f"ex_{row['id']}_img_{i}"
-        if not isinstance(stem, str):
-            raise DataError(f"{self.name}: {where}: malformed row: image_{i} must be an image name")
+        """Image i of the row: named by field image_i (the Hugging Face copy), else ex_{id}_img_{i}."""
+        key = f"image_{i}"
+        stem = check_string(row[key], key, where, self.name) if key in row else f"ex_{example_id}_img_{i}"
         if archive is None:
             return self.path(f"{folder}/{stem}.png", where)
         path, members = archive
@@ -93,15 +109,15 @@ class Winoground(Task):
         def build(item: tuple[str, Any]) -> Example:
             where, row = item
             require(row, ("id", "caption_0", "caption_1", "tag"), where, self.name)
-            if not all(isinstance(row[k], str) for k in ("caption_0", "caption_1")):
-                raise DataError(f"{self.name}: {where}: malformed row: caption_0 and caption_1 must be strings")
-            if isinstance(row["id"], bool) or not isinstance(row["id"], (int, str)) or str(row["id"]) == "":
-                raise DataError(f"{self.name}: {where}: malformed row: id must be an integer or a string")
+            example_id = check_id(row["id"], "id", where, self.name)
+            texts = tuple(check_string(row[k], k, where, self.name) for k in ("caption_0", "caption_1"))
             _tags(row["tag"], "tag", where, self.name)
-            collapsed = row.get("collapsed_tag") or row["tag"]  # absent or empty in some copies
+            collapsed = row.get("collapsed_tag")
+            if collapsed in (None, "", []):  # absent or empty in some copies
+                collapsed = row["tag"]
             meta = {"tag": row["tag"], "collapsed_tag": _tags(collapsed, "collapsed_tag", where, self.name)}
-            images = tuple(self._image(row, i, where, archive, folder) for i in (0, 1))
-            return Example(id=str(row["id"]), images=images, texts=(row["caption_0"], row["caption_1"]), meta=meta)
+            images = tuple(self._image(row, example_id, i, where, archive, folder) for i in (0, 1))
+            return Example(id=example_id, images=images, texts=texts, meta=meta)
 
         return list(self.examples_from(((where, (where, row)) for where, row in self._rows()), build))
 
@@ -123,8 +139,8 @@ class Winoground(Task):
 
 def _tags(value: Any, key: str, where: str, task: str) -> list[str]:
     """A tag field as a list of tags: a string is one tag, a list of strings several."""
-    if isinstance(value, str) and value:
-        return [value]
-    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
-        return list(value)
-    raise DataError(f"{task}: {where}: malformed row: {key} must be a non-empty string or list of strings")
+    if isinstance(value, list):
+        return check_strings(value, key, where, task)
+    if not isinstance(value, str) or not value.strip():
+        raise wrong_field(value, key, "a non-empty string or list of strings", where, task)
+    return [value]

@@ -3,6 +3,7 @@ perturbed captions), each on a tiny dataset in its on-disk layout, and the bad-d
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 
 import numpy as np
@@ -16,6 +17,7 @@ from itm_engine.tasks.base import Crop, DataError, Example
 from fixtures.datasets import (
     COCO_CAPTIONS,
     VG_RELATION_ROWS,
+    assert_malformed,
     coco_name,
     edit_json,
     noise_image,
@@ -101,6 +103,43 @@ def test_vg_malformed_rows(tmp_path, edit, message):
     root = write_vg_relation(tmp_path / "vg")
     edit_json(root / "visual_genome_relation.json", edit)
     with pytest.raises(DataError, match=message):
+        get_task("vg_relation", root, skip_missing=True).examples
+
+
+@pytest.mark.parametrize("field, value", [
+    ("image_path", 5), ("image_path", None), ("true_caption", None), ("false_caption", 3),
+    ("relation_name", ["x"]), ("true_caption", "  "),
+])
+def test_vg_malformed_field_types(tmp_path, field, value):
+    root = write_vg_relation(tmp_path / "vg")
+    edit_json(root / "visual_genome_relation.json", lambda rows: rows[1].update({field: value}))
+    assert_malformed(get_task("vg_relation", root), "visual_genome_relation.json row 1", field, value)
+
+
+def test_vg_symlinks_are_followed_before_the_root_check(tmp_path):
+    root = write_vg_relation(tmp_path / "vg")
+    (root / "store").mkdir()
+    (root / "images" / "2.png").rename(root / "store" / "2.png")
+    (root / "images" / "2.png").symlink_to(root / "store" / "2.png")  # a symlink that stays inside the root
+    crop = get_task("vg_relation", root).examples[1].images[0]
+    assert os.path.realpath(crop.path) == str(root / "store" / "2.png") and crop.load().size == (20, 16)
+
+    outside = outside_file(tmp_path)
+    (root / "images" / "2.png").unlink()
+    (root / "images" / "2.png").symlink_to(outside)  # an image file that leads outside
+    with pytest.raises(DataError, match=r"visual_genome_relation.json row 1: image path .*2.png.* outside the data "
+                                        r"root"):
+        get_task("vg_relation", root, skip_missing=True).examples
+
+    edit_json(root / "visual_genome_relation.json", lambda rows: rows[0].update(image_path="1\u0000.png"))
+    with pytest.raises(DataError, match=r"row 0: image path .*1\\x00.png.* outside the data root"):
+        get_task("vg_relation", root, skip_missing=True).examples  # a path no file can have: no crash either
+    edit_json(root / "visual_genome_relation.json", lambda rows: rows[0].update(image_path="1.png"))
+
+    (root / "images").rename(root / "inside")
+    (root / "images").symlink_to(tmp_path / "elsewhere", target_is_directory=True)  # a folder that leads outside
+    (root / "inside").rename(tmp_path / "elsewhere")
+    with pytest.raises(DataError, match=r"visual_genome_relation.json row 0: .*outside the data root"):
         get_task("vg_relation", root, skip_missing=True).examples
 
 
@@ -243,6 +282,71 @@ def test_order_bad_data(tmp_path):
         get_task("flickr30k_order", root).examples
     with pytest.raises(FileNotFoundError, match="flickr30k_test.json"):
         get_task("flickr30k_order", tmp_path / "coco").examples
+
+
+def _coco_karpathy_list(root):
+    noise_image(root / "images" / "COCO_val2014_000000000042.jpg", 42)
+    (root / "coco_karpathy_test.json").write_text(json.dumps([
+        {"image": "val2014/COCO_val2014_000000000042.jpg", "caption": ["A horse."]},
+        {"image": "val2014/COCO_val2014_000000000042.jpg", "caption": "A man rides a brown horse."}]))
+    return root
+
+
+ORDER_FIELD_CASES = [  # writer, file, edit, where (file and row), field, bad value
+    # the COCO captions object
+    (write_coco_order, "captions_val2014.json", lambda d: d["images"][1].update(id=["x"]),
+     "captions_val2014.json images[1]", "id", ["x"]),
+    (write_coco_order, "captions_val2014.json", lambda d: d["images"][1].update(id=None),
+     "captions_val2014.json images[1]", "id", None),
+    (write_coco_order, "captions_val2014.json", lambda d: d["images"][1].update(file_name=5),
+     "captions_val2014.json images[1]", "file_name", 5),
+    (write_coco_order, "captions_val2014.json", lambda d: d["images"][1].update(file_name=None),
+     "captions_val2014.json images[1]", "file_name", None),
+    (write_coco_order, "captions_val2014.json", lambda d: d["annotations"][1].update(image_id=["x"]),
+     "captions_val2014.json annotations[1]", "image_id", ["x"]),
+    (write_coco_order, "captions_val2014.json", lambda d: d["annotations"][1].update(image_id=True),
+     "captions_val2014.json annotations[1]", "image_id", True),
+    (write_coco_order, "captions_val2014.json", lambda d: d["annotations"][1].update(caption=None),
+     "captions_val2014.json annotations[1]", "caption", None),
+    (write_coco_order, "captions_val2014.json", lambda d: d["annotations"][1].update(caption=7),
+     "captions_val2014.json annotations[1]", "caption", 7),
+    # ARO's JSON list
+    (_coco_karpathy_list, "coco_karpathy_test.json", lambda d: d[1].update(image=5),
+     "coco_karpathy_test.json row 1", "image", 5),
+    (_coco_karpathy_list, "coco_karpathy_test.json", lambda d: d[1].update(image=None),
+     "coco_karpathy_test.json row 1", "image", None),
+    (_coco_karpathy_list, "coco_karpathy_test.json", lambda d: d[1].update(caption=None),
+     "coco_karpathy_test.json row 1", "caption", None),
+    (_coco_karpathy_list, "coco_karpathy_test.json", lambda d: d[0].update(caption=["ok", 5]),
+     "coco_karpathy_test.json row 0", "caption[1]", 5),
+    # Karpathy's split file
+    (write_flickr30k_order, "dataset_flickr30k.json", lambda d: d["images"][2].update(filename=5),
+     "dataset_flickr30k.json images[2]", "filename", 5),
+    (write_flickr30k_order, "dataset_flickr30k.json", lambda d: d["images"][2].update(split=["test"]),
+     "dataset_flickr30k.json images[2]", "split", ["test"]),
+    (write_flickr30k_order, "dataset_flickr30k.json", lambda d: d["images"][2]["sentences"][0].update(raw=None),
+     "dataset_flickr30k.json images[2] sentences[0]", "raw", None),
+]
+
+
+@pytest.mark.parametrize("writer, file, edit, where, field, value", ORDER_FIELD_CASES,
+                         ids=[f"{c[1]}-{c[4]}={c[5]!r}" for c in ORDER_FIELD_CASES])
+def test_order_malformed_field_types(tmp_path, writer, file, edit, where, field, value):
+    root = writer(tmp_path / "order")
+    edit_json(root / file, edit)
+    name = "flickr30k_order" if file == "dataset_flickr30k.json" else "coco_order"
+    assert_malformed(get_task(name, root), where, field, value)
+
+
+def test_coco_ids_are_read_as_strings(tmp_path):
+    """An image id written as a number in one list and as a string in the other is one image."""
+    root = write_coco_order(tmp_path / "coco")
+    expected = [ex.id for ex in get_task("coco_order", root).examples]
+    edit_json(root / "captions_val2014.json", lambda d: [row.update(id=str(row["id"])) for row in d["images"]])
+    assert [ex.id for ex in get_task("coco_order", root).examples] == expected
+    edit_json(root / "captions_val2014.json", lambda d: d["images"][0].update(id=2))  # "2" and 2: one id
+    with pytest.raises(DataError, match=r"captions_val2014.json images\[1\]: image id '2' is listed twice"):
+        get_task("coco_order", root).examples
 
 
 @pytest.mark.parametrize("options", [{"seed": "0"}, {"limit_captions": 0}, {"max_words": -1},

@@ -12,7 +12,7 @@ import torch
 from itm_engine.tasks import get_task
 from itm_engine.tasks.base import DataError, Example
 
-from fixtures.datasets import BIAS_PLEASANT, BIAS_UNPLEASANT, write_bias
+from fixtures.datasets import BIAS_PLEASANT, BIAS_UNPLEASANT, assert_malformed, outside_file, write_bias
 from fixtures.scores import i2t_scores
 
 
@@ -91,16 +91,34 @@ def test_bias_bad_data_and_options(tmp_path):
     assert len(task.examples) == 11 and len(task.skipped) == 1 and "broken.png" in task.skipped[0]
     (root / "images" / "Jewish" / "broken.png").unlink()
 
-    # (image paths come from listing the group folders: none can name a file outside the root)
+    os.symlink(outside_file(tmp_path), root / "images" / "Jewish" / "elsewhere.png")  # listed, but leads outside
+    with pytest.raises(DataError, match=r"images/Jewish/elsewhere.png.*resolves outside the data root"):
+        get_task("bias", root, skip_missing=True).examples
+    (root / "images" / "Jewish" / "elsewhere.png").unlink()
+    os.symlink(root / "images" / "Jewish" / "img0.png", root / "images" / "Jewish" / "again.png")  # stays inside
+    assert len(get_task("bias", root).examples) == 12
+    (root / "images" / "Jewish" / "again.png").unlink()
+
     (root / "texts" / "unpleasant.txt").unlink()
     with pytest.raises(FileNotFoundError, match="unpleasant.txt"):
         get_task("bias", root).examples
     (root / "texts" / "pleasant.txt").unlink()
     (root / "texts" / "phrases.json").write_text(json.dumps({"pleasant": ["joy"], "unpleasant": "agony"}))
-    with pytest.raises(DataError, match=r"phrases.json \['unpleasant'\]: malformed"):
+    with pytest.raises(DataError, match=r"phrases.json: malformed row: unpleasant must be a non-empty list"):
         get_task("bias", root).examples
 
     for options in ({"groups": "Atheist"}, {"pairs": "Christian-Muslim"}, {"pairs": ["Arab_vs_arab"]},
                     {"permutations": 0}, {"seed": 1.5}, {"target": "Arab"}):
         with pytest.raises(ValueError):
             get_task("bias", root, **options)
+
+
+@pytest.mark.parametrize("phrases, field, value", [
+    (["joy", 5], "pleasant[1]", 5), (["joy", None], "pleasant[1]", None), ("joy", "pleasant", "joy"),
+])
+def test_bias_malformed_phrase_list(tmp_path, phrases, field, value):
+    root = write_bias(tmp_path / "bias")
+    for kind in ("pleasant", "unpleasant"):
+        (root / "texts" / f"{kind}.txt").unlink()
+    (root / "texts" / "phrases.json").write_text(json.dumps({"pleasant": phrases, "unpleasant": ["agony"]}))
+    assert_malformed(get_task("bias", root), "texts/phrases.json", field, value)

@@ -7,7 +7,7 @@ import pytest
 from itm_engine.tasks import get_task
 from itm_engine.tasks.base import DataError
 
-from fixtures.datasets import edit_json, outside_file, write_clevr
+from fixtures.datasets import assert_malformed, edit_json, outside_file, write_clevr
 from fixtures.scores import i2t_scores
 
 
@@ -47,7 +47,7 @@ def test_clevr_bad_data_and_options(tmp_path):
     assert len(task.examples) == 5 and len(task.skipped) == 1 and "CLEVR_c.png" in task.skipped[0]
 
     edit_json(root / "spatial.json", lambda d: d["CLEVR_a.png"].append(["one", "two", "three"]))
-    with pytest.raises(DataError, match=r"spatial.json \['CLEVR_a.png'\] pair 1: malformed"):
+    with pytest.raises(DataError, match=r"spatial.json \['CLEVR_a.png'\]: malformed row: pairs\[1\] must be"):
         get_task("clevr", root).examples
 
     root = write_clevr(tmp_path / "clevr2")
@@ -62,3 +62,16 @@ def test_clevr_bad_data_and_options(tmp_path):
         get_task("clevr", root, subtasks="binding_color_shape").examples
     with pytest.raises(ValueError, match="unknown option"):
         get_task("clevr", root, subtask="spatial")
+
+
+@pytest.mark.parametrize("pairs, field, value", [
+    ([["A red cube.", None]], "pairs[0][1]", None),
+    ([["A red cube.", "A blue cube."], [5, "A blue cube."]], "pairs[1][0]", 5),
+    (["A red cube."], "pairs[0]", "A red cube."),
+    ("A red cube.", "pairs", "A red cube."),
+    ([], "pairs", []),
+])
+def test_clevr_malformed_field_types(tmp_path, pairs, field, value):
+    root = write_clevr(tmp_path / "clevr")
+    edit_json(root / "recognition_color.json", lambda d: d.update({"CLEVR_b.png": pairs}))
+    assert_malformed(get_task("clevr", root), "recognition_color.json ['CLEVR_b.png']", field, value)

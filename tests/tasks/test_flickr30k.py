@@ -11,7 +11,7 @@ import torch
 from itm_engine.tasks import get_task
 from itm_engine.tasks.base import DataError
 
-from fixtures.datasets import FLICKR_ROWS, assert_inside_root, file_names, write_flickr30k
+from fixtures.datasets import FLICKR_ROWS, assert_inside_root, assert_malformed, file_names, write_flickr30k
 from fixtures.scores import i2t_matrices, t2i_matrices
 
 
@@ -196,7 +196,8 @@ def test_flickr_missing_image(flickr):
 
 @pytest.mark.parametrize("change, match", [
     (lambda rows: rows[2].pop("sentences"), r"images\[2\]: malformed row: missing field\(s\) sentences"),
-    (lambda rows: rows[3]["sentences"].append({"tokens": []}), r"images\[3\]: malformed row: sentences\[2\]"),
+    (lambda rows: rows[3]["sentences"].append({"tokens": []}),
+     r"images\[3\] sentences\[2\]: malformed row: missing field\(s\) raw"),
     (lambda rows: rows[0].update(filename=7), r"images\[0\]: malformed row: filename"),
     (lambda rows: rows[0].update(filename="../../x.jpg"), r"images\[0\].*outside the data root"),
     (lambda rows: rows.append(dict(rows[0])), r"100.jpg.*listed twice"),
@@ -207,6 +208,25 @@ def test_flickr_malformed(flickr, change, match):
     (flickr / "dataset_flickr30k.json").write_text(json.dumps(data))
     with pytest.raises(DataError, match=match):
         get_task("flickr30k_t2i", flickr).examples
+
+
+@pytest.mark.parametrize("row, field, value", [
+    ("", "filename", None), ("", "filename", ["100.jpg"]), ("", "split", 5), ("", "sentences", []),
+    (" sentences[1]", "raw", None), (" sentences[1]", "raw", 5),
+])
+def test_flickr_malformed_field_types(flickr, row, field, value):
+    data = json.loads((flickr / "dataset_flickr30k.json").read_text())
+    (data["images"][2]["sentences"][1] if row else data["images"][2])[field] = value
+    (flickr / "dataset_flickr30k.json").write_text(json.dumps(data))
+    assert_malformed(get_task("flickr30k_i2t", flickr), f"dataset_flickr30k.json images[2]{row}", field, value)
+
+
+@pytest.mark.parametrize("entry, value", [(["flickr30k-images/100.jpg", 5], 5),
+                                          (["flickr30k-images/100.jpg", None], None)])
+def test_flickr_candidates_file_field_types(flickr, entry, value):
+    (flickr / "cands.json").write_text(json.dumps({"red": entry}))
+    task = get_task("flickr30k_t2i", flickr, candidates="cands.json")
+    assert_malformed(task, "cands.json ['red']", "candidates[1]", value)
 
 
 def test_flickr_bad_json(flickr):

@@ -12,7 +12,7 @@ import torch
 from itm_engine.tasks import get_task
 from itm_engine.tasks.base import DataError
 
-from fixtures.datasets import IMAGECODE_DATA, assert_inside_root, file_names, write_imagecode
+from fixtures.datasets import IMAGECODE_DATA, assert_inside_root, assert_malformed, file_names, write_imagecode
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ def test_imagecode_missing_image(imagecode):
 @pytest.mark.parametrize("data, match", [
     ({"open-images-1": {"12": "x"}}, r"\['open-images-1'\]\['12'\]: malformed row: index"),
     ({"open-images-1": {"x": "x"}}, r"\['open-images-1'\]\['x'\]: malformed row: index"),
-    ({"open-images-1": {"2": 5}}, r"\['open-images-1'\]\['2'\]: malformed row: the description"),
+    ({"open-images-1": {"2": 5}}, r"\['open-images-1'\]\['2'\]: malformed row: description"),
     ({"open-images-1": ["a", "b"]}, r"\['open-images-1'\]: malformed row"),
     ({"../../open-images-x": {"2": "x"}}, r"\['../../open-images-x'\]\['2'\].*outside the data root"),
     (["open-images-1"], r"valid_data.json: expected an object"),
@@ -73,6 +73,16 @@ def test_imagecode_malformed(imagecode, data, match):
     (imagecode / "valid_data.json").write_text(json.dumps(data))
     with pytest.raises(DataError, match=match):
         get_task("imagecode", imagecode).examples
+
+
+@pytest.mark.parametrize("index, value, field", [
+    ("2", None, "description"), ("2", 5, "description"), ("2", ["x"], "description"), ("2", " ", "description"),
+    ("\u00b2", "superscript two", "index"), ("-1", "x", "index"), ("10", "x", "index"),
+])
+def test_imagecode_malformed_field_types(imagecode, index, value, field):
+    (imagecode / "valid_data.json").write_text(json.dumps({"open-images-1": {"3": "ok", index: value}}))
+    bad = value if field == "description" else index
+    assert_malformed(get_task("imagecode", imagecode), f"valid_data.json ['open-images-1'][{index!r}]", field, bad)
 
 
 def test_imagecode_bad_options(imagecode):

@@ -6,7 +6,7 @@ import pytest
 from itm_engine.tasks import get_task
 from itm_engine.tasks.base import DataError
 
-from fixtures.datasets import noise_image, outside_file, write_pets
+from fixtures.datasets import assert_malformed, noise_image, outside_file, write_pets
 from fixtures.scores import i2t_scores
 
 
@@ -63,3 +63,10 @@ def test_pets_bad_data_and_options(tmp_path):
         get_task("pets", root).examples
     with pytest.raises(ValueError, match="split must be one of all, test, trainval"):
         get_task("pets", root, split="val")
+
+
+@pytest.mark.parametrize("class_id", ["\u00b2", "0", "x"])
+def test_pets_malformed_class_id(tmp_path, class_id):
+    root = write_pets(tmp_path / "pets")
+    (root / "annotations" / "test.txt").write_text(f"Bengal_3 6 1 6\nAbyssinian_12 {class_id} 1 1\n")
+    assert_malformed(get_task("pets", root, split="test"), "annotations/test.txt:2", "class id", class_id)

@@ -9,7 +9,7 @@ import pytest
 from itm_engine.tasks import get_task
 from itm_engine.tasks.base import DataError
 
-from fixtures.datasets import SVO_ROWS, assert_inside_root, file_names, write_csv, write_svo
+from fixtures.datasets import SVO_ROWS, assert_inside_root, assert_malformed, file_names, write_csv, write_svo
 from fixtures.scores import t2i_matrices
 
 
@@ -79,7 +79,7 @@ FLAGGED = ["sentence", "pos_image", "neg_image", "subj_neg", "verb_neg", "obj_ne
 
 @pytest.mark.parametrize("header, row, match", [
     (TYPED, ("x", "p0.jpg", "n0.jpg", "adj"), r"svo_probes.csv:3: malformed row: neg_type"),
-    (TYPED, ("", "p0.jpg", "n0.jpg", "subj"), r"svo_probes.csv:3: malformed row: missing or empty sentence"),
+    (TYPED, ("", "p0.jpg", "n0.jpg", "subj"), r"svo_probes.csv:3: malformed row: sentence must be a non-empty string"),
     (TYPED, ("x", "p0.jpg"), r"svo_probes.csv:3: malformed row: missing image column"),
     (TYPED, ("x", "../../x.png", "n0.jpg", "subj"), r"svo_probes.csv:3: .*outside the data root"),
     (FLAGGED, ("x", "p0.jpg", "n0.jpg", "True", "True", "False"), r"svo_probes.csv:3: malformed row: needs neg_type"),
@@ -91,6 +91,51 @@ def test_svo_malformed(svo, header, row, match):
     write_csv(svo / "svo_probes.csv", header, [good, row])
     with pytest.raises(DataError, match=match):
         get_task("svo", svo).examples
+
+
+def _svo_json_rows() -> list[dict]:
+    return [{"sentence": s, "pos_image": p, "neg_image": n, "neg_type": t} for s, p, n, t in SVO_ROWS]
+
+
+@pytest.mark.parametrize("file", ["svo_probes.jsonl", "svo.json"])
+@pytest.mark.parametrize("field, value", [
+    ("sentence", None), ("sentence", 5), ("pos_image", ["p1.jpg"]), ("neg_image", True), ("neg_image", 2.5),
+    ("neg_type", ["verb"]),
+])
+def test_svo_malformed_field_types(svo, file, field, value):
+    (svo / "svo_probes.csv").unlink()
+    rows = _svo_json_rows()
+    rows[1][field] = value
+    if file.endswith(".jsonl"):
+        (svo / file).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    else:
+        (svo / file).write_text(json.dumps(rows))
+    where = "svo_probes.jsonl:2" if file.endswith(".jsonl") else "svo.json[1]"
+    assert_malformed(get_task("svo", svo), where, field, value)
+
+
+def test_svo_null_image_is_a_missing_column(svo):
+    (svo / "svo_probes.csv").unlink()
+    rows = _svo_json_rows()
+    rows[1]["pos_image"] = None  # null counts as absent: the next column of POS_COLUMNS is tried, here none
+    (svo / "svo.json").write_text(json.dumps(rows))
+    with pytest.raises(DataError, match=r"svo.json\[1\]: malformed row: missing image column \(pos_image or "):
+        get_task("svo", svo).examples
+
+
+def test_svo_image_ids_as_numbers(svo):
+    (svo / "svo_probes.csv").unlink()
+    rows = [{"sentence": "a man rides a horse", "pos_image_id": 0, "neg_image_id": "1", "neg_type": "subj"}]
+    (svo / "svo.json").write_text(json.dumps(rows))
+    for name in ("0.jpg", "1.jpg"):
+        (svo / "images" / name).write_bytes((svo / "images" / "p0.jpg").read_bytes())
+    assert file_names(get_task("svo", svo).examples[0].images) == ["0.jpg", "1.jpg"]
+
+
+def test_svo_csv_blank_sentence(svo):
+    write_csv(svo / "svo_probes.csv", ["sentence", "pos_image", "neg_image", "neg_type"],
+              [SVO_ROWS[0], ("  ", "p0.jpg", "n0.jpg", "subj")])
+    assert_malformed(get_task("svo", svo), "svo_probes.csv:3", "sentence", "  ")
 
 
 def test_svo_bad_options(svo, tmp_path):

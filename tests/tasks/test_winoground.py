@@ -10,7 +10,16 @@ import torch
 from itm_engine.tasks import get_task
 from itm_engine.tasks.base import DataError
 
-from fixtures.datasets import assert_inside_root, colour_of, file_names, solid_image, write_winoground
+from fixtures.datasets import (
+    assert_inside_root,
+    assert_malformed,
+    colour_of,
+    file_names,
+    outside_file,
+    solid_image,
+    write_winoground,
+    write_winoground_hf,
+)
 
 
 @pytest.fixture
@@ -87,7 +96,7 @@ def test_winoground_missing_image(wino):
 
 @pytest.mark.parametrize("line, match", [
     ('{"id": 1, "caption_0": "x", "tag": "Object"}', r"examples.jsonl:2: malformed row: missing field\(s\) caption_1"),
-    ('{"id": 1, "caption_0": "x", "caption_1": 3, "tag": "Object"}', r"examples.jsonl:2: malformed row: caption_0"),
+    ('{"id": 1, "caption_0": "x", "caption_1": 3, "tag": "Object"}', r"examples.jsonl:2: malformed row: caption_1"),
     ('{"id": 1, "caption_0": "x", "caption_1": "y", "tag": "Object", "collapsed_tag": [1]}',
      r"examples.jsonl:2: .*collapsed_tag"),
     ('{"id": 1, "caption_0": "x", "caption_1": "y", "tag": 5}', r"examples.jsonl:2: malformed row: tag"),
@@ -103,6 +112,45 @@ def test_winoground_malformed(wino, line, match):
     (wino / "examples.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=match):
         get_task("winoground", wino).examples
+
+
+@pytest.mark.parametrize("field, value", [
+    ("id", ["x"]), ("id", None), ("id", True), ("image_0", 5), ("image_1", None), ("caption_0", None), ("caption_1", 5),
+    ("caption_0", ""),
+])
+def test_winoground_malformed_field_types(wino, tmp_path, field, value):
+    rows = [json.loads(line) for line in (wino / "examples.jsonl").read_text().splitlines()]
+    rows[1][field] = value
+    (wino / "examples.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert_malformed(get_task("winoground", wino), "examples.jsonl:2", field, value)
+    (wino / "examples.jsonl").rename(wino / "data.json")  # the same rows as a JSON list
+    (wino / "data.json").write_text(json.dumps(rows))
+    assert_malformed(get_task("winoground", wino), "data.json[1]", field, value)
+
+
+def test_winoground_ids_and_image_names(wino):
+    rows = [json.loads(line) for line in (wino / "examples.jsonl").read_text().splitlines()]
+    rows[1].update(id="1", image_0="ex_1_img_0")  # an id as a string, an image named as the default would be
+    (wino / "examples.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert [ex.id for ex in get_task("winoground", wino).examples] == ["0", "1", "2"]
+
+
+def test_winoground_symlinks_leading_outside_are_refused(wino, tmp_path):
+    image = wino / "images" / "ex_1_img_0.png"
+    image.rename(wino / "ex_1_img_0.png")
+    image.symlink_to(wino / "ex_1_img_0.png")  # inside the root: fine
+    assert_inside_root(get_task("winoground", wino))
+    image.unlink()
+    image.symlink_to(outside_file(tmp_path))
+    with pytest.raises(DataError, match=r"examples.jsonl:2: image path 'images/ex_1_img_0.png' resolves outside "
+                                        r"the data root"):
+        get_task("winoground", wino, skip_missing=True).examples
+
+    hf = write_winoground_hf(tmp_path / "hf")
+    (hf / "data" / "images.zip").rename(tmp_path / "images.zip")
+    (hf / "data" / "images.zip").symlink_to(tmp_path / "images.zip")  # the archive lies outside the root
+    with pytest.raises(DataError, match=r"data/images.zip resolves outside the data root"):
+        get_task("winoground", hf).examples
 
 
 def test_winoground_bad_options(wino, tmp_path):
