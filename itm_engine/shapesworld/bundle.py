@@ -19,6 +19,7 @@ from itm_engine.options import option
 from itm_engine.shapesworld import ASSETS, CLIP, MODEL
 from itm_engine.shapesworld.grounding import GROUNDING_RESOLUTIONS
 from itm_engine.shapesworld.pretrain import PretrainConfig
+from itm_engine.shapesworld.report import SPLIT_TITLES
 
 
 def _count(folder: Path) -> dict[str, int]:
@@ -78,7 +79,10 @@ def model_card(training: dict, clip_training: dict, unet_config: dict, counts: d
         "## Recipe (seed " + str(c["seed"]) + "; `training.json` holds every setting)",
         "",
         f"1. {c['scenes']:,} training scenes drawn at {c['render_size']} px and resized to {side} px as the "
-        "scorer resizes its inputs.",
+        "scorer resizes its inputs"
+        + (f"; {c['varied_share']:.0%} of them by the varied renderer (each its own background grey, colour shades "
+           "within 25 per channel, object sizes within 12% and anti-aliased edges: `world.Style`), the rest exactly"
+           if c.get("varied_share") else "") + ".",
         f"2. VAE: {c['vae_steps']:,} steps at batch {c['vae_batch']}, AdamW lr {c['vae_lr']}, MSE with object pixels "
         f"weighted {c['foreground_weight']}x, KL weight {c['kl_weight']}: {training['vae']['seconds']:.0f} s.",
         f"3. Text encoder + UNet jointly: {c['steps']:,} steps at batch {c['batch_size']}, AdamW lr {c['lr']} "
@@ -131,7 +135,9 @@ def model_card(training: dict, clip_training: dict, unet_config: dict, counts: d
         f"A tiny open_clip CLIP (`itm-shapes pretrain-clip`): {clip_training['architecture']}; "
         f"{clip_training['config']['steps']:,} steps at batch {clip_training['config']['batch_size']}, "
         f"{clip_training['seconds'] / 60:.1f} min, final loss {clip_training['final_loss']:.3f}. "
-        "Same scenes and captions.",
+        "Same scenes and captions"
+        + (f", {clip_training['config']['varied_share']:.0%} of them by the varied renderer"
+           if clip_training["config"].get("varied_share") else "") + ".",
     ]
     if accuracy:
         lines += ["", "## Measured accuracy", "",
@@ -142,7 +148,7 @@ def model_card(training: dict, clip_training: dict, unet_config: dict, counts: d
                   + "); the true candidate must score strictly highest.", ""]
         for split, table in accuracy["accuracy"].items():
             headers = list(table)
-            lines += [f"{split} split:", "", "| subtask | " + " | ".join(headers) + " |",
+            lines += [f"{SPLIT_TITLES.get(split, split + ' split')}:", "", "| subtask | " + " | ".join(headers) + " |",
                       "|---" * (len(headers) + 1) + "|"]
             for row in table[headers[0]]:
                 lines.append(f"| {row} | " + " | ".join(f"{100 * table[h][row]:.1f}%" if row in table[h] else ""

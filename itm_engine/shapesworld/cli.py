@@ -31,12 +31,15 @@ class WriteConfig:
     seed: int = option(0, help="seed of the draw")
     size: int = option(64, help="image side in pixels")
     subtasks: tuple[str, ...] = option(world.ALL_SUBTASKS, help="comma-separated subtasks to write")
+    style: str = option("exact", help="the renderer: 'exact', or 'varied' (each image its own background grey, "
+                                      "colour shades, object sizes and anti-aliased edges; world.Style)")
     negclip: bool = option(False, help="also write negclip.tsv (HardNeg training data for itm-train --data)")
 
 
 def _write(args: argparse.Namespace, argv: list[str]) -> int:
     config = options.from_args(WriteConfig, args)
-    root = world.write_shapesworld(config.out, config.split, config.n, config.seed, config.size, config.subtasks)
+    root = world.write_shapesworld(config.out, config.split, config.n, config.seed, config.size, config.subtasks,
+                                   config.style)
     print(f"wrote {config.n * len(config.subtasks)} {config.split} examples to {root}")
     if config.negclip:
         print(f"wrote {world.write_negclip_tsv(root)}")

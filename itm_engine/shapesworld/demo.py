@@ -109,11 +109,11 @@ def run_demo(config: DemoConfig) -> int:
     print(f"model: {comp.source}  latents {comp.latent_shape}  samples per pair: {config.samples} (stratified), "
           f"seed {config.seed}; CLIP: bundled {CLIP}")
     columns = report.standard_columns(diffusion, clip)
-    test = world.Draw("test", config.n, config.seed, subtasks=report.SPLITS["test"])
+    test = report.split_draw("test", config.n, config.seed)
     print("\n" + report.format_table(
         f"ShapesWorld test split, {config.n} examples per subtask: accuracy (the true candidate must score strictly "
         "highest)", report.accuracy_table(columns, test)))
-    held_out = world.Draw("compositional", config.n, config.seed, subtasks=report.SPLITS["compositional"])
+    held_out = report.split_draw("compositional", config.n, config.seed)
     print("\n" + report.format_table(
         "compositional split (colour-shape combinations never seen in training)",
         report.accuracy_table(columns, held_out)))

@@ -89,13 +89,14 @@ def word_objects(caption: str, colors: Sequence[str]) -> list[tuple[int, int]]:
     return out
 
 
-def object_masks(scene: world.Scene, size: int, latent: int, objects: int = 2) -> torch.Tensor:
-    """[objects, latent, latent] float masks: 1 where a latent cell (of a `size`-px render) holds
-    any pixel of that object of `scene`, 0 elsewhere and for absent objects."""
+def object_masks(scene: world.Scene, size: int, latent: int, objects: int = 2,
+                 style: world.Style = world.EXACT) -> torch.Tensor:
+    """[objects, latent, latent] float masks: 1 where a latent cell (of a `size`-px render in
+    `style`) holds any pixel of that object of `scene`, 0 elsewhere and for absent objects."""
     out = torch.zeros(objects, latent, latent)
-    background = torch.tensor(world.BACKGROUND, dtype=torch.uint8)
+    background = torch.tensor((style.background,) * 3, dtype=torch.uint8)
     for k, obj in enumerate(scene[:objects]):
-        pixels = torch.from_numpy(np.array(world.render((obj,), size)))  # [size, size, 3]
+        pixels = torch.from_numpy(np.array(world.render((obj,), size, style.of_object(k))))  # [size, size, 3]
         drawn = (pixels != background).any(-1).float()[None, None]
         out[k] = F.adaptive_max_pool2d(drawn, latent)[0, 0]
     return out

@@ -49,7 +49,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from itm_engine import options
+from itm_engine import options, storage
 from itm_engine.cache import encode_pixels, preprocess_images
 from itm_engine.models import SDComponents, ddpm_scheduler, save_components
 from itm_engine.noise import add_noise, denoising_target
@@ -70,6 +70,9 @@ class PretrainConfig:
                                        "as the scorer resizes its inputs")
     image_size: int = option(32, help="the model's image side in pixels (latents: a quarter of it)")
     scenes: int = option(40_000, help="training scenes (positives of the training split)")
+    varied_share: float = option(0.75, help=(
+        "share of the training scenes drawn by the varied renderer (world.varied_style: background grey, colour "
+        "shades, object sizes, anti-aliased edges; one style per scene), the rest exactly"))
     vae_steps: int = option(1_000, help="VAE training steps")
     vae_batch: int = option(32, help="VAE batch size")
     vae_lr: float = option(2e-3, help="VAE learning rate (AdamW, cosine schedule)")
@@ -77,7 +80,7 @@ class PretrainConfig:
     foreground_weight: float = option(10.0, help="VAE reconstruction weight of object pixels relative to the "
                                                  "background (objects are small)")
     latent_channels: int = option(8, help="VAE latent channels")
-    steps: int = option(4_000, help="steps of the first diffusion stage (later stages: --stages)")
+    steps: int = option(4_500, help="steps of the first diffusion stage (later stages: --stages)")
     prediction_type: Literal["epsilon", "v_prediction"] = option(
         "epsilon", help="what the UNet learns to predict (and the scorer's error measures)")
     batch_size: int = option(64, help="scenes per step of the first diffusion stage (a later stage inherits "
@@ -109,7 +112,7 @@ class PretrainConfig:
         ({"name": "ranking", "steps": 1000, "lr": 5e-4, "warmup": 50, "hard_negatives": 32, "batch_size": 32,
           "one_object_share": 0.3, "grounding_weight": 0.05,
           "form_weights": {"recognition": 0.4, "binding": 0.25, "pair": 0.3, "spatial": 0.6, "position": 0.6}},
-         {"name": "polish", "steps": 1500, "lr": 5e-4, "warmup": 50, "hard_negatives": 32, "batch_size": 32,
+         {"name": "polish", "steps": 4500, "lr": 5e-4, "warmup": 50, "hard_negatives": 32, "batch_size": 32,
           "one_object_share": 0.6, "grounding_weight": 0.0,
           "form_weights": {"recognition": 0.8, "binding": 0.25, "pair": 0.3, "spatial": 0.6, "position": 0.6}}),
         help=("the later diffusion stages in order, a JSON list of objects with the fields of Stage (name and steps "
@@ -247,13 +250,15 @@ def build_components(config: PretrainConfig) -> SDComponents:
 @dataclass
 class SceneSet:
     """The training scenes: pixels [N, 3, R, R] in [-1, 1], per scene its captions by form, its
-    number of objects [N] (int64), its objects' colours and, for token grounding, their masks
-    [N, 2, h, w] at latent resolution (`grounding.object_masks`; None when no stage grounds)."""
+    number of objects [N] (int64), its objects' colours, its background pixel [N, 3, 1, 1] (as
+    preprocessed) and, for token grounding, its objects' masks [N, 2, h, w] at latent resolution
+    (`grounding.object_masks`; None when no stage grounds)."""
 
     pixels: torch.Tensor
     captions: list[dict[str, list[str]]]
     objects: torch.Tensor
     colors: list[tuple[str, ...]]
+    backgrounds: torch.Tensor
     masks: torch.Tensor | None = None
 
 
@@ -263,17 +268,33 @@ def scene_list(n: int, seed: int, kinds: Sequence[str], size: int) -> list[world
     return [world.sample_example(rng, kinds[i % len(kinds)], "train", size)[0] for i in range(n)]
 
 
+def scene_styles(n: int, seed: int, varied_share: float) -> list[world.Style]:
+    """The renderer style of each of `n` training scenes: a share `varied_share` varied (each its own
+    draw), the rest exact; reproducible from `seed`."""
+    rng = random.Random(f"styles:{seed}")
+    return [world.style_for("varied", f"train:{seed}:{i}") if rng.random() < varied_share else world.EXACT
+            for i in range(n)]
+
+
 def training_scenes(config: PretrainConfig, components: SDComponents) -> SceneSet:
-    """`config.scenes` training scenes (`scene_list`), rendered and resized exactly as the scorer
-    resizes its inputs (`cache.preprocess_images`)."""
+    """`config.scenes` training scenes (`scene_list`) in their styles (`scene_styles`), rendered and
+    resized exactly as the scorer resizes its inputs (`cache.preprocess_images`)."""
     scenes = scene_list(config.scenes, config.seed, config.scene_kinds, config.render_size)
-    pixels = torch.cat([preprocess_images(components, [world.render(s, config.render_size) for s in chunk])
-                        for chunk in _chunks(scenes, 1024)])
+    styles = scene_styles(len(scenes), config.seed, config.varied_share)
+    drawn = list(zip(scenes, styles))
+    pixels = torch.cat([preprocess_images(components, [world.render(s, config.render_size, style)
+                                                       for s, style in chunk])
+                        for chunk in _chunks(drawn, 1024)])
+    greys = sorted({style.background for style in styles})
+    background = dict(zip(greys, preprocess_images(  # each grey as the scorer sees it: [3, 1, 1]
+        components, [world.render((), config.render_size, world.Style(background=g)) for g in greys])[:, :, :1, :1]))
     masks = None
     if any(stage.grounding_weight for stage in config.stage_list()):
-        masks = torch.stack([grounding.object_masks(s, config.render_size, config.image_size // 4) for s in scenes])
+        masks = torch.stack([grounding.object_masks(s, config.render_size, config.image_size // 4, style=style)
+                             for s, style in drawn])
     return SceneSet(pixels, [world.training_captions(s, config.render_size) for s in scenes],
-                    torch.tensor([len(s) for s in scenes]), [tuple(o.color for o in s) for s in scenes], masks)
+                    torch.tensor([len(s) for s in scenes]), [tuple(o.color for o in s) for s in scenes],
+                    torch.stack([background[style.background] for style in styles]), masks)
 
 
 def _chunks(items: list, size: int) -> list[list]:
@@ -327,13 +348,13 @@ class Pretrainer:
     def train_vae(self, data: SceneSet) -> None:
         c, vae = self.config, self.components.vae
         vae.train().requires_grad_(True)
-        background = preprocess_images(self.components, [world.render((), c.render_size)])[0, :, :1, :1]  # [3, 1, 1]
         optimiser = torch.optim.AdamW(vae.parameters(), lr=c.vae_lr, fused=True)
         schedule = get_scheduler("cosine", optimiser, num_warmup_steps=100, num_training_steps=c.vae_steps)
         start, bar = time.perf_counter(), tqdm(range(c.vae_steps), desc="VAE", disable=self._quiet())
         for step in bar:
             gen, _ = step_rng(c, 1, step)
-            x = data.pixels[torch.randint(len(data.pixels), (c.vae_batch,), generator=gen)]
+            pick = torch.randint(len(data.pixels), (c.vae_batch,), generator=gen)
+            x, background = data.pixels[pick], data.backgrounds[pick]
             posterior = vae.encode(x).latent_dist
             z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
             squared = (vae.decode(z).sample - x).square()
@@ -551,7 +572,7 @@ class Pretrainer:
         self.report["validation"].append({"step": self.step, **self.validate()})
         model = save_components(self.components, self.out / "model")
         self.report["seconds"] = round(time.perf_counter() - self._started, 1)
-        (self.out / "training.json").write_text(json.dumps(self.report, indent=1) + "\n")
+        storage.atomic_write_text(self.out / "training.json", json.dumps(self.report, indent=1) + "\n")
         return model
 
     def _log(self, row: dict) -> None:
@@ -621,9 +642,12 @@ def pretrain_command(config: PretrainConfig, run: PretrainRun) -> int:
         if run.threads:
             torch.set_num_threads(run.threads)
         config.stage_list()  # a bad --stages fails here, before any work
-        model = Pretrainer(config, run.out).run(resume=run.resume)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"itm-shapes pretrain: error: {err}", file=sys.stderr)
-        return 2
+        with storage.folder_lock(run.out, "itm-shapes pretrain"):
+            model = Pretrainer(config, run.out).run(resume=run.resume)
+    except Exception as err:
+        code = storage.report_failure("itm-shapes pretrain", err, run.out)
+        if code is None:
+            raise
+        return code
     print(f"model written to {model}")
     return 0

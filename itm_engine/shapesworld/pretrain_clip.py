@@ -23,9 +23,10 @@ from diffusers.optimization import get_scheduler
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from itm_engine import storage
 from itm_engine.options import option
 from itm_engine.shapesworld import world
-from itm_engine.shapesworld.pretrain import PretrainConfig, draw_captions, scene_list, step_rng
+from itm_engine.shapesworld.pretrain import PretrainConfig, draw_captions, scene_list, scene_styles, step_rng
 
 CLIP_NAME = "shapes-clip"
 CLIP_CONFIG = {
@@ -41,6 +42,8 @@ class ClipPretrainConfig:
 
     seed: int = option(0, help="seed of the scenes, the initial weights and the batches")
     scenes: int = option(40_000, help="training scenes (the diffusion model's, `pretrain.scene_list`)")
+    varied_share: float = option(0.75, help="share of the scenes drawn by the varied renderer, as for the diffusion "
+                                            "model (`pretrain.scene_styles`)")
     steps: int = option(2_000, help="training steps")
     batch_size: int = option(256, help="image-caption pairs per step (in-batch negatives)")
     lr: float = option(1e-3, help="peak learning rate (AdamW, warm-up then cosine)")
@@ -70,7 +73,8 @@ def train_clip(config: ClipPretrainConfig, out: str | Path, progress: bool | Non
                                                                       pretrained_text=False)
     tokenizer = open_clip.get_tokenizer(CLIP_NAME)
     scenes = scene_list(config.scenes, config.seed, recipe.scene_kinds, recipe.render_size)
-    pixels = torch.stack([preprocess(world.render(s, recipe.render_size)) for s in scenes])
+    styles = scene_styles(len(scenes), config.seed, config.varied_share)
+    pixels = torch.stack([preprocess(world.render(s, recipe.render_size, style)) for s, style in zip(scenes, styles)])
     captions = [world.training_captions(s, recipe.render_size) for s in scenes]
     loss_fn = open_clip.ClipLoss()
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -99,7 +103,7 @@ def train_clip(config: ClipPretrainConfig, out: str | Path, progress: bool | Non
     save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()}, weights)
     report = {"config": asdict(config), "architecture": CLIP_CONFIG, "seconds": round(time.perf_counter() - start, 1),
               "final_loss": loss.item(), "log": log}
-    (out / "clip-training.json").write_text(json.dumps(report, indent=1) + "\n")
+    storage.atomic_write_text(out / "clip-training.json", json.dumps(report, indent=1) + "\n")
     return weights
 
 

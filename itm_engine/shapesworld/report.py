@@ -39,9 +39,19 @@ from itm_engine.shapesworld.world import ALL_SUBTASKS, SUBTASKS, Draw, draw_scen
 Direction = Literal["i2t", "t2i", "t2i-raw"]
 # direction -> (the task, the score mode): raw T2I scores the T2I examples by their plain errors
 DIRECTIONS = {"i2t": (ShapesI2T, "i2t"), "t2i": (ShapesT2I, "t2i"), "t2i-raw": (ShapesT2I, "i2t")}
-# the splits of the report: the held-out test split with the complexity task, and the compositional
-# split (colour-shape combinations never seen in training)
-SPLITS = {"test": ALL_SUBTASKS, "compositional": SUBTASKS}
+# the splits of the report, name -> (world split, subtasks, renderer style): the held-out test split
+# with the complexity task, the compositional split (colour-shape combinations never seen in
+# training), and the test split's scenes drawn by the varied renderer (world.Style)
+SPLITS = {"test": ("test", ALL_SUBTASKS, "exact"), "compositional": ("compositional", SUBTASKS, "exact"),
+          "varied": ("test", ALL_SUBTASKS, "varied")}
+SPLIT_TITLES = {"test": "test split", "compositional": "compositional split",
+                "varied": "test split, varied renderer"}
+
+
+def split_draw(name: str, n: int, seed: int = 0) -> Draw:
+    """The Draw of the report's split `name` (`SPLITS`): n examples per subtask from `seed`."""
+    split, subtasks, style = SPLITS[name]
+    return Draw(split, n, seed, subtasks=subtasks, style=style)
 
 
 def lab_protocol(samples: int = 10, seed: int = 0) -> Protocol:
@@ -121,7 +131,7 @@ class ReportConfig:
 
 
 def write_report(config: ReportConfig, command: str) -> dict:
-    """Score both splits (`SPLITS`), print their tables, write OUT.json and OUT.md; returns the report."""
+    """Score every split of `SPLITS`, print their tables, write OUT.json and OUT.md; returns the report."""
     from itm_engine.clip import ClipModel
     from itm_engine.scoring import DiffusionITM
     from itm_engine.shapesworld import CLIP
@@ -134,9 +144,9 @@ def write_report(config: ReportConfig, command: str) -> dict:
              if config.lora else None)
     columns = standard_columns(base, clip, tuned)
     tables, text = {}, []
-    for split, subtasks in SPLITS.items():
-        tables[split] = accuracy_table(columns, Draw(split, config.n, config.seed, subtasks=subtasks))
-        text.append(format_table(f"{split} split, {config.n} examples per subtask", tables[split]))
+    for name in SPLITS:
+        tables[name] = accuracy_table(columns, split_draw(name, config.n, config.seed))
+        text.append(format_table(f"{SPLIT_TITLES[name]}, {config.n} examples per subtask", tables[name]))
         print(text[-1] + "\n", flush=True)
     report = {
         "command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -11,9 +11,9 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from itm_engine.metrics import accuracy_by_group, recall_at_k
-from itm_engine.shapesworld.world import ALL_SUBTASKS, SUBTASKS, Draw, example_rows, render
+from itm_engine.shapesworld.world import ALL_SUBTASKS, SUBTASKS, Draw, example_rows
 from itm_engine.tasks import register
-from itm_engine.tasks.base import DataError, Example, Task, require
+from itm_engine.tasks.base import DataError, Example, Task, check_id, check_string, require
 
 
 class _Shapes(Task):
@@ -51,7 +51,7 @@ class _Shapes(Task):
     def rows(self) -> list[tuple[str, dict]]:
         """(where, row) of each example of the chosen subtasks, validated (files not checked)."""
         if self.draw is not None:
-            data = {"examples": example_rows(self.draw, lambda scene, stem: render(scene, self.draw.size))}
+            data = {"examples": example_rows(self.draw, self.draw.render)}
         else:
             data = self.read_json("examples.json")
         if not isinstance(data, dict) or not isinstance(data.get("examples"), list):
@@ -60,10 +60,13 @@ class _Shapes(Task):
         for i, row in enumerate(data["examples"]):
             where = f"examples.json examples[{i}]"
             require(row, ("id", "subtask", "image", "caption", "negatives"), where, self.name)
+            row = {**row, "id": check_id(row["id"], "id", where, self.name),
+                   "caption": check_string(row["caption"], "caption", where, self.name)}
             if not isinstance(row["negatives"], list) or not row["negatives"]:
                 raise DataError(f"{self.name}: {where}: malformed row: negatives must be a non-empty list")
             for j, neg in enumerate(row["negatives"]):
                 require(neg, ("image", "caption"), f"{where} negatives[{j}]", self.name)
+                check_string(neg["caption"], "caption", f"{where} negatives[{j}]", self.name)
             if row["subtask"] in self.subtasks:
                 rows.append((where, row))
         return rows

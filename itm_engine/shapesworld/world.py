@@ -4,8 +4,10 @@ CLEVR subtasks, generated from a seed (nothing to download). Its evaluation task
 
 World. An image (default 64 x 64 px, grey background, no anti-aliasing) holds one or two objects;
 an object has a colour (`COLORS`, named RGB), a shape (`SHAPES`), a size (`SIZES`: small/large)
-and a centre in pixels. Two objects are separated along one axis and nearly aligned on the other,
-so exactly one relation (`RELATIONS`: left of / right of / above / below) holds between them.
+and a centre in pixels. A `Style` varies what a caption does not say (background grey, colour
+shades, object sizes, anti-aliased edges): the "varied" renderer of training data and test splits.
+Two objects are separated along one axis and nearly aligned on the other, so exactly one relation
+(`RELATIONS`: left of / right of / above / below) holds between them.
 
 Captions (a small grammar, one form per subtask; the negatives edit exactly one attribute)::
 
@@ -36,7 +38,7 @@ Splits (disjoint by construction, not by chance):
 
 On disk (`write_shapesworld`, or `itm-shapes write --out DIR`)::
 
-    ROOT/examples.json   {"split", "seed", "size", "held_out_combos", "examples": [{"id",
+    ROOT/examples.json   {"split", "seed", "size", "style", "held_out_combos", "examples": [{"id",
                          "subtask", "image", "caption", "objects", "negatives": [{"image",
                          "caption", "objects"}, ...]}, ...]}
     ROOT/images/*.png    the positive and negative scenes, by the paths named above
@@ -90,12 +92,63 @@ Scene = tuple[Obj, ...]
 
 # -- rendering and captions --------------------------------------------------------------------
 
-def render(scene: Scene, size: int = 64) -> PIL.Image.Image:
-    """The scene as an RGB image [size x size], drawn without anti-aliasing (exact colours)."""
-    image = PIL.Image.new("RGB", (size, size), BACKGROUND)
+@dataclass(frozen=True)
+class Style:
+    """How an image is drawn beyond its scene: the nuisances a model should ignore.
+
+    The default is the exact renderer (grey 128 background, the named colours, the nominal sizes,
+    hard edges). `varied_style` draws the nuisances of another renderer: background grey
+    `VARIED_GREYS`, each object's colour shifted by up to `VARIED_SHADE` per channel, its size
+    scaled by up to `VARIED_SCALE`, edges anti-aliased (`SUPERSAMPLE` x supersampling)."""
+
+    background: int = BACKGROUND[0]
+    shades: tuple[tuple[int, int, int], ...] = ()  # per object: added to its colour's RGB (clipped); () none
+    scales: tuple[float, ...] = ()  # per object: its size factor; () all 1
+    antialias: bool = False
+
+    def of_object(self, k: int) -> Style:
+        """The style of object `k` drawn alone."""
+        return replace(self, shades=self.shades[k:k + 1], scales=self.scales[k:k + 1])
+
+
+EXACT = Style()
+STYLES = ("exact", "varied")  # the renderers a draw can use: the exact one, or a varied style per image
+VARIED_GREYS, VARIED_SHADE, VARIED_SCALE, SUPERSAMPLE = (105, 150), 25, 0.12, 4
+
+
+def varied_style(rng: random.Random, objects: int = 2) -> Style:
+    """One draw of the varied renderer's nuisances (see `Style`) for up to `objects` objects."""
+    return Style(background=rng.randint(*VARIED_GREYS),
+                 shades=tuple(tuple(rng.randint(-VARIED_SHADE, VARIED_SHADE) for _ in range(3))
+                              for _ in range(objects)),
+                 scales=tuple(rng.uniform(1 - VARIED_SCALE, 1 + VARIED_SCALE) for _ in range(objects)),
+                 antialias=True)
+
+
+def style_for(style: str, key: str) -> Style:
+    """The style of the image named `key` (e.g. split, seed and file stem) under renderer `style`:
+    `EXACT`, or a varied draw seeded by `key` (the same key always gives the same style)."""
+    if style == "exact":
+        return EXACT
+    if style == "varied":
+        return varied_style(random.Random(f"style:{key}"))
+    raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
+
+
+def render(scene: Scene, size: int = 64, style: Style = EXACT) -> PIL.Image.Image:
+    """The scene as an RGB image [size x size] drawn in `style` (default: exact colours, no
+    anti-aliasing)."""
+    scale = SUPERSAMPLE if style.antialias else 1
+    image = PIL.Image.new("RGB", (size * scale, size * scale), (style.background,) * 3)
     draw = PIL.ImageDraw.Draw(image)
-    for o in scene:
-        r, fill, x, y = SIZES[o.size] * size / 2, COLORS[o.color], o.x, o.y
+    for k, o in enumerate(scene):
+        factor = style.scales[k] if k < len(style.scales) else 1.0
+        shade = style.shades[k] if k < len(style.shades) else (0, 0, 0)
+        fill = tuple(min(255, max(0, c + d)) for c, d in zip(COLORS[o.color], shade))
+        # supersampled: pixel (i, j) covers [i, i + 1) x [j, j + 1), so centres move by half a pixel
+        r, x, y = SIZES[o.size] * size / 2 * factor * scale, o.x * scale, o.y * scale
+        if scale > 1:
+            x, y = x + (scale - 1) / 2, y + (scale - 1) / 2
         if o.shape == "circle":
             draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
         elif o.shape == "square":
@@ -109,7 +162,7 @@ def render(scene: Scene, size: int = 64) -> PIL.Image.Image:
             t = r / 3
             draw.rectangle((x - r, y - t, x + r, y + t), fill=fill)
             draw.rectangle((x - t, y - r, x + t, y + r), fill=fill)
-    return image
+    return image.resize((size, size), PIL.Image.BOX) if scale > 1 else image
 
 
 def relation(a: Obj, b: Obj) -> str:
@@ -340,7 +393,9 @@ def _names_held_out_combo(words: list[str]) -> bool:
 @dataclass(frozen=True)
 class Draw:
     """Which examples to draw: `n` per subtask of `split`, in the order of `subtasks`, from
-    `random.Random(SPLIT_SEEDS[split] + seed)`, images rendered at `size` px. The same Draw always
+    `random.Random(SPLIT_SEEDS[split] + seed)`, images rendered at `size` px by the exact renderer
+    or, with `style` "varied", each image in its own varied style (`style_for`, keyed by split,
+    seed and file stem): the same scenes under another renderer's nuisances. The same Draw always
     gives the same examples, on disk (`write_shapesworld`) or in memory (`example_rows`)."""
 
     split: str = "test"
@@ -348,15 +403,22 @@ class Draw:
     seed: int = 0
     size: int = 64
     subtasks: tuple[str, ...] = ALL_SUBTASKS
+    style: str = "exact"
 
     def __post_init__(self) -> None:
         if self.split not in SPLIT_SEEDS:
             raise ValueError(f"unknown split {self.split!r}; known: {', '.join(SPLIT_SEEDS)}")
+        if self.style not in STYLES:
+            raise ValueError(f"style must be one of {', '.join(STYLES)}, got {self.style!r}")
         unknown = [s for s in self.subtasks if s not in ALL_SUBTASKS]
         if unknown or not self.subtasks:
             raise ValueError(f"subtasks must name some of {', '.join(ALL_SUBTASKS)}, got {list(self.subtasks)}")
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
+
+    def render(self, scene: Scene, stem: str) -> PIL.Image.Image:
+        """The image of `scene`, the draw's image file `stem`, in the draw's style."""
+        return render(scene, self.size, style_for(self.style, f"{self.split}:{self.seed}:{stem}"))
 
 
 def draw_scenes(draw: Draw) -> list[tuple[str, Scene, list[Scene]]]:
@@ -383,20 +445,21 @@ def example_rows(draw: Draw, image: Callable[[Scene, str], Any]) -> list[dict]:
 
 
 def write_shapesworld(root, split: str = "test", n: int = 50, seed: int = 0, size: int = 64,
-                      subtasks: Sequence[str] = ALL_SUBTASKS) -> Path:
-    """Generate `n` examples per subtask of `split` into `root` (images/ + examples.json); returns root.
+                      subtasks: Sequence[str] = ALL_SUBTASKS, style: str = "exact") -> Path:
+    """Generate `n` examples per subtask of `split` into `root` (images/ + examples.json) drawn by
+    the renderer `style` ("exact" or "varied", see `Draw`); returns root.
 
-    The same (split, n, seed, size, subtasks) always writes the same files."""
-    draw = Draw(split, n, seed, size, tuple(subtasks))
+    The same (split, n, seed, size, subtasks, style) always writes the same files."""
+    draw = Draw(split, n, seed, size, tuple(subtasks), style)
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
 
     def save(scene: Scene, stem: str) -> str:
         relative = f"images/{stem}.png"
-        render(scene, size).save(root / relative)
+        draw.render(scene, stem).save(root / relative)
         return relative
 
-    meta = {"split": split, "seed": seed, "size": size, "held_out_combos": sorted(HELD_OUT_COMBOS),
+    meta = {"split": split, "seed": seed, "size": size, "style": style, "held_out_combos": sorted(HELD_OUT_COMBOS),
             "examples": example_rows(draw, save)}
     (root / "examples.json").write_text(json.dumps(meta, indent=1))
     return root

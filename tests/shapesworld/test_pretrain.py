@@ -8,8 +8,10 @@ import json
 import random
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from diffusers.training_utils import EMAModel
 
@@ -208,6 +210,15 @@ def test_cli_reports_bad_resume(tmp_path, capsys):
     assert "name and steps required" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
+def test_a_second_pretraining_run_on_one_folder_is_refused(tmp_path, capsys):
+    from itm_engine import storage
+
+    with storage.folder_lock(tmp_path / "run", "another run"):
+        assert shapes_cli.main(["pretrain", "--out", str(tmp_path / "run")]) == 2
+    assert "in use by another process (another run" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 def test_itm_train_pretrain_is_a_deprecated_alias_of_itm_shapes_pretrain(tmp_path, capsys):
     """`itm-train pretrain --world shapes ...` (the command before `itm-shapes`) still runs
     `itm-shapes pretrain ...`, after a deprecation message; so does `pretrain-clip`."""
@@ -309,3 +320,22 @@ def test_layout_objective_reads_the_later_object_and_end_states_of_spatial_capti
     assert term.item() == pytest.approx(expected.item(), rel=1e-6)
     assert trainer._layout_loss(config.stage_list()[0], ["a large red circle", ""], states[:2]) == 0.0
     assert trainer._layout_loss(PretrainConfig(**{**TOY, "layout_weight": 0.0}).stage_list()[0], texts, states) == 0.0
+
+
+def test_training_scenes_mix_the_varied_renderer_in_their_share_with_matching_backgrounds_and_masks():
+    config = PretrainConfig(**{**TOY, "scenes": 200, "varied_share": 0.5})
+    styles = pretrain.scene_styles(config.scenes, config.seed, config.varied_share)
+    assert 0.35 < sum(s != world.EXACT for s in styles) / len(styles) < 0.65
+    assert styles == pretrain.scene_styles(config.scenes, config.seed, config.varied_share)  # from the seed
+    data = pretrain.training_scenes(config, pretrain.build_components(config))
+    for pixels, background in zip(data.pixels[:60], data.backgrounds[:60]):  # the most common value: background
+        values, counts = pixels[0].flatten().unique(return_counts=True)
+        assert values[counts.argmax()] == background[0, 0, 0] and (background == background[0]).all()  # a grey
+    assert len({float(b[0]) for b in data.backgrounds}) > 5
+    scenes = pretrain.scene_list(config.scenes, config.seed, config.scene_kinds, config.render_size)
+    latent = config.image_size // 4
+    for i in range(30):  # the grounding masks cover exactly the cells where the scene's own render is drawn
+        image = torch.from_numpy(np.asarray(world.render(scenes[i], config.render_size, styles[i])).copy())
+        drawn = (image != styles[i].background).any(-1).float()[None, None]
+        assert torch.equal(data.masks[i].amax(0), F.adaptive_max_pool2d(drawn, latent)[0, 0])
+    assert all(style == world.EXACT for style in pretrain.scene_styles(50, 0, 0.0))

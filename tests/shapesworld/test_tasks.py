@@ -2,6 +2,7 @@
 from a data root or from a draw in memory, metrics on hand-made scores."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,9 @@ import pytest
 import torch
 
 from itm_engine.shapesworld.tasks import ShapesI2T, ShapesT2I
-from itm_engine.shapesworld.world import ALL_SUBTASKS, SUBTASKS, Draw
+from itm_engine.shapesworld.world import ALL_SUBTASKS, SUBTASKS, Draw, write_shapesworld
 from itm_engine.tasks import get_task
+from itm_engine.tasks.base import DataError
 
 
 def test_tasks_load_and_score_hand_made_matrices(splits):
@@ -75,3 +77,30 @@ def test_from_world_gives_the_examples_itm_eval_reads_from_the_written_root(spli
                 assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(PIL.Image.open(path).convert("RGB")))
     with pytest.raises(ValueError, match="not both or neither"):
         ShapesI2T(splits["test"]["root"], draw=draw)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("id", ["x"], "id must be"), ("id", None, "id must be"), ("caption", None, "caption must be"),
+    ("caption", 5, "caption must be"), ("image", 5, "image"), ("image", None, "image"),
+])
+def test_a_malformed_row_is_a_data_error_naming_file_and_row(tmp_path, field, value, match):
+    root = write_shapesworld(tmp_path / "root", n=2, subtasks=("recognition_color",))
+    data = json.loads((root / "examples.json").read_text())
+    data["examples"][1][field] = value
+    (root / "examples.json").write_text(json.dumps(data))
+    # the row by its place in examples.json, or (once read) by its id
+    with pytest.raises(DataError, match=rf"(examples\.json examples\[1\]|recognition_color/00001).*{match}"):
+        get_task("shapes", root).examples
+
+
+def test_the_varied_renderer_draws_the_same_scenes_in_other_pixels(tmp_path):
+    exact = write_shapesworld(tmp_path / "exact", n=3)
+    varied = write_shapesworld(tmp_path / "varied", n=3, style="varied")
+    rows = [json.loads((root / "examples.json").read_text()) for root in (exact, varied)]
+    assert rows[1]["style"] == "varied" and rows[0]["style"] == "exact"
+    assert [(r["caption"], r["objects"]) for r in rows[0]["examples"]] == \
+        [(r["caption"], r["objects"]) for r in rows[1]["examples"]]
+    first = rows[0]["examples"][0]["image"]
+    assert not np.array_equal(np.asarray(PIL.Image.open(exact / first)), np.asarray(PIL.Image.open(varied / first)))
+    in_memory = ShapesI2T.from_world(Draw("test", 3, style="varied"))
+    assert np.array_equal(np.asarray(in_memory.examples[0].images[0]), np.asarray(PIL.Image.open(varied / first)))

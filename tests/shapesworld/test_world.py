@@ -261,3 +261,40 @@ def test_draw_scenes_are_the_examples_the_writer_writes(splits):
     assert [(subtask, [asdict(o) for o in scene], [[asdict(o) for o in neg] for neg in negatives])
             for subtask, scene, negatives in drawn] == written
 
+
+
+def test_the_varied_renderer_varies_exactly_the_nuisances():
+    """Background grey, colour shades, object sizes and anti-aliased edges vary within their
+    bounds; the scene (what the caption says) does not."""
+    rng = random.Random(0)
+    scene = (world.Obj("red", "square", "large", 20, 32), world.Obj("blue", "circle", "small", 46, 32))
+    exact = np.asarray(world.render(scene), dtype=int)
+    greys, areas = set(), []
+    for k in range(40):
+        style = world.varied_style(rng)
+        image = np.asarray(world.render(scene, style=style), dtype=int)
+        assert world.VARIED_GREYS[0] <= style.background <= world.VARIED_GREYS[1]
+        assert (image[0, 0] == style.background).all()
+        greys.add(style.background)
+        for obj, shade, scale in zip(scene, style.shades, style.scales):
+            assert all(abs(d) <= world.VARIED_SHADE for d in shade) and abs(scale - 1) <= world.VARIED_SCALE
+            centre = image[obj.y, obj.x]
+            expected = np.clip(np.add(COLORS[obj.color], shade), 0, 255)
+            assert np.abs(centre - expected).max() <= 1  # an object's inside: its shaded colour
+        colours = {tuple(p) for p in image.reshape(-1, 3)}
+        assert len(colours) > 3  # anti-aliased edges blend object and background
+        red = np.abs(image - image[32, 20]).sum(-1) <= 3
+        areas.append(red.sum() / (np.abs(exact - exact[32, 20]).sum(-1) == 0).sum())
+        # the objects stay where the scene puts them: the caption's relation holds
+        assert np.argwhere(red)[:, 1].mean() < 32
+    assert len(greys) > 10 and min(areas) < 0.9 and max(areas) > 1.1  # sizes vary both ways (up to +-12%)
+
+
+def test_a_style_key_always_gives_the_same_style_and_exact_is_the_plain_renderer():
+    assert world.style_for("varied", "test:0:spatial_00001") == world.style_for("varied", "test:0:spatial_00001")
+    assert world.style_for("varied", "test:0:spatial_00001") != world.style_for("varied", "test:0:spatial_00002")
+    assert world.style_for("exact", "anything") == world.EXACT
+    with pytest.raises(ValueError, match="style must be one of"):
+        world.style_for("shiny", "x")
+    with pytest.raises(ValueError, match="style must be one of"):
+        world.Draw("test", 2, style="shiny")
