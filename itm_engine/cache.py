@@ -104,15 +104,13 @@ def _to_8_bit(image: PIL.Image.Image, name: str) -> PIL.Image.Image:
     return PIL.Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
 
 
-def _check_unit_range(values: np.ndarray | torch.Tensor, name: str, what: str) -> None:
+def _check_unit_range(values: np.ndarray, name: str, what: str) -> None:
     """Raise ValueError unless every value is finite and in [0, 1] (NaN fails both comparisons, so
     finiteness is checked first)."""
-    finite = np.isfinite(values).all() if isinstance(values, np.ndarray) else bool(torch.isfinite(values).all())
-    if not finite:
+    if not np.isfinite(values).all():
         raise ValueError(f"{name}: {what} hold NaN or infinite values")
-    if values.size if isinstance(values, np.ndarray) else values.numel():
-        if values.min() < 0 or values.max() > 1:
-            raise ValueError(f"{name}: {what} must lie in [0, 1]")
+    if values.size and (values.min() < 0 or values.max() > 1):
+        raise ValueError(f"{name}: {what} must lie in [0, 1]")
 
 
 def _tensor_to_pil(tensor: torch.Tensor, name: str) -> PIL.Image.Image:
@@ -125,8 +123,9 @@ def _tensor_to_pil(tensor: torch.Tensor, name: str) -> PIL.Image.Image:
     if t.dtype != torch.uint8:
         if not t.is_floating_point():
             raise ValueError(f"{name}: image tensors must be float in [0, 1] or uint8, got {t.dtype}")
-        _check_unit_range(t, name, "float image tensors")
-        t = (t.float() * 255).round().to(torch.uint8)
+        t = t.float()
+        _check_unit_range(t.numpy(), name, "float image tensors")
+        t = (t * 255).round().to(torch.uint8)
     t = t.expand(3, -1, -1)
     return PIL.Image.fromarray(t.permute(1, 2, 0).contiguous().numpy(), mode="RGB")
 
