@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from itm_engine import kernels
+from itm_engine.models import ddpm_scheduler
+from itm_engine.noise import ForwardProcess
 
 DEVICE = torch.device(os.environ.get("ITM_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
 # The Triton interpreter (TRITON_INTERPRET=1) is a test tool, not a backend worth timing.
@@ -24,6 +26,9 @@ BACKENDS = [
 DTYPES = [torch.float32] + ([torch.float16, torch.bfloat16] if DEVICE.type == "cuda" else [])
 
 B, S, N, LATENT = 64, 10, 16, (4, 64, 64)
+# The forward process of each item_error target: eps (c = 0, no latent read) and v (c != 0).
+PROCESSES = {target: ForwardProcess.from_scheduler(ddpm_scheduler(kind))
+             for target, kind in (("epsilon", "epsilon"), ("v", "v_prediction"))}
 TOPK_SIZES = [(1000, 100_000, 768, 10)] + ([(1000, 1_000_000, 768, 10)] if DEVICE.type == "cuda" else [])
 
 
@@ -54,19 +59,19 @@ def latent_inputs():
     img_idx = torch.randint(0, N, (B,), generator=gen)
     sample_idx = torch.randint(0, S, (B,), generator=gen)
     timesteps = torch.randint(0, 1000, (B,), generator=gen)
-    abar = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2, 0)
     pred = torch.randn(B, *LATENT, generator=gen)
-    return [t.to(DEVICE) for t in (latents, noise, img_idx, sample_idx, timesteps, abar, pred)]
+    return [t.to(DEVICE) for t in (latents, noise, img_idx, sample_idx, timesteps, pred)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_noisy_latents(benchmark, latent_inputs, backend, dtype):
-    latents, noise, img_idx, sample_idx, timesteps, abar, _ = latent_inputs
+    latents, noise, img_idx, sample_idx, timesteps, _ = latent_inputs
     latents, noise = latents.to(dtype), noise.to(dtype)
+    coefficients = PROCESSES["epsilon"].coefficients(timesteps)
     out = torch.empty((B, *LATENT), dtype=dtype, device=DEVICE)
     benchmark.group = f"noisy_latents {str(dtype).split('.')[-1]}"
-    _timed(benchmark, kernels.noisy_latents, latents, noise, img_idx, sample_idx, timesteps, abar, out=out,
+    _timed(benchmark, kernels.noisy_latents, latents, noise, img_idx, sample_idx, coefficients, out=out,
            backend=backend)
     _record_bandwidth(benchmark, 3 * out.numel() * out.element_size())  # gather z0, eps; write x_t
 
@@ -75,11 +80,12 @@ def test_noisy_latents(benchmark, latent_inputs, backend, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_item_error(benchmark, latent_inputs, backend, dtype, target):
-    latents, noise, img_idx, sample_idx, timesteps, abar, pred = latent_inputs
+    latents, noise, img_idx, sample_idx, timesteps, pred = latent_inputs
     pred, noise, latents = pred.to(dtype), noise.to(dtype), latents.to(dtype)
+    coefficients = PROCESSES[target].coefficients(timesteps)
+    latents = latents if target == "v" else None  # an eps target reads no latent
     benchmark.group = f"item_error {target} {str(dtype).split('.')[-1]}"
-    _timed(benchmark, kernels.item_error, pred, noise, sample_idx, latents, img_idx, target, timesteps, abar,
-           backend=backend)
+    _timed(benchmark, kernels.item_error, pred, noise, sample_idx, coefficients, latents, img_idx, backend=backend)
     reads = 2 + (target == "v")  # pred, eps (and z0 for v)
     _record_bandwidth(benchmark, reads * pred.numel() * pred.element_size())
 

@@ -1,6 +1,6 @@
 // Argument checks shared by the CPU (ops.cpp) and CUDA (ops_cuda.cpp) implementations.
 // The contracts are those of itm_engine/kernels/reference.py; the Python wrappers in
-// itm_engine/kernels/extension.py convert index tensors to int64 and alphas_cumprod to float32.
+// itm_engine/kernels/extension.py convert index tensors to int64.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -51,16 +51,17 @@ inline void check_index(const at::Tensor& t, int64_t B, const at::Tensor& ref, c
               "], got ", t.sizes());
 }
 
-inline void check_alphas(const at::Tensor& t, const at::Tensor& ref, const char* op) {
-  check_same_device(t, ref, op, "alphas_cumprod");
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.numel() > 0, "itm_engine.", op,
-              ": alphas_cumprod must be a non-empty float32 [T] tensor, got ", t.scalar_type(), " ",
-              t.sizes());
+// The items' forward-process coefficients (a, b, c, d): float32 [B, >= 4] on the inputs' device
+// (columns past the fourth are ignored); x_t = a z0 + b eps, target = c z0 + d eps.
+inline void check_coefficients(const at::Tensor& t, int64_t B, const at::Tensor& ref, const char* op) {
+  check_same_device(t, ref, op, "coefficients");
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 2 && t.size(0) == B && t.size(1) >= 4, "itm_engine.", op,
+              ": coefficients must be float32 [B, 4] with B = ", B, " items, got ", t.scalar_type(), " ", t.sizes());
 }
 
 inline void check_noisy_latents_args(const at::Tensor& latents, const at::Tensor& noise, const at::Tensor& img_idx,
-                                     const at::Tensor& sample_idx, const at::Tensor& timesteps,
-                                     const at::Tensor& alphas_cumprod, const at::Tensor& out) {
+                                     const at::Tensor& sample_idx, const at::Tensor& coefficients,
+                                     const at::Tensor& out) {
   const char* op = "noisy_latents";
   check_float_input(latents, op, "latents");
   TORCH_CHECK(latents.dim() == 4, "itm_engine.noisy_latents: latents must be [N, C, H, W], got shape ",
@@ -70,27 +71,24 @@ inline void check_noisy_latents_args(const at::Tensor& latents, const at::Tensor
   const int64_t B = out.size(0);
   check_index(img_idx, B, latents, op, "img_idx");
   check_index(sample_idx, B, latents, op, "sample_idx");
-  check_index(timesteps, B, latents, op, "timesteps");
-  check_alphas(alphas_cumprod, latents, op);
+  check_coefficients(coefficients, B, latents, op);
 }
 
+// Without latents the target is d eps (img_idx, if any, is ignored); with them, img_idx is needed.
 inline void check_item_error_args(const at::Tensor& pred, const at::Tensor& noise, const at::Tensor& sample_idx,
-                                  const std::optional<at::Tensor>& latents, const std::optional<at::Tensor>& img_idx,
-                                  const std::optional<at::Tensor>& timesteps,
-                                  const std::optional<at::Tensor>& alphas_cumprod, bool v_target) {
+                                  const at::Tensor& coefficients, const std::optional<at::Tensor>& latents,
+                                  const std::optional<at::Tensor>& img_idx) {
   const char* op = "item_error";
   check_float_input(pred, op, "pred");
   TORCH_CHECK(pred.dim() == 4, "itm_engine.item_error: pred must be [B, C, H, W], got shape ", pred.sizes());
   check_items(noise, pred, op, "noise");
   const int64_t B = pred.size(0);
   check_index(sample_idx, B, pred, op, "sample_idx");
-  if (!v_target) return;
-  TORCH_CHECK(latents.has_value() && img_idx.has_value() && timesteps.has_value() && alphas_cumprod.has_value(),
-              "itm_engine.item_error: the v target needs latents, img_idx, timesteps and alphas_cumprod");
+  check_coefficients(coefficients, B, pred, op);
+  if (!latents.has_value()) return;
+  TORCH_CHECK(img_idx.has_value(), "itm_engine.item_error: latents need img_idx, the latent row of each item");
   check_items(*latents, pred, op, "latents");
   check_index(*img_idx, B, pred, op, "img_idx");
-  check_index(*timesteps, B, pred, op, "timesteps");
-  check_alphas(*alphas_cumprod, pred, op);
 }
 
 // Returns (Q, G, D).

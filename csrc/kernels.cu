@@ -2,9 +2,10 @@
 //
 // Kept cheap to compile: no ATen/c10 headers, one untemplated kernel per op; the input and output
 // dtypes (fp32/fp16/bf16/fp64, all computed in float32) are told apart at run time by a dtype code
-// (a warp-uniform branch, negligible next to the memory traffic). Products are rounded as the
-// PyTorch reference rounds them (__fmul_rn/__fadd_rn: no fused multiply-add), so float32 results
-// match it to the last bit on noisy_latents.
+// (a warp-uniform branch, negligible next to the memory traffic). The per-item coefficients
+// (a, b, c, d) come computed (noise.ForwardProcess); products are rounded as the PyTorch reference
+// rounds them (__fmul_rn/__fadd_rn: no fused multiply-add), so float32 results match it to the
+// last bit on noisy_latents.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -37,24 +38,15 @@ __device__ __forceinline__ void store(void* p, int64_t i, int dt, float v) {
   }
 }
 
-// The reference's coefficients: sqrt(abar[t]) and sqrt(1 - abar[t]), IEEE float32 square roots.
-__device__ __forceinline__ void coefficients(const float* abar, int64_t t, int64_t T, float& a, float& s) {
-  assert(t >= 0 && t < T && "itm_engine: timestep out of range");
-  const float ab = abar[t];
-  a = __fsqrt_rn(ab);
-  s = __fsqrt_rn(__fsub_rn(1.0f, ab));
-}
-
 // grid (x: blocks striding over an item's elements, y: items striding over B).
 __global__ void noisy_latents_kernel(Items latents, Items noise, void* out, int out_dt, const int64_t* img_idx,
-                                     const int64_t* sample_idx, const int64_t* timesteps, const float* abar, int64_t T,
-                                     int64_t B, int64_t row) {
+                                     const int64_t* sample_idx, const float* coef, int64_t ld, int64_t B,
+                                     int64_t row) {
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
     const int64_t zi = img_idx[b], ei = sample_idx[b];
     assert(zi >= 0 && zi < latents.n && "itm_engine.noisy_latents: img_idx out of range");
     assert(ei >= 0 && ei < noise.n && "itm_engine.noisy_latents: sample_idx out of range");
-    float a, s;
-    coefficients(abar, timesteps[b], T, a, s);
+    const float a = coef[b * ld], s = coef[b * ld + 1];  // x_t = a z0 + s eps
     const int64_t z0 = zi * row, e0 = ei * row, x0 = b * row;
     for (int64_t j = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; j < row; j += int64_t{gridDim.x} * blockDim.x) {
       const float z = load(latents.data, z0 + j, latents.dtype), e = load(noise.data, e0 + j, noise.dtype);
@@ -65,30 +57,31 @@ __global__ void noisy_latents_kernel(Items latents, Items noise, void* out, int 
 
 // One block per item (striding over B): each thread sums its strided elements in float32, then
 // a fixed shuffle/shared-memory tree adds the threads up. Deterministic; no atomics.
-__global__ void item_error_kernel(Items pred, Items noise, const int64_t* sample_idx, Items latents,
-                                  const int64_t* img_idx, const int64_t* timesteps, const float* abar, int64_t T,
-                                  bool v_target, int64_t B, int64_t row, float* err) {
+__global__ void item_error_kernel(Items pred, Items noise, const int64_t* sample_idx, const float* coef, int64_t ld,
+                                  bool with_latents, Items latents, const int64_t* img_idx, int64_t B, int64_t row,
+                                  float* err) {
   __shared__ float warp_sums[kThreads / 32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
     const int64_t ei = sample_idx[b];
     assert(ei >= 0 && ei < noise.n && "itm_engine.item_error: sample_idx out of range");
+    const float c = coef[b * ld + 2], d = coef[b * ld + 3];
     int64_t zi = 0;
-    float a = 0.f, s = 0.f;
-    if (v_target) {
+    if (with_latents) {
       zi = img_idx[b];
       assert(zi >= 0 && zi < latents.n && "itm_engine.item_error: img_idx out of range");
-      coefficients(abar, timesteps[b], T, a, s);
+    } else {
+      assert(c == 0.f && "itm_engine.item_error: a target with a latent term (c != 0) needs latents");
     }
     const int64_t p0 = b * row, e0 = ei * row, z0 = zi * row;
     float acc = 0.f;
     for (int64_t j = threadIdx.x; j < row; j += blockDim.x) {
-      float target = load(noise.data, e0 + j, noise.dtype);
-      if (v_target) {  // v = sqrt(abar) eps - sqrt(1 - abar) z0
-        target = __fsub_rn(__fmul_rn(a, target), __fmul_rn(s, load(latents.data, z0 + j, latents.dtype)));
+      float target = __fmul_rn(d, load(noise.data, e0 + j, noise.dtype));
+      if (with_latents) {  // target = c z0 + d eps
+        target = __fadd_rn(__fmul_rn(c, load(latents.data, z0 + j, latents.dtype)), target);
       }
-      const float d = load(pred.data, p0 + j, pred.dtype) - target;
-      acc += d * d;
+      const float diff = load(pred.data, p0 + j, pred.dtype) - target;
+      acc += diff * diff;
     }
     for (int offset = 16; offset > 0; offset /= 2) acc += __shfl_down_sync(0xffffffffu, acc, offset);
     if (lane == 0) warp_sums[warp] = acc;
@@ -140,20 +133,20 @@ unsigned capped(int64_t n) { return unsigned(n > 65535 ? 65535 : n); }
 }  // namespace
 
 cudaError_t launch_noisy_latents(Items latents, Items noise, void* out, DType out_dtype, const int64_t* img_idx,
-                                 const int64_t* sample_idx, const int64_t* timesteps, const float* abar, int64_t T,
-                                 int64_t B, int64_t row, cudaStream_t stream) {
+                                 const int64_t* sample_idx, const float* coef, int64_t ld, int64_t B, int64_t row,
+                                 cudaStream_t stream) {
   if (B == 0 || row == 0) return cudaSuccess;
   noisy_latents_kernel<<<dim3(blocks_for(row), capped(B)), kThreads, 0, stream>>>(
-      latents, noise, out, out_dtype, img_idx, sample_idx, timesteps, abar, T, B, row);
+      latents, noise, out, out_dtype, img_idx, sample_idx, coef, ld, B, row);
   return cudaGetLastError();
 }
 
-cudaError_t launch_item_error(Items pred, Items noise, const int64_t* sample_idx, Items latents,
-                              const int64_t* img_idx, const int64_t* timesteps, const float* abar, int64_t T,
-                              bool v_target, int64_t B, int64_t row, float* err, cudaStream_t stream) {
+cudaError_t launch_item_error(Items pred, Items noise, const int64_t* sample_idx, const float* coef, int64_t ld,
+                              bool with_latents, Items latents, const int64_t* img_idx, int64_t B, int64_t row,
+                              float* err, cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
-  item_error_kernel<<<capped(B), kThreads, 0, stream>>>(pred, noise, sample_idx, latents, img_idx, timesteps, abar, T,
-                                                        v_target, B, row, err);
+  item_error_kernel<<<capped(B), kThreads, 0, stream>>>(pred, noise, sample_idx, coef, ld, with_latents, latents,
+                                                        img_idx, B, row, err);
   return cudaGetLastError();
 }
 

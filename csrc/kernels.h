@@ -19,16 +19,18 @@ struct Items {
   int64_t n;
 };
 
-// out[b] = sqrt(abar[t_b]) * latents[img_idx[b]] + sqrt(1 - abar[t_b]) * noise[sample_idx[b]].
-cudaError_t launch_noisy_latents(Items latents, Items noise, void* out, DType out_dtype, const int64_t* img_idx,
-                                 const int64_t* sample_idx, const int64_t* timesteps, const float* abar, int64_t T,
-                                 int64_t B, int64_t row, cudaStream_t stream);
+// coef: float32 [B, ld] rows (a, b, c, d, ...) of the items' forward-process coefficients.
 
-// err[b] = mean_j (pred[b, j] - target[b, j])^2, target = eps or (v_target) sqrt(abar) eps - sqrt(1 - abar) z0.
-// latents, img_idx, timesteps and abar are read only when v_target.
-cudaError_t launch_item_error(Items pred, Items noise, const int64_t* sample_idx, Items latents,
-                              const int64_t* img_idx, const int64_t* timesteps, const float* abar, int64_t T,
-                              bool v_target, int64_t B, int64_t row, float* err, cudaStream_t stream);
+// out[b] = a_b * latents[img_idx[b]] + b_b * noise[sample_idx[b]].
+cudaError_t launch_noisy_latents(Items latents, Items noise, void* out, DType out_dtype, const int64_t* img_idx,
+                                 const int64_t* sample_idx, const float* coef, int64_t ld, int64_t B, int64_t row,
+                                 cudaStream_t stream);
+
+// err[b] = mean_j (pred[b, j] - target[b, j])^2, target = c_b z0 + d_b eps, or d_b eps without latents
+// (!with_latents: latents and img_idx are not read, and c_b must be 0: a device-side assert).
+cudaError_t launch_item_error(Items pred, Items noise, const int64_t* sample_idx, const float* coef, int64_t ld,
+                              bool with_latents, Items latents, const int64_t* img_idx, int64_t B, int64_t row,
+                              float* err, cudaStream_t stream);
 
 // keys[q, col0 + j] = the top-k key of (sims[q, j], gallery index start + j), for q < Q, j < n;
 // keys has leading dimension ld. Keys order as (similarity desc, index asc).

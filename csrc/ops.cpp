@@ -140,30 +140,25 @@ void check_range(const at::Tensor& idx, int64_t bound, const char* op, const cha
   }
 }
 
-// Per-item sqrt(abar[t]) and sqrt(1 - abar[t]) in float32, computed with the same ATen ops as the
-// reference so they round identically (ATen's CPU sqrt goes through MKL and is not always the
-// correctly rounded std::sqrt).
-void coefficients(const at::Tensor& timesteps, const at::Tensor& alphas_cumprod, const char* op,
-                  std::vector<float>& a, std::vector<float>& s) {
-  check_range(timesteps, alphas_cumprod.numel(), op, "timesteps");
-  const at::Tensor abar = alphas_cumprod.index_select(0, timesteps);
-  const at::Tensor sqrt_abar = abar.sqrt(), sqrt_one_minus = abar.neg().add_(1).sqrt();
-  a.assign(sqrt_abar.const_data_ptr<float>(), sqrt_abar.const_data_ptr<float>() + abar.numel());
-  s.assign(sqrt_one_minus.const_data_ptr<float>(), sqrt_one_minus.const_data_ptr<float>() + abar.numel());
+// Checks that no item's target has a latent term (c = coef[b, 2] is 0), for item_error without
+// latents (the reference would raise a ValueError).
+void check_no_latent_term(const float* coef, int64_t ld, int64_t B) {
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(coef[b * ld + 2] == 0.f, "itm_engine.item_error: coefficients[", b, ", 2] = ", coef[b * ld + 2],
+                " but no latents were given: a target with a latent term (v, flow) needs latents and img_idx");
+  }
 }
 
 // ---- noisy_latents -------------------------------------------------------------------------
 
 at::Tensor& noisy_latents_cpu(const at::Tensor& latents_, const at::Tensor& noise_, const at::Tensor& img_idx_,
-                              const at::Tensor& sample_idx_, const at::Tensor& timesteps_,
-                              const at::Tensor& alphas_cumprod_, at::Tensor& out) {
-  check_noisy_latents_args(latents_, noise_, img_idx_, sample_idx_, timesteps_, alphas_cumprod_, out);
+                              const at::Tensor& sample_idx_, const at::Tensor& coefficients_, at::Tensor& out) {
+  check_noisy_latents_args(latents_, noise_, img_idx_, sample_idx_, coefficients_, out);
   const at::Tensor latents = latents_.contiguous(), noise = noise_.contiguous();
   const at::Tensor img_idx = img_idx_.contiguous(), sample_idx = sample_idx_.contiguous();
+  const at::Tensor coefficients = coefficients_.contiguous();
   check_range(img_idx, latents.size(0), "noisy_latents", "img_idx");
   check_range(sample_idx, noise.size(0), "noisy_latents", "sample_idx");
-  std::vector<float> a, s;
-  coefficients(timesteps_.contiguous(), alphas_cumprod_.contiguous(), "noisy_latents", a, s);
 
   // A non-contiguous `out` is filled through a contiguous buffer and copied back.
   at::Tensor dst = out.is_contiguous() ? out : at::empty(out.sizes(), out.options());
@@ -177,6 +172,8 @@ at::Tensor& noisy_latents_cpu(const at::Tensor& latents_, const at::Tensor& nois
   void* xp = dst.mutable_data_ptr();
   const int64_t* zi = img_idx.data_ptr<int64_t>();
   const int64_t* ei = sample_idx.data_ptr<int64_t>();
+  const float* coef = coefficients.const_data_ptr<float>();
+  const int64_t ld = coefficients.size(1);
 
   at::parallel_for(0, B * blocks_per_row, kGrain, [&](int64_t begin, int64_t end) {
     float zbuf[kBlock], ebuf[kBlock], xbuf[kBlock];
@@ -186,7 +183,7 @@ at::Tensor& noisy_latents_cpu(const at::Tensor& latents_, const at::Tensor& nois
       const float* z = load_z(zp, zi[b] * row + j0, n, zbuf);
       const float* e = load_e(ep, ei[b] * row + j0, n, ebuf);
       float* x = out_float ? static_cast<float*>(xp) + b * row + j0 : xbuf;
-      const float ab = a[b], sb = s[b];
+      const float ab = coef[b * ld], sb = coef[b * ld + 1];  // x_t = a z0 + b eps
       for (int64_t i = 0; i < n; ++i) x[i] = ab * z[i] + sb * e[i];
       if (!out_float) store_x(xbuf, xp, b * row + j0, n);
     }
@@ -198,31 +195,33 @@ at::Tensor& noisy_latents_cpu(const at::Tensor& latents_, const at::Tensor& nois
 // ---- item_error ----------------------------------------------------------------------------
 
 at::Tensor item_error_cpu(const at::Tensor& pred_, const at::Tensor& noise_, const at::Tensor& sample_idx_,
-                          const std::optional<at::Tensor>& latents_, const std::optional<at::Tensor>& img_idx_,
-                          const std::optional<at::Tensor>& timesteps_,
-                          const std::optional<at::Tensor>& alphas_cumprod_, bool v_target) {
-  check_item_error_args(pred_, noise_, sample_idx_, latents_, img_idx_, timesteps_, alphas_cumprod_, v_target);
+                          const at::Tensor& coefficients_, const std::optional<at::Tensor>& latents_,
+                          const std::optional<at::Tensor>& img_idx_) {
+  check_item_error_args(pred_, noise_, sample_idx_, coefficients_, latents_, img_idx_);
   const at::Tensor pred = pred_.contiguous(), noise = noise_.contiguous();
-  const at::Tensor sample_idx = sample_idx_.contiguous();
+  const at::Tensor sample_idx = sample_idx_.contiguous(), coefficients = coefficients_.contiguous();
   check_range(sample_idx, noise.size(0), "item_error", "sample_idx");
+  const int64_t B = pred.size(0), row = pred[0].numel();
+  const float* coef = coefficients.const_data_ptr<float>();
+  const int64_t ld = coefficients.size(1);
+  const bool with_latents = latents_.has_value();
   at::Tensor latents, img_idx;
-  std::vector<float> a, s;
-  if (v_target) {
+  if (with_latents) {
     latents = latents_->contiguous();
     img_idx = img_idx_->contiguous();
     check_range(img_idx, latents.size(0), "item_error", "img_idx");
-    coefficients(timesteps_->contiguous(), alphas_cumprod_->contiguous(), "item_error", a, s);
+  } else {
+    check_no_latent_term(coef, ld, B);
   }
 
-  const int64_t B = pred.size(0), row = pred[0].numel();
   const int64_t blocks_per_row = (row + kBlock - 1) / kBlock;
   const LoadFn load_p = loader(pred), load_e = loader(noise);
-  const LoadFn load_z = v_target ? loader(latents) : nullptr;
+  const LoadFn load_z = with_latents ? loader(latents) : nullptr;
   const void* pp = pred.const_data_ptr();
   const void* ep = noise.const_data_ptr();
-  const void* zp = v_target ? latents.const_data_ptr() : nullptr;
+  const void* zp = with_latents ? latents.const_data_ptr() : nullptr;
   const int64_t* ei = sample_idx.data_ptr<int64_t>();
-  const int64_t* zi = v_target ? img_idx.data_ptr<int64_t>() : nullptr;
+  const int64_t* zi = with_latents ? img_idx.data_ptr<int64_t>() : nullptr;
 
   // One partial sum per (item, block), added up per item in block order: deterministic.
   std::vector<double> partial(B * blocks_per_row);
@@ -234,10 +233,13 @@ at::Tensor item_error_cpu(const at::Tensor& pred_, const at::Tensor& noise_, con
       const float* p = load_p(pp, b * row + j0, n, pbuf);
       const float* e = load_e(ep, ei[b] * row + j0, n, ebuf);
       const float* target = e;
-      if (v_target) {  // v = sqrt(abar) eps - sqrt(1 - abar) z0
+      const float cb = coef[b * ld + 2], db = coef[b * ld + 3];
+      if (with_latents) {  // target = c z0 + d eps
         const float* z = load_z(zp, zi[b] * row + j0, n, zbuf);
-        const float ab = a[b], sb = s[b];
-        for (int64_t i = 0; i < n; ++i) tbuf[i] = ab * e[i] - sb * z[i];
+        for (int64_t i = 0; i < n; ++i) tbuf[i] = cb * z[i] + db * e[i];
+        target = tbuf;
+      } else if (db != 1.f) {  // target = d eps (1 * eps is eps itself: no pass)
+        for (int64_t i = 0; i < n; ++i) tbuf[i] = db * e[i];
         target = tbuf;
       }
       partial[unit] = sum_sq_diff(p, target, n);
@@ -333,11 +335,11 @@ bool has_cuda() {
 
 TORCH_LIBRARY(itm_engine, m) {
   m.def(
-      "noisy_latents(Tensor latents, Tensor noise, Tensor img_idx, Tensor sample_idx, Tensor timesteps, "
-      "Tensor alphas_cumprod, Tensor(a!) out) -> Tensor(a!)");
+      "noisy_latents(Tensor latents, Tensor noise, Tensor img_idx, Tensor sample_idx, Tensor coefficients, "
+      "Tensor(a!) out) -> Tensor(a!)");
   m.def(
-      "item_error(Tensor pred, Tensor noise, Tensor sample_idx, Tensor? latents, Tensor? img_idx, "
-      "Tensor? timesteps, Tensor? alphas_cumprod, bool v_target) -> Tensor");
+      "item_error(Tensor pred, Tensor noise, Tensor sample_idx, Tensor coefficients, Tensor? latents, "
+      "Tensor? img_idx) -> Tensor");
   m.def("topk_similarity(Tensor queries, Tensor gallery, int k, int chunk_size) -> (Tensor, Tensor)");
   m.def("has_cuda() -> bool", &itm::has_cuda);
 }

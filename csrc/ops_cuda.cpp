@@ -30,46 +30,44 @@ cuda::DType dtype_code(const at::Tensor& t) {
 cuda::Items items(const at::Tensor& t) { return {t.const_data_ptr(), dtype_code(t), t.size(0)}; }
 
 at::Tensor& noisy_latents_cuda(const at::Tensor& latents_, const at::Tensor& noise_, const at::Tensor& img_idx_,
-                               const at::Tensor& sample_idx_, const at::Tensor& timesteps_,
-                               const at::Tensor& alphas_cumprod_, at::Tensor& out) {
-  check_noisy_latents_args(latents_, noise_, img_idx_, sample_idx_, timesteps_, alphas_cumprod_, out);
+                               const at::Tensor& sample_idx_, const at::Tensor& coefficients_, at::Tensor& out) {
+  check_noisy_latents_args(latents_, noise_, img_idx_, sample_idx_, coefficients_, out);
   const c10::cuda::CUDAGuard guard(latents_.device());
   const at::Tensor latents = latents_.contiguous(), noise = noise_.contiguous();
   const at::Tensor img_idx = img_idx_.contiguous(), sample_idx = sample_idx_.contiguous();
-  const at::Tensor timesteps = timesteps_.contiguous(), abar = alphas_cumprod_.contiguous();
+  const at::Tensor coefficients = coefficients_.contiguous();
   // A non-contiguous `out` is filled through a contiguous buffer and copied back.
   at::Tensor dst = out.is_contiguous() ? out : at::empty(out.sizes(), out.options());
   C10_CUDA_CHECK(cuda::launch_noisy_latents(
       items(latents), items(noise), dst.mutable_data_ptr(), dtype_code(dst), img_idx.const_data_ptr<int64_t>(),
-      sample_idx.const_data_ptr<int64_t>(), timesteps.const_data_ptr<int64_t>(), abar.const_data_ptr<float>(),
-      abar.numel(), dst.size(0), latents[0].numel(), c10::cuda::getCurrentCUDAStream()));
+      sample_idx.const_data_ptr<int64_t>(), coefficients.const_data_ptr<float>(), coefficients.size(1), dst.size(0),
+      latents[0].numel(), c10::cuda::getCurrentCUDAStream()));
   if (!dst.is_same(out)) out.copy_(dst);
   return out;
 }
 
 at::Tensor item_error_cuda(const at::Tensor& pred_, const at::Tensor& noise_, const at::Tensor& sample_idx_,
-                           const std::optional<at::Tensor>& latents_, const std::optional<at::Tensor>& img_idx_,
-                           const std::optional<at::Tensor>& timesteps_,
-                           const std::optional<at::Tensor>& alphas_cumprod_, bool v_target) {
-  check_item_error_args(pred_, noise_, sample_idx_, latents_, img_idx_, timesteps_, alphas_cumprod_, v_target);
+                           const at::Tensor& coefficients_, const std::optional<at::Tensor>& latents_,
+                           const std::optional<at::Tensor>& img_idx_) {
+  check_item_error_args(pred_, noise_, sample_idx_, coefficients_, latents_, img_idx_);
   const c10::cuda::CUDAGuard guard(pred_.device());
   const at::Tensor pred = pred_.contiguous(), noise = noise_.contiguous(), sample_idx = sample_idx_.contiguous();
-  at::Tensor latents, img_idx, timesteps, abar;
+  const at::Tensor coefficients = coefficients_.contiguous();
+  // Without latents the kernel's target is d eps (latents and img_idx not read).
+  const bool with_latents = latents_.has_value();
+  at::Tensor latents, img_idx;
   cuda::Items latent_items{nullptr, cuda::kF32, 0};
-  if (v_target) {
+  if (with_latents) {
     latents = latents_->contiguous();
     img_idx = img_idx_->contiguous();
-    timesteps = timesteps_->contiguous();
-    abar = alphas_cumprod_->contiguous();
     latent_items = items(latents);
   }
   const int64_t B = pred.size(0);
   at::Tensor err = at::empty({B}, pred.options().dtype(at::kFloat));
   C10_CUDA_CHECK(cuda::launch_item_error(
-      items(pred), items(noise), sample_idx.const_data_ptr<int64_t>(), latent_items,
-      v_target ? img_idx.const_data_ptr<int64_t>() : nullptr, v_target ? timesteps.const_data_ptr<int64_t>() : nullptr,
-      v_target ? abar.const_data_ptr<float>() : nullptr, v_target ? abar.numel() : 0, v_target, B, pred[0].numel(),
-      err.mutable_data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
+      items(pred), items(noise), sample_idx.const_data_ptr<int64_t>(), coefficients.const_data_ptr<float>(),
+      coefficients.size(1), with_latents, latent_items, with_latents ? img_idx.const_data_ptr<int64_t>() : nullptr, B,
+      pred[0].numel(), err.mutable_data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
   return err;
 }
 

@@ -2,7 +2,10 @@
 
 "naive" is the DiffusionITM research loop as the paper ran it (`reference.diffusion_itm_pair_scores`:
 the VAE inside the draw loop, one UNet call per pair and draw), "batched" Diffusion Classifier's loop
-(each image encoded once, one UNet call per pair), "engine" this engine. All three run in one
+(each image encoded once, one UNet call per pair), "pipeline" the loop that follows the model's own
+diffusers pipeline (`reference.pipeline_pair_scores`, every family; one denoiser call per pair and
+draw), "engine" this engine. The research loops score SD 1.x/2.x models; other families run
+"pipeline" and "engine" by default. All of them run in one
 process on the same workload, the same draws and the same scoring protocol (default: the
 DiffusionITM research code's), with their repeats interleaved (naive, batched, engine, naive, ...)
 so machine drift hits all of them; the report gives medians. The run also checks that the three
@@ -10,6 +13,7 @@ agree on the scores (exit code 1 when they do not).
 
     itm-bench                                   # tiny model, CPU, I2T and T2I pairs
     itm-bench --model sd21-arch --device cuda --dtype bfloat16 --workload i2t-topk --json r.json
+    itm-bench --model sd3-medium-arch --device meta   # FLOPs per denoiser item only, no memory
 """
 from __future__ import annotations
 
@@ -34,12 +38,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from itm_engine import extras, options, protocols
 from itm_engine.models import SDComponents, load_components
+from itm_engine.models.families import family_of
 from itm_engine.noise import NoiseBank
 from itm_engine.options import option, parse_batch_size
-from itm_engine.reference import diffusion_classifier_pair_scores, diffusion_itm_pair_scores
+from itm_engine.reference import diffusion_classifier_pair_scores, diffusion_itm_pair_scores, pipeline_pair_scores
 from itm_engine.scoring import DiffusionITM
 
-METHODS = ("naive", "batched", "engine")
+METHODS = ("naive", "batched", "pipeline", "engine")
+RESEARCH_METHODS = "naive,batched,engine"  # the default for SD 1.x/2.x; other families: "pipeline,engine"
 PAPER_FLICKR_ITEMS = 1000 * 10 * 10  # 1000 images x top-10 captions x 10 samples
 PAPER_FLICKR_MINUTES = 68  # one A6000, the paper's report
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}  # of the error scale
@@ -101,7 +107,7 @@ def build_workloads(args: BenchConfig, components: SDComponents) -> list[Workloa
     """The workloads of `--workload` (one per mode for "pairs"), on the protocol's shared draws."""
     protocol = args.scoring_protocol()
     seed = protocol.seed
-    bank = NoiseBank.for_protocol(protocol, components.latent_shape, components.scheduler.config.num_train_timesteps)
+    bank = NoiseBank.for_protocol(protocol, components.latent_shape, components.process)
     size = components.image_size
     if args.workload == "pairs":
         images, texts = make_images(args.images, size, seed), make_captions(args.texts, seed)
@@ -131,7 +137,8 @@ class Run:
 
 
 class StageClock:
-    """Times the VAE encoder, text encoder and UNet of `components` through forward hooks."""
+    """Times the VAE encoder, the first text encoder and the denoiser ("unet" stage, whatever the
+    family's network) of `components` through forward hooks."""
 
     STAGES = {"vae": "vae.encoder", "text_encoder": "text_encoder", "unet": "unet"}
 
@@ -153,7 +160,8 @@ class StageClock:
                 self._sync()
                 started[stage] = time.perf_counter()
                 if stage == "unet":
-                    self.items += (args[0] if args else kwargs["sample"]).shape[0]
+                    latents = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+                    self.items += latents.shape[0]
                     self.calls += 1
 
             def post(mod, args, kwargs, output, stage=stage):
@@ -205,14 +213,16 @@ class PeakMemory:
 
 def method_runner(name: str, scorer: DiffusionITM) -> Callable[[Workload], torch.Tensor]:
     """A callable scoring a workload's pairs [P] with method `name`, starting from cold caches:
-    "naive" the DiffusionITM research loop, "batched" Diffusion Classifier's loop, both under the
-    scorer's protocol."""
+    "naive" the DiffusionITM research loop, "batched" Diffusion Classifier's loop, "pipeline" the
+    model's diffusers pipeline loop, all under the scorer's protocol."""
     components, protocol = scorer.components, scorer.protocol
     if name == "naive":
         return lambda w: diffusion_itm_pair_scores(components, w.images, w.texts, w.pairs, w.bank, w.mode, protocol)
     if name == "batched":
         return lambda w: diffusion_classifier_pair_scores(components, w.images, w.texts, w.pairs, w.bank, w.mode,
                                                           protocol)
+    if name == "pipeline":
+        return lambda w: pipeline_pair_scores(components, w.images, w.texts, w.pairs, w.bank, w.mode, protocol)
 
     def engine(w: Workload) -> torch.Tensor:
         scorer.clear_cache()  # the engine pays its encodings in every run, like the others
@@ -236,13 +246,15 @@ def timed_run(name: str, runner: Callable, workload: Workload, scorer: Diffusion
 
 
 def unet_flops_per_item(components: SDComponents) -> int:
-    """FLOPs of one UNet item (batch 1, 77-token context), counted by torch's FlopCounterMode."""
-    unet = components.unet
-    context = (components.tokenizer.model_max_length, unet.config.cross_attention_dim)
+    """FLOPs of one denoiser item (batch 1, the family's conditioning at the pipeline's length),
+    counted by torch's FlopCounterMode; on the "meta" device without computing anything."""
+    denoiser, family = components.denoiser, family_of(components)
+    device, dtype = denoiser.device, denoiser.dtype
+    x_t = (torch.empty if device.type == "meta" else torch.randn)(1, *components.latent_shape, device=device,
+                                                                  dtype=dtype)
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        unet(torch.randn(1, *components.latent_shape, device=unet.device, dtype=unet.dtype),
-             torch.tensor([500], device=unet.device),
-             encoder_hidden_states=torch.randn(1, *context, device=unet.device, dtype=unet.dtype))
+        family.denoise(components, x_t, components.process.from_grid(torch.tensor([500])).to(device),
+                       family.example_conditioning(components, 1))
     return counter.get_total_flops()
 
 
@@ -368,7 +380,7 @@ class BenchConfig:
 
     model: str = option("tiny", help="diffusers folder, cached hub id, named model or built-in architecture "
                                      "(tiny, sd15-arch, sd21-arch)")
-    device: str = option("cpu", help="cpu, cuda, cuda:1, ...")
+    device: str = option("cpu", help="cpu, cuda, cuda:1, ...; meta: count FLOPs per denoiser item, time nothing")
     dtype: Literal["float32", "float16", "bfloat16"] = option("float32", help="model dtype")
     workload: Literal["pairs", "i2t-topk", "t2i-topk"] = option(
         "pairs", help="pairs: N images x M texts; i2t-topk: each image with its own k captions; "
@@ -382,7 +394,8 @@ class BenchConfig:
     texts: int = option(6, help="texts in the workload (pairs, t2i-topk)")
     topk: int = option(10, help="candidates per query for the top-k protocols")
     repeats: int = option(3, help="timed repeats per method (interleaved; medians reported)")
-    methods: str = option(",".join(METHODS), help="comma-separated methods to run")
+    methods: str | None = option(None, help=f"comma-separated methods to run, of {', '.join(METHODS)} (default: "
+                                            f"{RESEARCH_METHODS} for SD 1.x/2.x, pipeline,engine for other families)")
     batch_size: int | str = option(64, parse=parse_batch_size, help="engine UNet batch, or auto")
     batch_sweep: str = option("", help="engine batch sizes for the plot, e.g. 8,16,32,64")
     kernels: str | None = option(None, help="fused-op backend: reference | triton | ext | auto")
@@ -400,6 +413,22 @@ class BenchConfig:
         return protocols.resolve(self.protocol, **{"samples": 4, **self.protocol_fields})
 
 
+def count_flops(args: BenchConfig, dtype: torch.dtype) -> int:
+    """`--device meta`: the model built without memory, its FLOPs per denoiser item printed (and
+    written to --json); nothing is timed."""
+    components = load_components(args.model, device="meta", dtype=dtype)
+    flops = unet_flops_per_item(components)
+    print(f"itm-bench: {components.source} ({components.family}), latents {components.latent_shape}: "
+          f"{flops / 1e9:,.1f} GFLOPs per denoiser item; a Flickr30K I2T run ({PAPER_FLICKR_ITEMS:,} pair-draws) "
+          f"needs {PAPER_FLICKR_ITEMS * flops / 1e15:,.0f} PFLOPs")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"model": components.source, "family": components.family,
+                                               "latent_shape": components.latent_shape,
+                                               "unet_gflops_per_item": flops / 1e9}, indent=2) + "\n")
+    return 0
+
+
 def parse_args(argv: list[str] | None) -> BenchConfig:
     parser = options.parser("itm-bench", __doc__.splitlines()[0])
     options.add_options(parser, BenchConfig)
@@ -411,7 +440,7 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
         args.scoring_protocol()
     except (ValueError, TypeError) as err:
         parser.error(str(err))
-    unknown = set(args.methods.split(",")) - set(METHODS)
+    unknown = set((args.methods or "").split(",")) - set(METHODS) - {""}
     if unknown:
         parser.error(f"unknown method(s) {sorted(unknown)}; choose from {METHODS}")
     return args
@@ -421,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if device.type == "meta":
+        return count_flops(args, dtype)
     batch_size = args.batch_size
     scorer = DiffusionITM(
         load_components(args.model, device=device, dtype=dtype), protocol=args.scoring_protocol(),
@@ -428,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         compile=args.compile, cuda_graphs=args.cuda_graphs,
     )
     components = scorer.components
-    methods = args.methods.split(",")
+    methods = (args.methods or (RESEARCH_METHODS if components.family == "sd" else "pipeline,engine")).split(",")
     flops = unet_flops_per_item(components)
     peak = args.peak_tflops or (measured_peak_tflops(device) if device.type == "cuda" else None)
     print(f"itm-bench: {components.source} on {device} ({args.dtype}), latents {components.latent_shape}, "

@@ -40,6 +40,7 @@ import torchvision.transforms.functional as TF
 from diffusers.image_processor import VaeImageProcessor
 
 from itm_engine.models import SDComponents
+from itm_engine.models.families import Conditioning, family_of
 from itm_engine.protocols import Interpolation, Protocol, Resize, Transparency
 from itm_engine.stats import RunStats
 
@@ -237,24 +238,26 @@ def encode_posterior(components: SDComponents, pixels: torch.Tensor) -> tuple[to
 
 
 def posterior_latents(mean: torch.Tensor, std: torch.Tensor, keys: Sequence[str], protocol: Protocol,
-                      draws: range, scaling: float) -> torch.Tensor:
-    """Latents z0 float32 from the posteriors (mean, std [U, C, h, w]) of the images `keys`, as the
-    protocol's `latent` says: [U] for the mean or one sample per image, [U * len(draws)] for a
-    sample per draw (row u * len(draws) + s for draw draws[s])."""
+                      draws: range, scaling: float, shift: float = 0.0) -> torch.Tensor:
+    """Latents z0 = (x - shift) * scaling, float32, from the posteriors (mean, std [U, C, h, w]) of
+    the images `keys`, x as the protocol's `latent` says: [U] for the mean or one sample per image,
+    [U * len(draws)] for a sample per draw (row u * len(draws) + s for draw draws[s]). `shift` is
+    the VAE's shift factor (SD3, Flux; 0 for SD 1.x/2.x)."""
     if protocol.latent == "mean":
-        return mean * scaling
+        return (mean - shift) * scaling
     if protocol.latent == "sample":
         eps = torch.stack([posterior_noise(sample_seed(key), mean.shape[1:]) for key in keys])
-        return (mean + std * eps.to(mean.device)) * scaling
+        return (mean + std * eps.to(mean.device) - shift) * scaling
     eps = torch.stack([posterior_noise(sample_seed(key, protocol.seed, s), mean.shape[1:])
                        for key in keys for s in draws]).to(mean.device)
     n = len(draws)
-    return (mean.repeat_interleave(n, 0) + std.repeat_interleave(n, 0) * eps) * scaling
+    return (mean.repeat_interleave(n, 0) + std.repeat_interleave(n, 0) * eps - shift) * scaling
 
 
 def encode_pixels(components: SDComponents, pixels: torch.Tensor) -> torch.Tensor:
-    """Pixels [n, 3, R, R] -> latents z0 [n, C, h, w] (float32) = posterior mean x scaling factor."""
-    return encode_posterior(components, pixels)[0] * components.scaling_factor
+    """Pixels [n, 3, R, R] -> latents z0 [n, C, h, w] (float32) = (posterior mean - shift factor) x
+    scaling factor."""
+    return (encode_posterior(components, pixels)[0] - components.latent_shift) * components.scaling_factor
 
 
 def posterior_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
@@ -271,19 +274,13 @@ def sample_seed(key: str, seed: int | None = None, draw: int | None = None) -> i
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-@torch.inference_mode()
-def encode_texts(components: SDComponents, texts: Sequence[str]) -> torch.Tensor:
-    """Captions -> text-encoder hidden states [n, L, D] (L = tokenizer max length, 77 for CLIP).
+def encode_texts(components: SDComponents, texts: Sequence[str]) -> Conditioning:
+    """Captions -> the model family's conditioning (`models.families`): {"context": [n, L, D]} for
+    SD 1.x/2.x (L = the tokenizer's length, 77 for CLIP), context and pooled embeddings for SD3.
 
     Captions longer than the tokenizer's limit are truncated (see `warn_if_truncated`).
     """
-    tokenizer = components.tokenizer
-    limit = tokenizer.model_max_length
-    ids = tokenizer(
-        list(texts), padding="max_length", max_length=limit, truncation=True, return_tensors="pt"
-    ).input_ids
-    encoder = components.text_encoder
-    return encoder(ids.to(encoder.device))[0]
+    return family_of(components).encode(components, texts)
 
 
 def warn_if_truncated(components: SDComponents, texts: Sequence[str]) -> None:
@@ -428,7 +425,7 @@ class LatentCache:
             stats.evicted += evicted
             stats.cache_bytes["latent"] = self._store.bytes
         return posterior_latents(mean, std, keys, protocol, range(first_draw, first_draw + draws),
-                                 self.components.scaling_factor)
+                                 self.components.scaling_factor, self.components.latent_shift)
 
     @staticmethod
     def _key(key: str, protocol: Protocol) -> tuple[str, str, str]:
@@ -436,11 +433,13 @@ class LatentCache:
 
 
 class TextCache:
-    """Text-encoder hidden states, keyed by the caption string; each caption is encoded once while it
-    stays in the cache (at most `max_bytes`, least recently used evicted first; None: unbounded).
+    """Each caption's conditioning (its family's tensors, one row each: `models.families`), keyed by
+    the caption string; each caption is encoded once while it stays in the cache (at most
+    `max_bytes`, least recently used evicted first; None: unbounded). Rows are kept exactly as the
+    pipeline pads them (SD3's 77 + 256 tokens, no text mask).
 
-    `get(texts)` returns `(embeddings [V, L, D] in the model dtype, index LongTensor [n_texts])`.
-    The empty string is a valid caption: the null prompt of T2I normalisation.
+    `get(texts)` returns `(conditioning {name: [V, ...]} of the V distinct texts, index LongTensor
+    [n_texts])`. The empty string is a valid caption: the null prompt of T2I normalisation.
     """
 
     def __init__(self, components: SDComponents, batch_size: int = 64,
@@ -448,6 +447,7 @@ class TextCache:
         self.components = components
         self.batch_size = batch_size
         self._store = BoundedStore(max_bytes)
+        self._names: tuple[str, ...] = ()  # the conditioning's tensor names, in encoding order
 
     def __len__(self) -> int:
         return len(self._store)
@@ -459,7 +459,7 @@ class TextCache:
     def clear(self) -> None:
         self._store.clear()
 
-    def get(self, texts: Sequence[str], stats: RunStats | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, texts: Sequence[str], stats: RunStats | None = None) -> tuple[Conditioning, torch.Tensor]:
         texts = check_texts(texts)
         stats = stats if stats is not None else RunStats()
         missing = list(dict.fromkeys(t for t in texts if t not in self._store))
@@ -467,15 +467,17 @@ class TextCache:
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start : start + self.batch_size]
             with stats.timer("text_encoder", self.components.device):
-                embeddings = encode_texts(self.components, chunk)
-            for text, emb in zip(chunk, embeddings):
-                self._store.put(text, emb.clone())  # own storage: evictable
+                encoded = encode_texts(self.components, chunk)
+            for row, text in enumerate(chunk):  # own storage: evictable
+                self._store.put(text, tuple(value[row].clone() for value in encoded.values()))
             stats.texts_encoded += len(chunk)
+            self._names = tuple(encoded)
         unique, index = _unique_index(list(texts))
-        rows = torch.stack([self._store.get(text) for text in unique])
+        rows = [self._store.get(text) for text in unique]
+        conditioning = {name: torch.stack([row[k] for row in rows]) for k, name in enumerate(self._names)}
         stats.evicted += self._store.shrink()
         stats.cache_bytes["text"] = self._store.bytes
-        return rows, index
+        return conditioning, index
 
 
 def _unique_index(keys: list[str]) -> tuple[list[str], torch.Tensor]:

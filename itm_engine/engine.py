@@ -1,9 +1,11 @@
 """Planner and batched executor: (latent, text, sample) work items -> per-item denoising errors.
 
-A work item is one UNet evaluation: cached latent `z0 = latents[l]`, text embedding
-`c = embeddings[m]`, noise draw `(t_s, eps_s)` of the bank. Items of any mix of images, texts
-and timesteps share one UNet call; the executor fills batches of `batch_size` items, builds
-x_t and reduces each item's squared error with the fused ops of `itm_engine.kernels`.
+A work item is one denoiser evaluation: cached latent `z0 = latents[l]`, the conditioning row
+`m` of a text (its family's tensors, `models.families`), noise draw `(t_s, eps_s)` of the bank.
+Items of any mix of images, texts and timesteps share one denoiser call, made by the model's
+family adapter (`Family.denoise`); the executor fills batches of `batch_size` items, builds
+x_t and reduces each item's squared error with the fused ops of `itm_engine.kernels`, on the
+forward-process coefficients of the bank's timesteps (`noise.ForwardProcess`, computed once per run).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from tqdm.auto import tqdm
 from itm_engine import fastpath, kernels
 from itm_engine.kernels import reference
 from itm_engine.models import SDComponents
+from itm_engine.models.families import Conditioning, family_of, select, to_device
 from itm_engine.noise import NoiseBank
 from itm_engine.protocols import Error
 from itm_engine.stats import RunStats
@@ -97,23 +100,21 @@ class Executor:
         self.batch_size = batch_size
         self.progress = progress
         self.kernels = kernels
-        self.target = "v" if components.prediction_type == "v_prediction" else "epsilon"
         compile = compile or cuda_graphs
         self.fixed_shapes = compile if fixed_shapes is None else fixed_shapes
-        self.compiled_unet = fastpath.compile_unet(components.unet, cuda_graphs) if compile else None
+        self.compiled_unet = fastpath.compile_unet(components.denoiser, cuda_graphs) if compile else None
 
-    def resolved_batch_size(self, context_shape: tuple[int, int]) -> int:
+    def resolved_batch_size(self) -> int:
         """The batch size in use, measuring it first when it is "auto"."""
         if self.batch_size == "auto":
-            self.batch_size = fastpath.auto_batch_size(
-                self.components.unet, self.components.latent_shape, context_shape)
+            self.batch_size = fastpath.auto_batch_size(self.components)
         return self.batch_size
 
     @torch.inference_mode()
     def run(
         self,
         latents: torch.Tensor,
-        embeddings: torch.Tensor,
+        conditioning: Conditioning,
         bank: NoiseBank,
         plan: WorkPlan,
         stats: RunStats,
@@ -123,23 +124,25 @@ class Executor:
         """Errors of every item of `plan`, float32 [len(plan)] on the model's device.
 
         Args:
-            latents: z0 [U, C, h, w]; embeddings: [V, L, D]; bank: the draws; plan: the items.
+            latents: z0 [U, C, h, w]; conditioning: {name: [V, ...]}, the texts' rows (`TextCache`);
+            bank: the draws; plan: the items.
             batch_size: items per UNet call for this run (None or "auto": the executor's).
             error: the reduction of an item's error (`protocols.Protocol.error`): "mse" and "l2"
                 (sqrt(mse * numel), the norm) from the fused op, "l1" and "huber" from the
                 reference reduction (`kernels.reference.item_loss`).
         """
-        unet = self.components.unet
-        forward = unet if self.compiled_unet is None else self.compiled_unet
-        device, dtype = unet.device, unet.dtype
-        size = batch_size if isinstance(batch_size, int) else self.resolved_batch_size(tuple(embeddings.shape[1:]))
+        denoiser, family = self.components.denoiser, family_of(self.components)
+        device, dtype = denoiser.device, denoiser.dtype
+        size = batch_size if isinstance(batch_size, int) else self.resolved_batch_size()
         if not self.fixed_shapes:  # no buffer larger than the work (fixed shapes pad every batch to the size)
             size = max(1, min(size, len(plan)))
-        alphas_cumprod = self.components.scheduler.alphas_cumprod.to(device)
         latents = latents.to(device)
-        embeddings = embeddings.to(device=device, dtype=dtype)
+        conditioning = to_device(conditioning, device, dtype)
         noise = bank.noise.to(device)
         bank_timesteps = bank.timesteps.to(device)
+        process = self.components.process
+        coefficients = process.coefficients(bank_timesteps)  # [S, 4]: (a, b, c, d) of each draw
+        target_latents = None if process.kind == "epsilon" else latents  # an eps target reads no latent
         latent_idx = plan.latent_idx.to(device)
         text_idx = plan.text_idx.to(device)
         sample_idx = plan.sample_idx.to(device)
@@ -158,14 +161,14 @@ class Executor:
             if self.fixed_shapes and stop - start < size:  # pad with the last item, results dropped
                 items = torch.cat([items, items[-1:].expand(size - (stop - start))])
             li, ti, si = latent_idx[items], text_idx[items], sample_idx[items]
-            timesteps = bank_timesteps[si]
+            coef = coefficients[si]
             try:
                 with stats.timer("reduction", device):
-                    x_t = kernels.noisy_latents(
-                        latents, noise, li, si, timesteps, alphas_cumprod, out=x_t_buffer[: len(items)], backend=backend
-                    )
+                    x_t = kernels.noisy_latents(latents, noise, li, si, coef, out=x_t_buffer[: len(items)],
+                                                backend=backend)
                 with stats.timer("unet", device):
-                    pred = forward(x_t, timesteps, encoder_hidden_states=embeddings[ti]).sample
+                    pred = family.denoise(self.components, x_t, bank_timesteps[si], select(conditioning, ti),
+                                          self.compiled_unet)
             except RuntimeError as err:
                 if not _is_out_of_memory(err) or size == 1:
                     raise
@@ -178,14 +181,11 @@ class Executor:
                 continue
             with stats.timer("reduction", device):
                 if fused_error:
-                    item_errors = kernels.item_error(
-                        pred, noise, si, latents, li, self.target, timesteps, alphas_cumprod, backend=backend
-                    )
+                    item_errors = kernels.item_error(pred, noise, si, coef, target_latents, li, backend=backend)
                     if error == "l2":
                         item_errors = (item_errors * numel).sqrt()
                 else:
-                    item_errors = reference.item_loss(
-                        pred, noise, si, latents, li, self.target, timesteps, alphas_cumprod, error)
+                    item_errors = reference.item_loss(pred, noise, si, coef, target_latents, li, error)
                 errors[start:stop] = item_errors[: stop - start]
             stats.unet_items += stop - start
             stats.padded_items += len(items) - (stop - start)

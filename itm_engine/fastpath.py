@@ -9,7 +9,11 @@ import importlib.util
 from typing import Literal
 
 import torch
+from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+from itm_engine.models import SDComponents
+from itm_engine.models.families import family_of
 
 Attention = Literal["sdpa", "xformers", "math"]
 ATTENTION_BACKENDS = ("sdpa", "xformers", "math")
@@ -20,8 +24,14 @@ def set_attention(unet: torch.nn.Module, backend: Attention = "sdpa") -> None:
 
     "sdpa": PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels on GPU);
     "xformers": xformers' memory-efficient attention (an optional extra: `pip install
-    itm-engine[xformers]`); "math": the plain softmax(QK^T)V implementation.
+    itm-engine[xformers]`); "math": the plain softmax(QK^T)V implementation. A transformer
+    denoiser (SD3, ...) keeps its own attention processors, which use SDPA: only "sdpa" applies.
     """
+    if not isinstance(unet, UNet2DConditionModel):
+        if backend != "sdpa":
+            raise ValueError(f"attention={backend!r} applies to UNet denoisers only; {type(unet).__name__} keeps "
+                             "its own SDPA attention processors (attention='sdpa')")
+        return
     if backend == "sdpa":
         unet.set_attn_processor(AttnProcessor2_0())
     elif backend == "math":
@@ -48,16 +58,15 @@ def compile_unet(unet: torch.nn.Module, cuda_graphs: bool = False) -> torch.nn.M
     return torch.compile(unet, mode="reduce-overhead" if cuda_graphs else "default", dynamic=False)
 
 
-def auto_batch_size(
-    unet: torch.nn.Module, latent_shape: tuple[int, int, int], context_shape: tuple[int, int], cap: int = 512
-) -> int:
-    """The largest UNet batch that fits: measured from one probe forward on CUDA, 64 elsewhere.
+def auto_batch_size(components: SDComponents, cap: int = 512) -> int:
+    """The largest denoiser batch that fits: measured from one probe forward on CUDA, 64 elsewhere.
 
     The probe's peak memory per item, against the free memory (keeping 20% headroom), gives the
     size, rounded down to a multiple of 8 and capped at `cap`. The executor still halves the batch
     on out-of-memory, so an estimate that proves too large costs a retry, never a crash.
     """
-    device, dtype = unet.device, unet.dtype
+    denoiser, family = components.denoiser, family_of(components)
+    device, dtype = denoiser.device, denoiser.dtype
     if device.type != "cuda":
         return 64
     probe = 8
@@ -65,11 +74,9 @@ def auto_batch_size(
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     with torch.inference_mode():
-        unet(
-            torch.randn(probe, *latent_shape, device=device, dtype=dtype),
-            torch.full((probe,), 500, device=device),
-            encoder_hidden_states=torch.randn(probe, *context_shape, device=device, dtype=dtype),
-        )
+        family.denoise(components, torch.randn(probe, *components.latent_shape, device=device, dtype=dtype),
+                       components.process.from_grid(torch.full((probe,), 500)).to(device),
+                       family.example_conditioning(components, probe))
     per_item = max(1, (torch.cuda.max_memory_allocated(device) - base) // probe)
     free, _ = torch.cuda.mem_get_info(device)
     return int(max(1, min(cap, (0.8 * free // per_item) // 8 * 8)))

@@ -17,6 +17,13 @@ code exactly:
   timesteps `T // S // 2 + k * (T // S)`, fresh noise per query shared by its candidates, the
   posterior mean, torchvision bicubic resize of the short side and centre crop (then RGB), fp16
   on CUDA.
+- ``"jeong2025"``: Jeong, Uselis, Oh and Rohrbach (NeurIPS 2025 D&B; eugene6923/Diffusion-
+  Classifiers-Compositionality, `pipeline_stable_diffusion_3_img2img.py` of its diffusers fork and
+  `diffusion_itm.py`): 30 fixed timesteps of the scheduler's (shifted) training grid,
+  `timesteps[arange(20, 980, 1000 // S)]` (its `sampled_timesteps` at its defaults, strength 0.6 of
+  50 steps), one fixed noise table (draw k for timestep k), the L2 norm (`use_normed_classifier`),
+  one posterior sample per image (`retrieve_latents` once, presaved), the image stretched to the
+  square (PIL's default bicubic `resize`), fp16, argmax ties; no guidance (scale 0).
 - ``"engine"``: this project's default (`DEFAULT`): the mean squared error on S stratified
   timesteps (Diffusion Classifier's), one shared table of draws, the posterior mean, the image's
   short side resized (Lanczos) and centre-cropped, transparency composited on white, strict ties;
@@ -36,7 +43,7 @@ from typing import Any, Literal
 from itm_engine.options import option
 
 Error = Literal["mse", "l2", "l1", "huber"]
-Schedule = Literal["uniform", "stratified", "diffusion-itm"]
+Schedule = Literal["uniform", "stratified", "diffusion-itm", "jeong2025"]
 NoiseSharing = Literal["shared", "per-query"]
 Latent = Literal["mean", "sample", "sample-per-draw"]
 Resize = Literal["crop", "stretch", "pad"]
@@ -54,8 +61,10 @@ class Protocol:
                                    "len(range(10, 990, 1000 // S)) draws, e.g. 49 for S = 50)")
     seed: int = option(0, help="seed of the noise draws (and of per-draw posterior samples)")
     schedule: Schedule = option("stratified", help=(
-        "timesteps: uniform draws from [0, T); stratified: Diffusion Classifier's midpoints "
-        "T // S // 2 + k * (T // S); diffusion-itm: range(10, T - 10, T // S)"))
+        "training-grid positions of the timesteps: uniform draws from [0, T); stratified: Diffusion "
+        "Classifier's midpoints T // S // 2 + k * (T // S); diffusion-itm: range(10, T - 10, T // S); "
+        "jeong2025: T - 1 - i for i in range(20, T - 20, T // S) (Jeong et al.'s SD3 img2img pipeline); "
+        "for flow-matching models a position is a step of the shifted training grid"))
     noise: NoiseSharing = option("shared", help=(
         "shared: one table of draws from the seed for every query of a run (DiffusionITM's fixed table); "
         "per-query: fresh draws for each query (image in i2t, caption in t2i), shared by its candidates "
@@ -131,6 +140,9 @@ PRESETS: dict[str, Protocol] = {
     "diffusion-classifier": Protocol(schedule="stratified", noise="per-query", error="mse", latent="mean",
                                      resize="crop", interpolation="bicubic", transparency="convert-after-resize",
                                      dtype="float16", ties="strict", conventions="diffusion-classifier"),
+    "jeong2025": Protocol(samples=30, schedule="jeong2025", noise="shared", error="l2", latent="sample",
+                          resize="stretch", interpolation="bicubic", transparency="convert", dtype="float16",
+                          ties="argmax-first"),
 }
 DEFAULT = "engine"
 

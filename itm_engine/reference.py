@@ -3,21 +3,33 @@
 - `diffusion_itm_pair_scores`: the DiffusionITM research code (McGill-NLP/diffusion-itm,
   `StableDiffusionImg2ImgPipeline.__call__` of its diffusers fork). For every (image, text) pair and
   every draw k: the image prepared and encoded by the VAE *inside* the draw loop (the protocol's
-  latent; "sample-per-draw" is the research code's fresh posterior sample), x_t built as the
-  fork's Euler scheduler builds it, (z0 + sigma_t eps_k) / sqrt(sigma_t^2 + 1), one UNet call on
-  the text (I2T) or on [null; text] as one batch of 2 (T2I), the per-draw error (the norm
-  ||eps - pred||_2 of the flattened latent under the research code's own protocol), and the score
-  -mean_k (err_text - err_null). P * S UNet calls; every image and text re-encoded per pair.
+  latent; "sample-per-draw" is the research code's fresh posterior sample), x_t of that draw,
+  one UNet call on the text (I2T) or on [null; text] as one batch of 2 (T2I), the per-draw error
+  (the norm ||eps - pred||_2 of the flattened latent under the research code's own protocol), and
+  the score -mean_k (err_text - err_null). P * S UNet calls; every image and text re-encoded per pair.
 - `diffusion_classifier_pair_scores`: Diffusion Classifier's loop (`eval_prob_adaptive.py`): each
-  image encoded once, each prompt's draws batched in one UNet call, the noised latent
-  `latent * abar ** 0.5 + noise * (1 - abar) ** 0.5`, the per-draw error reduced over C, H, W
-  (`F.mse_loss` / `F.l1_loss` / `F.huber_loss`), the score minus its mean; the null prompt (T2I)
-  scored the same way for every pair.
+  image encoded once, each prompt's draws batched in one UNet call, the per-draw error reduced
+  over C, H, W (`F.mse_loss` / `F.l1_loss` / `F.huber_loss`), the score minus its mean; the null
+  prompt (T2I) scored the same way for every pair.
+- `pipeline_pair_scores`: for every model family (SD 1.x/2.x, SD3), a loop that follows the
+  model's own diffusers pipeline and training scheduler: its `encode_prompt`, `scale_noise` /
+  `add_noise`, the denoiser called as the pipeline calls it; one call per pair and draw. It shares
+  with the engine neither the family adapters (`models.families`) nor the forward process
+  (`noise`): the oracle of the engine for the families the research codes never scored. Jeong et
+  al.'s SD3 code is this loop under the "jeong2025" protocol.
+
+Both build x_t and the denoising target with the model's forward process, written once in
+`noise` (`add_noise`, `denoising_target` on `ForwardProcess.coefficients`), so they serve every
+model family. For the variance-preserving models of the research codes that x_t is theirs:
+Diffusion Classifier's `latent * abar ** 0.5 + noise * (1 - abar) ** 0.5` to the last bit, and the
+DiffusionITM fork's Euler form (z0 + sigma_t eps_k) / sqrt(sigma_t^2 + 1), sigma_t =
+sqrt((1 - abar_t) / abar_t), up to float32 rounding.
 
 Both follow a `Protocol` (error, latent, image preparation, draws): given the same protocol and
 draws, each equals the engine (a test), so the engine reproduces each research code under its
 preset. They share with the engine only image loading, resizing, tokenisation, the making of a
-latent from the VAE posterior (`cache.posterior_latents`) and the seeding of per-query draws.
+latent from the VAE posterior (`cache.posterior_latents`), the forward process (`noise`) and the
+seeding of per-query draws; never the fused ops (`kernels`).
 """
 from __future__ import annotations
 
@@ -40,7 +52,8 @@ from itm_engine.cache import (
     warn_if_truncated,
 )
 from itm_engine.models import SDComponents
-from itm_engine.noise import NoiseBank
+from itm_engine.models.families import family_of
+from itm_engine.noise import ForwardProcess, NoiseBank, add_noise, denoising_target
 from itm_engine.protocols import Protocol
 
 PairList = Sequence[tuple[int, int]]
@@ -56,12 +69,12 @@ def _latents(components: SDComponents, posterior: tuple[torch.Tensor, torch.Tens
              draws: range) -> torch.Tensor:
     """z0 float32 of one image from its posterior (mean, std [1, C, h, w]), as the protocol says:
     [1, C, h, w], or [len(draws), ...] for a sample per draw."""
-    return posterior_latents(*posterior, [key], protocol, draws, components.scaling_factor)
+    return posterior_latents(*posterior, [key], protocol, draws, components.scaling_factor, components.latent_shift)
 
 
 def _text(components: SDComponents, text: str) -> torch.Tensor:
     """Text embedding [1, L, D] in the UNet's dtype."""
-    return encode_texts(components, [text]).to(components.unet.dtype)
+    return encode_texts(components, [text])["context"].to(components.unet.dtype)
 
 
 def _errors(pred: torch.Tensor, target: torch.Tensor, error: str) -> torch.Tensor:
@@ -78,10 +91,12 @@ def _errors(pred: torch.Tensor, target: torch.Tensor, error: str) -> torch.Tenso
     raise ValueError(f"unknown error {error!r}")
 
 
-def _target(components: SDComponents, z0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    if components.prediction_type == "v_prediction":
-        return components.scheduler.get_velocity(z0, eps, t)
-    return eps
+def _noised(process: ForwardProcess, z0: torch.Tensor, eps: torch.Tensor,
+            t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t, target) [S, C, h, w] of latents z0 ([1 or S, C, h, w]) under the draws (t [S], eps
+    [S, C, h, w]) of the model's forward process."""
+    coefficients = process.coefficients(t)
+    return add_noise(z0, eps, coefficients), denoising_target(z0, eps, coefficients)
 
 
 class _Draws:
@@ -93,12 +108,11 @@ class _Draws:
         self.shared = noise if noise is not None or protocol.noise == "per-query" else self._bank(protocol.seed)
         self.per_query = noise is None and protocol.noise == "per-query"
         self.banks: dict[str, NoiseBank] = {}  # per query, drawn once
-        for bank in [self.shared] if self.shared is not None else []:
-            bank.check_fits(components.latent_shape, components.scheduler.config.num_train_timesteps)
+        if self.shared is not None:
+            self.shared = self.shared.check_fits(components.latent_shape, components.process)
 
     def _bank(self, seed: int) -> NoiseBank:
-        return NoiseBank.for_protocol(self.protocol, self.components.latent_shape,
-                                      self.components.scheduler.config.num_train_timesteps, seed)
+        return NoiseBank.for_protocol(self.protocol, self.components.latent_shape, self.components.process, seed)
 
     def of(self, i: int, j: int) -> NoiseBank:
         if not self.per_query:
@@ -108,6 +122,13 @@ class _Draws:
         if key not in self.banks:
             self.banks[key] = self._bank(self.protocol.query_seed(key))
         return self.banks[key]
+
+
+def _sd_only(components: SDComponents, loop: str) -> None:
+    """The research codes' loops call a UNet on CLIP hidden states: SD 1.x/2.x models only."""
+    if components.family != "sd":
+        raise ValueError(f"the {loop} loop scores SD 1.x/2.x models; a {components.family!r} model's reference "
+                         "loop is pipeline_pair_scores")
 
 
 def _check(components: SDComponents, images, texts, mode: str) -> tuple[Sequence, Sequence]:
@@ -132,10 +153,11 @@ def diffusion_itm_pair_scores(
     (module docstring) under `protocol` (default its own preset), on the draws `bank` (default the
     protocol's). P * S UNet calls of 1 item (I2T) or 2 (T2I)."""
     protocol = protocols.resolve(protocol)
+    _sd_only(components, "DiffusionITM research")
     images, texts = _check(components, images, texts, mode)
     unet = components.unet
     draws = _Draws(components, images, texts, protocol, bank, mode)
-    abar_all = components.scheduler.alphas_cumprod
+    process = components.process
     scores = torch.empty(len(pairs))
     for p, (i, j) in enumerate(pairs):
         pixels, key = _pixels(components, images[i], protocol)
@@ -149,13 +171,10 @@ def diffusion_itm_pair_scores(
             z0 = _latents(components, posterior, key, protocol, range(k, k + 1))
             t = pair_bank.timesteps[k : k + 1].to(unet.device)
             eps = pair_bank.noise[k : k + 1].to(unet.device)
-            abar = abar_all[t].to(unet.device).view(-1, 1, 1, 1)
-            sigma = ((1 - abar) / abar) ** 0.5
-            x_t = (z0 + sigma * eps) / (sigma**2 + 1) ** 0.5  # the fork's EulerDiscreteScheduler
+            x_t, target = _noised(process, z0, eps, t)
             x_in = x_t.expand(len(cond), -1, -1, -1).to(unet.dtype)
             pred = unet(x_in, t.expand(len(cond)), encoder_hidden_states=cond).sample
-            target = _target(components, z0, eps, t).expand(len(cond), -1, -1, -1)
-            dist = _errors(pred, target, protocol.error)
+            dist = _errors(pred, target.expand(len(cond), -1, -1, -1), protocol.error)
             dists[k] = dist[-1] - dist[0] if mode == "t2i" else dist[0]
         scores[p] = -dists.mean()
     return scores
@@ -175,8 +194,9 @@ def diffusion_classifier_pair_scores(
     own preset), on the draws `bank` (default the protocol's): each image and text encoded once,
     one UNet call of S items per pair (and one more for the null prompt in T2I)."""
     protocol = protocols.resolve(protocol)
+    _sd_only(components, "Diffusion Classifier")
     images, texts = _check(components, images, texts, mode)
-    unet, scheduler = components.unet, components.scheduler
+    unet, process = components.unet, components.process
     draws = _Draws(components, images, texts, protocol, bank, mode)
     prepared = {i: _pixels(components, images[i], protocol) for i in dict.fromkeys(i for i, _ in pairs)}
     posteriors = {i: encode_posterior(components, pixels) for i, (pixels, _) in prepared.items()}  # once each
@@ -185,11 +205,9 @@ def diffusion_classifier_pair_scores(
 
     def errors(latent: torch.Tensor, cond: torch.Tensor, pair_bank: NoiseBank) -> torch.Tensor:
         t = pair_bank.timesteps.to(unet.device)
-        noise = pair_bank.noise.to(unet.device)
-        abar = scheduler.alphas_cumprod.to(unet.device)[t].view(-1, 1, 1, 1)
-        noised = latent * abar**0.5 + noise * (1 - abar) ** 0.5
+        noised, target = _noised(process, latent, pair_bank.noise.to(unet.device), t)
         pred = unet(noised.to(unet.dtype), t, encoder_hidden_states=cond.expand(len(t), -1, -1)).sample
-        return _errors(pred, _target(components, latent, noise, t), protocol.error)
+        return _errors(pred, target, protocol.error)
 
     scores = torch.empty(len(pairs))
     for p, (i, j) in enumerate(pairs):
@@ -219,3 +237,68 @@ def diffusion_itm_scores(
     pairs = all_pairs(len(images), len(texts))
     return diffusion_itm_pair_scores(components, images, texts, pairs, bank, mode, protocol).view(len(images),
                                                                                                   len(texts))
+
+
+@torch.inference_mode()
+def pipeline_pair_scores(
+    components: SDComponents,
+    images: Sequence[ImageInput],
+    texts: Sequence[str],
+    pairs: PairList,
+    bank: NoiseBank | None = None,
+    mode: str = "i2t",
+    protocol: str | Protocol | None = None,
+) -> torch.Tensor:
+    """Scores [P] by a loop that follows the model's own diffusers pipeline step by step, for every
+    family: the pipeline's `encode_prompt` (the empty prompt as its unconditional branch), the VAE
+    latent as its img2img `prepare_latents` makes it ((x - shift_factor) * scaling_factor), the
+    training scheduler's own forward process (`scale_noise` for flow matching, `add_noise` for DDPM)
+    and target (eps - z0 as diffusers' SD3 training script; eps; `get_velocity`), and one denoiser
+    call per draw in the pipeline's argument form; the error, latent, image preparation and draws
+    of `protocol` (default: the engine's). P * S denoiser calls of 1 item (I2T) or 2 (T2I)."""
+    protocol = protocols.resolve(protocol)
+    images, texts = _check(components, images, texts, mode)
+    family = family_of(components)
+    pipe, scheduler, denoiser = family.pipeline(components), components.scheduler, components.denoiser
+    device, dtype = denoiser.device, denoiser.dtype
+    draws = _Draws(components, images, texts, protocol, bank, mode)
+
+    def prompt(text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if family.name == "sd3":
+            context, _, pooled, _ = pipe.encode_prompt(prompt=text, prompt_2=None, prompt_3=None, device=device,
+                                                       do_classifier_free_guidance=False,
+                                                       max_sequence_length=family.max_sequence_length)
+            return context.to(dtype), pooled.to(dtype)
+        context, _ = pipe.encode_prompt(text, device, 1, False)
+        return context.to(dtype), None
+
+    def predict(x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor:
+        if family.name == "sd3":
+            return denoiser(hidden_states=x_t, timestep=t, encoder_hidden_states=context,
+                            pooled_projections=pooled).sample
+        return denoiser(x_t, t, encoder_hidden_states=context).sample
+
+    def forward(z0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if components.prediction_type == "flow":
+            return scheduler.scale_noise(z0, t, eps), eps - z0
+        target = eps if components.prediction_type == "epsilon" else scheduler.get_velocity(z0, eps, t)
+        return scheduler.add_noise(z0, eps, t), target
+
+    null = prompt("") if mode == "t2i" else None
+    scores = torch.empty(len(pairs))
+    for p, (i, j) in enumerate(pairs):
+        pixels, key = _pixels(components, images[i], protocol)
+        posterior = encode_posterior(components, pixels)
+        context, pooled = prompt(texts[j])
+        pair_bank = draws.of(i, j)
+        dists = torch.empty(len(pair_bank))
+        for k in range(len(pair_bank)):
+            z0 = _latents(components, posterior, key, protocol, range(k, k + 1)).to(device)
+            t = pair_bank.timesteps[k : k + 1].to(device)
+            x_t, target = forward(z0, pair_bank.noise[k : k + 1].to(device), t)
+            dist = _errors(predict(x_t.to(dtype), t, context, pooled), target, protocol.error)
+            if null is not None:
+                dist = dist - _errors(predict(x_t.to(dtype), t, *null), target, protocol.error)
+            dists[k] = dist[0]
+        scores[p] = -dists.mean()
+    return scores

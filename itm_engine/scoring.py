@@ -82,12 +82,12 @@ class DiffusionITM(PairScorer):
             cache_bytes: the byte budget of each cache (latents, text embeddings): beyond it the
                 least recently used entries are evicted (`last_stats.evicted`); None: unbounded.
 
-        attention and channels_last change `components.unet` in place.
+        attention and channels_last change `components.denoiser` in place.
         """
         self.protocol = protocols.resolve(protocol, **protocol_fields)
-        fastpath.set_attention(components.unet, attention)
+        fastpath.set_attention(components.denoiser, attention)
         if channels_last:
-            fastpath.use_channels_last(components.unet)
+            fastpath.use_channels_last(components.denoiser)
         self.components = components
         self.latent_cache = LatentCache(components, max_bytes=cache_bytes)
         self.text_cache = TextCache(components, max_bytes=cache_bytes)
@@ -146,8 +146,7 @@ class DiffusionITM(PairScorer):
         return self._bank(proto, proto.seed)
 
     def _bank(self, protocol: Protocol, seed: int) -> NoiseBank:
-        return NoiseBank.for_protocol(protocol, self.components.latent_shape,
-                                      self.components.scheduler.config.num_train_timesteps, seed)
+        return NoiseBank.for_protocol(protocol, self.components.latent_shape, self.components.process, seed)
 
     def score_pairs(
         self,
@@ -242,7 +241,6 @@ class DiffusionITM(PairScorer):
         check_mode(mode)
         if batch_size is not None:
             check_batch_size(batch_size)
-        T = self.components.scheduler.config.num_train_timesteps
         with_null = mode == "t2i"
 
         stats = RunStats()
@@ -264,14 +262,14 @@ class DiffusionITM(PairScorer):
         if draws is not None:
             first = draws.start or 0
             banks = [NoiseBank.from_tensors(b.timesteps[draws], b.noise[draws]) for b in banks]
-        for bank in banks:
-            bank.check_fits(self.components.latent_shape, T)
+        process = self.components.process
+        banks = [bank.check_fits(self.components.latent_shape, process) for bank in banks]
         S = len(banks[0])
-        bank = banks[0] if len(banks) == 1 else NoiseBank.from_tensors(
+        bank = banks[0] if len(banks) == 1 else NoiseBank(  # the fitted banks' timestep dtype kept
             torch.cat([b.timesteps for b in banks]), torch.cat([b.noise for b in banks]))
 
         latents = self.latent_cache.latents(image_keys, proto, draws=S, first_draw=first, stats=stats)
-        embeddings, text_row = self.text_cache.get(list(texts) + [NULL_PROMPT] * with_null, stats)
+        conditioning, text_row = self.text_cache.get(list(texts) + [NULL_PROMPT] * with_null, stats)
 
         # Distinct (latent row, text row, bank block) triples: duplicates in the input are evaluated once.
         wanted = torch.stack([image_row[pairs[:, 0]], text_row[pairs[:, 1]], block], dim=1)
@@ -282,7 +280,7 @@ class DiffusionITM(PairScorer):
         unique, inverse = wanted.unique(dim=0, return_inverse=True)
 
         plan = plan_items(unique, S, per_draw_latents=proto.latent == "sample-per-draw")
-        errors = self.executor.run(latents, embeddings, bank, plan, stats, batch_size, error=proto.error)
+        errors = self.executor.run(latents, conditioning, bank, plan, stats, batch_size, error=proto.error)
         pair_err = errors.view(len(unique), S)[inverse].cpu()  # [P (+ nulls), S]
         diff = pair_err[: len(pairs)] - pair_err[len(pairs):][null_of] if with_null else pair_err
         stats.seconds["total"] = time.perf_counter() - started

@@ -57,3 +57,27 @@ def test_workload_captions_are_distinct_and_images_differ():
     images = bench.make_images(4, 32, seed=1)
     assert len({img.tobytes() for img in images}) == 4
     assert bench.make_captions(5, seed=2) == bench.make_captions(5, seed=2)
+
+
+def test_bench_runs_an_sd3_model_against_its_pipeline_loop(tmp_path):
+    out = tmp_path / "sd3.json"
+    assert cli.main(["bench", "--model", "tiny-sd3", *SMALL, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["agree"] and report["model"] == "builtin:tiny-sd3"
+    for w in report["workloads"]:
+        assert set(w["methods"]) == {"pipeline", "engine"}  # the research loops score SD 1.x/2.x only
+        per_pair = 2 if w["mode"] == "t2i" else 1
+        assert w["methods"]["pipeline"]["unet_calls"] == per_pair * w["pair_draws"]
+
+
+def test_bench_on_meta_counts_flops_of_the_exact_architectures(tmp_path, capsys):
+    """FLOPs per denoiser item of the exact architectures, counted without memory: SD 1.5 at 512 px
+    ~0.80 TFLOPs, SD3-medium at 1024 px ~8.9 TFLOPs (the figures FLOP counters give for them)."""
+    figures = {}
+    for model in ("sd15-arch", "sd3-medium-arch"):
+        out = tmp_path / f"{model}.json"
+        assert cli.main(["bench", "--model", model, "--device", "meta", "--json", str(out)]) == 0
+        figures[model] = json.loads(out.read_text())["unet_gflops_per_item"]
+    assert figures["sd15-arch"] == pytest.approx(803, rel=0.01)
+    assert figures["sd3-medium-arch"] == pytest.approx(8904, rel=0.01)
+    assert "GFLOPs per denoiser item" in capsys.readouterr().out

@@ -139,11 +139,13 @@ def test_empty_caption_is_the_null_prompt(scorer):
 
 def test_text_cache_encodes_each_string_once(components):
     cache = TextCache(components)
-    emb, index = cache.get(["a", "b", "a", ""])
+    cond, index = cache.get(["a", "b", "a", ""])
+    assert list(cond) == ["context"]
+    emb = cond["context"]
     assert emb.shape[0] == 3 and index.tolist() == [0, 1, 0, 2]
     assert emb.shape[1] == components.tokenizer.model_max_length
     emb2, _ = cache.get(["b"])
-    assert torch.equal(emb2[0], emb[1]) and len(cache) == 3
+    assert torch.equal(emb2["context"][0], emb[1]) and len(cache) == 3
 
 
 def test_caches_persist_across_calls_until_cleared(components):

@@ -116,9 +116,16 @@ def test_a_non_finite_noise_bank_is_refused(components):
         NoiseBank.from_tensors(torch.tensor([10, 500]), noise)
 
 
-def test_fractional_timesteps_are_refused_not_truncated(components):
-    with pytest.raises(ValueError, match="whole numbers"):
-        NoiseBank.from_tensors(torch.tensor([10.0, 500.7]), torch.randn(2, *components.latent_shape))
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_fractional_timesteps_are_refused_by_an_integer_timestep_model_not_truncated(prediction_type):
+    """Fractional timesteps make a continuous (flow-matching) bank, kept as given; a DDPM-step model
+    scoring on it is an error, never a truncation to whole steps."""
+    model = DiffusionITM(build_random_components("tiny", seed=0, prediction_type=prediction_type), samples=2)
+    timesteps = torch.tensor([10.0, 500.7], dtype=torch.float64)
+    bank = NoiseBank.from_tensors(timesteps, torch.randn(2, *model.components.latent_shape))
+    assert torch.equal(bank.timesteps, timesteps)
+    with pytest.raises(ValueError, match=f"a '{prediction_type}' model takes integer timesteps"):
+        model(make_images(1), ["a"], noise=bank)
 
 
 # -- arguments -----------------------------------------------------------------------------------

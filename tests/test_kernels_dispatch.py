@@ -1,9 +1,11 @@
 """Kernel dispatch: ITM_KERNELS / engine option, availability, and engine scores per backend."""
+import diffusers
 import pytest
 import torch
 
 from itm_engine import DiffusionITM, kernels
 from itm_engine.models import build_random_components
+from itm_engine.noise import ForwardProcess
 
 from fixtures.helpers import make_images, max_rel_diff
 
@@ -49,6 +51,24 @@ def test_engine_scores_are_the_same_on_every_available_backend(backend):
     assert scorer.last_stats.kernels == {"noisy_latents": backend, "item_error": backend}
     scale = reference(images, texts, noise=bank).abs().max()
     assert max_rel_diff(got, expected, scale=scale) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_flow_coefficients_reach_every_backend(backend):
+    """The dispatcher hands the per-item coefficients to the backend: flow matching's x_t =
+    (1 - sigma) z0 + sigma eps and target eps - z0 (c = -1, d = 1), as the reference builds them."""
+    process = ForwardProcess.from_scheduler(diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
+    gen = torch.Generator().manual_seed(4)
+    latents, noise = torch.randn(3, 4, 5, 7, generator=gen), torch.randn(4, 4, 5, 7, generator=gen)
+    img_idx, sample_idx = torch.tensor([2, 0, 1, 2, 0]), torch.tensor([3, 3, 0, 1, 2])
+    coefficients = process.coefficients(process.grid[torch.tensor([0, 999, 500, 10, 990])])
+    x_t = kernels.noisy_latents(latents, noise, img_idx, sample_idx, coefficients, backend=backend)
+    torch.testing.assert_close(x_t, (1 - coefficients[:, 1, None, None, None]) * latents[img_idx]
+                               + coefficients[:, 1, None, None, None] * noise[sample_idx], rtol=1e-6, atol=1e-6)
+    errors = kernels.item_error(x_t, noise, sample_idx, coefficients, latents, img_idx, backend=backend)
+    assert kernels.last_backend == {**kernels.last_backend, "noisy_latents": backend, "item_error": backend}
+    target = noise[sample_idx] - latents[img_idx]
+    torch.testing.assert_close(errors, (x_t - target).square().flatten(1).mean(1), rtol=1e-5, atol=0)
 
 
 def test_topk_dispatch_checks_arguments():

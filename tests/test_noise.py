@@ -1,9 +1,13 @@
+import diffusers
 import pytest
 import torch
 
-from itm_engine.noise import NoiseBank
+from itm_engine.models import ddpm_scheduler
+from itm_engine.noise import ForwardProcess, NoiseBank
 
 SHAPE = (4, 8, 8)
+EPSILON = ForwardProcess.from_scheduler(ddpm_scheduler("epsilon"))
+FLOW = ForwardProcess.from_scheduler(diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
 
 
 def test_same_seed_same_bank_and_different_seed_different_bank():
@@ -64,8 +68,35 @@ def test_bad_schedule():
 
 def test_check_fits():
     bank = NoiseBank.sample(2, SHAPE)
-    bank.check_fits(SHAPE, 1000)
+    assert bank.check_fits(SHAPE, EPSILON) is bank
     with pytest.raises(ValueError, match="does not fit"):
-        bank.check_fits((4, 16, 16), 1000)
-    with pytest.raises(ValueError, match="train timesteps"):
-        NoiseBank.from_tensors(torch.tensor([10, 20]), bank.noise).check_fits(SHAPE, 15)
+        bank.check_fits((4, 16, 16), EPSILON)
+    short = ForwardProcess("epsilon", 15, torch.arange(15.0), EPSILON.alphas_cumprod[:15])
+    with pytest.raises(ValueError, match=r"timesteps do not fit the model: timesteps must lie in \[0, 15\)"):
+        NoiseBank.from_tensors(torch.tensor([10, 20]), bank.noise).check_fits(SHAPE, short)
+
+
+def test_a_continuous_bank_is_refused_by_a_discrete_process():
+    timesteps = torch.tensor([10.0, 500.7], dtype=torch.float64)
+    bank = NoiseBank.from_tensors(timesteps, torch.randn(2, *SHAPE))
+    assert torch.equal(bank.timesteps, timesteps)  # kept, never truncated
+    with pytest.raises(ValueError, match="a 'epsilon' model takes integer timesteps"):
+        bank.check_fits(SHAPE, EPSILON)
+    assert torch.equal(bank.check_fits(SHAPE, FLOW).timesteps, timesteps)
+
+
+def test_a_whole_valued_bank_is_accepted_by_a_flow_process_as_float_timesteps():
+    bank = NoiseBank.from_tensors(torch.tensor([10.0, 999.0]), torch.randn(2, *SHAPE))
+    assert bank.timesteps.dtype == torch.long  # whole values: DDPM steps
+    fitted = bank.check_fits(SHAPE, FLOW)
+    assert fitted.timesteps.dtype == torch.float64 and fitted.timesteps.tolist() == [10.0, 999.0]
+    assert torch.equal(fitted.noise, bank.noise)
+    with pytest.raises(ValueError, match=r"flow-matching timesteps must lie in \(0, 1000\]"):
+        NoiseBank.from_tensors(torch.tensor([0, 10]), bank.noise).check_fits(SHAPE, FLOW)
+
+
+def test_a_bank_for_a_flow_process_holds_its_grid_timesteps():
+    bank = NoiseBank.sample(4, SHAPE, seed=0, schedule="stratified", process=FLOW)
+    assert bank.timesteps.dtype == torch.float64
+    assert torch.equal(bank.timesteps, FLOW.grid[torch.tensor([125, 375, 625, 875])])
+    assert torch.equal(bank.noise, NoiseBank.sample(4, SHAPE, seed=0, schedule="stratified").noise)

@@ -7,14 +7,20 @@ Tolerances, per dtype:
   fp16/bf16 output within one unit in the last place of that dtype (the interpreter rounds
   fp32 -> bf16 by truncation, a GPU to nearest even).
 - item_error: 1e-5 relative for every input dtype (inputs upcast exactly; only the fp32
-  summation order differs).
+  summation order differs, and on a GPU the target c z0 + d eps may be one fused multiply-add).
+
+Both sides take the same per-item coefficients (a, b, c, d) of `noise.ForwardProcess`, for the
+three process kinds: epsilon, v_prediction and flow (diffusers' FlowMatchEulerDiscreteScheduler
+with SD3's shift 3: c = -1, d = 1).
 - topk_similarity: values 1e-5 relative (fp32 accumulation, another order); indices exact.
 """
+import diffusers
 import pytest
 import torch
 
 from itm_engine import kernels
 from itm_engine.kernels import reference
+from itm_engine.noise import ForwardProcess
 
 triton_ops = pytest.importorskip("itm_engine.kernels.triton_ops")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -27,6 +33,12 @@ OUT_RTOL = {torch.float32: 1e-6, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-
 # (B, latent shape, N, S): B=1; 4x7x9 = 252 elements (not a multiple of any block); 4x64x64 (split reduction).
 LATENT_CASES = [(1, (4, 7, 9), 2, 3), (7, (4, 7, 9), 3, 4), (3, (4, 64, 64), 2, 2)]
 T = 1000
+_ALPHAS_CUMPROD = torch.cumprod(1 - torch.linspace(1e-4, 0.02, T, dtype=torch.float64), 0).float()
+PROCESSES = {
+    "epsilon": ForwardProcess("epsilon", T, torch.arange(T, dtype=torch.float64), _ALPHAS_CUMPROD),
+    "v_prediction": ForwardProcess("v_prediction", T, torch.arange(T, dtype=torch.float64), _ALPHAS_CUMPROD),
+    "flow": ForwardProcess.from_scheduler(diffusers.FlowMatchEulerDiscreteScheduler(T, shift=3.0)),
+}
 
 
 def randn(*shape: int, dtype: torch.dtype = torch.float32, gen: torch.Generator) -> torch.Tensor:
@@ -35,20 +47,22 @@ def randn(*shape: int, dtype: torch.dtype = torch.float32, gen: torch.Generator)
     return (x + x.sign() * 0.1).to(device=DEVICE, dtype=dtype)
 
 
-def work_items(b: int, shape: tuple[int, ...], n: int, s: int, dtype: torch.dtype, seed: int) -> dict:
-    """Random latents, noise and work items with repeated indices (item 0's indices reappear)."""
+def work_items(b: int, shape: tuple[int, ...], n: int, s: int, dtype: torch.dtype, seed: int,
+               kind: str = "epsilon") -> dict:
+    """Random latents, noise and work items with repeated indices (item 0's indices reappear), and
+    their coefficients float32 [b, 4] under the `kind` process at random training-grid positions."""
     gen = torch.Generator().manual_seed(seed)
     img_idx, sample_idx = torch.randint(0, n, (b,), generator=gen), torch.randint(0, s, (b,), generator=gen)
-    timesteps = torch.randint(0, T, (b,), generator=gen)
+    positions = torch.randint(0, T, (b,), generator=gen)
     if b > 2:
-        img_idx[-1], sample_idx[-1], timesteps[-1] = img_idx[0], sample_idx[0], timesteps[0]
+        img_idx[-1], sample_idx[-1], positions[-1] = img_idx[0], sample_idx[0], positions[0]
+    process = PROCESSES[kind]
     return {
         "latents": randn(n, *shape, dtype=dtype, gen=gen),
         "noise": randn(s, *shape, dtype=dtype, gen=gen),
         "img_idx": img_idx.to(DEVICE),
         "sample_idx": sample_idx.to(DEVICE),
-        "timesteps": timesteps.to(DEVICE),
-        "alphas_cumprod": torch.cumprod(1 - torch.linspace(1e-4, 0.02, T, dtype=torch.float64), 0).to(DEVICE),
+        "coefficients": process.coefficients(process.from_grid(positions)).to(DEVICE),
     }
 
 
@@ -65,10 +79,11 @@ def poisoned_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", poisoned)
 
 
+@pytest.mark.parametrize("kind", ["epsilon", "flow"])  # v_prediction has epsilon's a and b
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("b, shape, n, s", LATENT_CASES)
-def test_noisy_latents_matches_reference(b, shape, n, s, dtype):
-    items = work_items(b, shape, n, s, dtype, seed=b)
+def test_noisy_latents_matches_reference(b, shape, n, s, dtype, kind):
+    items = work_items(b, shape, n, s, dtype, seed=b, kind=kind)
     want = reference.noisy_latents(**items)
     out = torch.full((b, *shape), float("nan"), dtype=dtype, device=DEVICE)
     got = triton_ops.noisy_latents(**items, out=out)
@@ -85,9 +100,12 @@ def test_noisy_latents_allocates_the_latents_dtype(poisoned_empty):
 
 
 def test_noisy_latents_into_a_buffer_of_another_dtype_and_layout():
-    """fp32 latents into an fp16 channels-last buffer, int32 indices: out's dtype wins, out is returned."""
-    items = work_items(5, (4, 7, 9), 3, 3, torch.float32, seed=12)
-    items.update({key: items[key].int() for key in ("img_idx", "sample_idx", "timesteps")})
+    """fp32 latents into an fp16 channels-last buffer, int32 indices, strided coefficients: out's
+    dtype wins, out is returned."""
+    items = work_items(5, (4, 7, 9), 3, 3, torch.float32, seed=12, kind="flow")
+    items.update({key: items[key].int() for key in ("img_idx", "sample_idx")})
+    coefficients = items["coefficients"]
+    items["coefficients"] = torch.stack([coefficients, -coefficients], dim=2).flatten(1)[:, ::2]  # strides (8, 2)
     out = torch.full((5, 4, 7, 9), float("nan"), dtype=torch.float16, device=DEVICE)
     out = out.to(memory_format=torch.channels_last)
     want = reference.noisy_latents(**items, out=torch.empty_like(out))
@@ -96,56 +114,69 @@ def test_noisy_latents_into_a_buffer_of_another_dtype_and_layout():
     torch.testing.assert_close(got.float(), want.float(), rtol=2.0**-10, atol=1e-6)
 
 
-@pytest.mark.parametrize("target", ["epsilon", "v"])
+def error_args(pred: torch.Tensor, items: dict, with_latents: bool) -> tuple:
+    """item_error's arguments; the latents only `with_latents` (else the target is d eps)."""
+    latents = items["latents"] if with_latents else None
+    return pred, items["noise"], items["sample_idx"], items["coefficients"], latents, items["img_idx"]
+
+
+@pytest.mark.parametrize("kind", list(PROCESSES))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("b, shape, n, s", LATENT_CASES)
-def test_item_error_matches_reference(b, shape, n, s, dtype, target, poisoned_empty):
-    items = work_items(b, shape, n, s, dtype, seed=100 + b)
+def test_item_error_matches_reference(b, shape, n, s, dtype, kind, poisoned_empty):
+    """The target c z0 + d eps of each process kind; an epsilon target without latents (d eps)."""
+    items = work_items(b, shape, n, s, dtype, seed=100 + b, kind=kind)
     pred = randn(b, *shape, dtype=dtype, gen=torch.Generator().manual_seed(b))
-    args = (pred, items["noise"], items["sample_idx"], items["latents"], items["img_idx"], target)
-    coefficients = (items["timesteps"], items["alphas_cumprod"])
-    got = triton_ops.item_error(*args, *coefficients)
-    want = reference.item_error(*args, *coefficients)
+    args = error_args(pred, items, with_latents=kind != "epsilon")
+    got = triton_ops.item_error(*args)
+    want = reference.item_error(*args)
     assert got.dtype == torch.float32 and got.shape == (b,)
     assert not got.isnan().any()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("target", ["epsilon", "v"])
-def test_item_error_reads_a_channels_last_prediction_in_place(target, poisoned_empty):
+@pytest.mark.parametrize("kind", ["epsilon", "flow"])
+def test_item_error_reads_a_channels_last_prediction_in_place(kind, poisoned_empty):
     """A channels-last UNet returns NHWC predictions: read with their strides, no NCHW copy."""
-    items = work_items(3, (4, 7, 9), 2, 3, torch.float16, seed=21)
+    items = work_items(3, (4, 7, 9), 2, 3, torch.float16, seed=21, kind=kind)
     pred = randn(3, 4, 7, 9, dtype=torch.float16, gen=torch.Generator().manual_seed(21))
     pred = pred.to(memory_format=torch.channels_last)
-    args = (pred, items["noise"], items["sample_idx"], items["latents"], items["img_idx"], target)
-    coefficients = (items["timesteps"], items["alphas_cumprod"])
-    torch.testing.assert_close(
-        triton_ops.item_error(*args, *coefficients), reference.item_error(*args, *coefficients), rtol=1e-5, atol=0
-    )
+    args = error_args(pred, items, with_latents=kind != "epsilon")
+    torch.testing.assert_close(triton_ops.item_error(*args), reference.item_error(*args), rtol=1e-5, atol=0)
 
 
 def test_item_error_of_an_item_does_not_depend_on_its_batch():
     """Bitwise: the split reduction depends on C*H*W only, never on the batch size."""
-    items = work_items(4, (4, 64, 64), 2, 2, torch.float16, seed=7)
+    items = work_items(4, (4, 64, 64), 2, 2, torch.float16, seed=7, kind="v_prediction")
     pred = randn(4, 4, 64, 64, dtype=torch.float16, gen=torch.Generator().manual_seed(7))
 
     def errors(rows: slice) -> torch.Tensor:
         return triton_ops.item_error(
-            pred[rows], items["noise"], items["sample_idx"][rows], items["latents"], items["img_idx"][rows], "v",
-            items["timesteps"][rows], items["alphas_cumprod"],
+            pred[rows], items["noise"], items["sample_idx"][rows], items["coefficients"][rows], items["latents"],
+            items["img_idx"][rows],
         )
 
     assert torch.equal(errors(slice(None))[2:3], errors(slice(2, 3)))
 
 
-def test_item_error_rejects_bad_targets_like_the_reference():
-    items = work_items(2, (4, 7, 9), 2, 2, torch.float32, seed=3)
+def test_item_error_rejects_bad_arguments_like_the_reference():
+    items = work_items(2, (4, 7, 9), 2, 2, torch.float32, seed=3, kind="flow")
     pred = randn(2, 4, 7, 9, gen=torch.Generator().manual_seed(3))
+    noise, sample_idx, coefficients = items["noise"], items["sample_idx"], items["coefficients"]
     for module in (reference, triton_ops):
-        with pytest.raises(ValueError, match="target='v' needs latents"):
-            module.item_error(pred, items["noise"], items["sample_idx"], target="v")
-        with pytest.raises(ValueError, match="target must be 'epsilon' or 'v', got 'x0'"):
-            module.item_error(pred, items["noise"], items["sample_idx"], target="x0")
+        with pytest.raises(ValueError, match="latents need img_idx"):
+            module.item_error(pred, noise, sample_idx, coefficients, items["latents"])
+        for bad in (coefficients.double(), coefficients[:, :3], coefficients[:1]):
+            with pytest.raises(ValueError, match=r"coefficients must be float32 \[B, 4\] with B = 2"):
+                module.item_error(pred, noise, sample_idx, bad, items["latents"], items["img_idx"])
+            with pytest.raises(ValueError, match=r"coefficients must be float32 \[B, 4\] with B = 2"):
+                module.noisy_latents(items["latents"], noise, items["img_idx"], sample_idx, bad)
+    # Without latents: the reference refuses a latent term; Triton does not read c (no device sync).
+    with pytest.raises(ValueError, match="needs latents and img_idx"):
+        reference.item_error(pred, noise, sample_idx, coefficients)
+    eps_only = coefficients * torch.tensor([1.0, 1.0, 0.0, 1.0], device=DEVICE)
+    torch.testing.assert_close(triton_ops.item_error(pred, noise, sample_idx, coefficients),
+                               reference.item_error(pred, noise, sample_idx, eps_only), rtol=1e-5, atol=0)
 
 
 def full_topk(queries: torch.Tensor, gallery: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,6 +235,6 @@ def test_topk_similarity_rejects_k_outside_the_gallery():
 def test_the_dispatcher_reaches_the_triton_ops():
     items = work_items(3, (4, 7, 9), 2, 2, torch.float32, seed=9)
     x_t = kernels.noisy_latents(**items, backend="triton")
-    kernels.item_error(x_t, items["noise"], items["sample_idx"], backend="triton")
+    kernels.item_error(x_t, items["noise"], items["sample_idx"], items["coefficients"], backend="triton")
     kernels.topk_similarity(x_t.flatten(1), items["latents"].flatten(1), 2, backend="triton")
     assert {op: kernels.last_backend[op] for op in kernels.OPS} == dict.fromkeys(kernels.OPS, "triton")

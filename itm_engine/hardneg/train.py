@@ -36,6 +36,7 @@ from itm_engine import extras, options, storage
 from itm_engine.cache import LatentCache, TextCache
 from itm_engine.hardneg.data import NEGATIVE_KINDS
 from itm_engine.models import SDComponents, load_components
+from itm_engine.models.families import Conditioning, family_of, select
 from itm_engine.noise import add_noise, denoising_target
 from itm_engine.options import option
 
@@ -151,8 +152,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(lora_parameters(unet), lr=config.lr, weight_decay=config.weight_decay)
         schedule = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=config.lr_warmup_steps)
         self.unet, self.optimizer, self.lr_schedule = self.accelerator.prepare(unet, optimizer, schedule)
-        self.alphas_cumprod = self.components.scheduler.alphas_cumprod.to(self.accelerator.device)
-        self.num_train_timesteps = self.components.scheduler.config.num_train_timesteps
+        self.process = self.components.process
         self.step = 0  # optimiser steps done
         self.log_file = out / "log.jsonl"
         self.tensorboard = _tensorboard_writer(out / "tensorboard") if self.accelerator.is_main_process else None
@@ -182,26 +182,30 @@ class Trainer:
         return epoch, batch[rank::world]
 
     def draws(self, epoch: int, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-example timestep and noise, from (seed, epoch, index): LongTensor [B], [B, C, h, w]."""
-        timesteps, noise = [], []
+        """Per-example timestep and noise, from (seed, epoch, index): [B] (the model's timesteps at
+        uniform training-grid positions: LongTensor DDPM steps, or flow-matching floats), [B, C, h, w]."""
+        positions, noise = [], []
         for index in indices:
             gen = torch.Generator().manual_seed((self.config.seed * 1_000_003 + epoch) * 1_000_003 + index)
-            timesteps.append(torch.randint(0, self.num_train_timesteps, (1,), generator=gen))
+            positions.append(torch.randint(0, self.process.num_train_timesteps, (1,), generator=gen))
             noise.append(torch.randn(self.components.latent_shape, generator=gen))
         device = self.accelerator.device
-        return torch.cat(timesteps).to(device), torch.stack(noise).to(device)
+        return self.process.from_grid(torch.cat(positions)).to(device), torch.stack(noise).to(device)
 
     # -- the step -------------------------------------------------------------------------
 
-    def denoising_loss(self, z0: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """Per-example MSE of the UNet's prediction against eps (or v): [B]."""
-        x_t = add_noise(z0, eps, t, self.alphas_cumprod)
-        target = denoising_target(z0, eps, t, self.alphas_cumprod, self.components.prediction_type)
-        pred = self.unet(x_t, t, encoder_hidden_states=cond).sample
+    def denoising_loss(self, z0: torch.Tensor, cond: Conditioning, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Per-example MSE of the denoiser's prediction against its target (eps, v or the flow
+        velocity): [B]; `cond` holds each example's conditioning row."""
+        coefficients = self.process.coefficients(t)
+        x_t = add_noise(z0, eps, coefficients)
+        target = denoising_target(z0, eps, coefficients)
+        pred = family_of(self.components).denoise(self.components, x_t, t, cond, self.unet)
         return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
 
-    def encode(self, images: list[str], captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cached latents [B, C, h, w] and text embeddings [B, L, D] (frozen encoders, cached once).
+    def encode(self, images: list[str], captions: list[str]) -> tuple[torch.Tensor, Conditioning]:
+        """Cached latents [B, C, h, w] and conditioning rows {name: [B, ...]} (frozen encoders,
+        cached once).
 
         Latents are also remembered by file path, so an image file is read and hashed for the
         content-keyed cache once, not at every step it appears in."""
@@ -209,8 +213,9 @@ class Trainer:
         if new:
             latents, rows = self.latents.get(new)
             self._latent_by_path.update(zip(new, latents[rows]))
-        embeddings, text_rows = self.texts.get(captions)
-        return torch.stack([self._latent_by_path[p] for p in images]).clone(), embeddings[text_rows].clone()
+        conditioning, text_rows = self.texts.get(captions)
+        rows = {name: value.clone() for name, value in select(conditioning, text_rows).items()}
+        return torch.stack([self._latent_by_path[p] for p in images]).clone(), rows
 
     def micro_step(self, micro: int) -> dict[str, float]:
         """Forward + backward of one micro-batch; returns its local losses (means)."""

@@ -2,8 +2,9 @@
 
 Ops (same signatures in every backend; see `reference.py` for the exact contracts):
 
-- `noisy_latents`: gather each item's latent and noise draw, x_t = sqrt(abar) z0 + sqrt(1-abar) eps;
-- `item_error`: per-item mean squared error against eps or v, float32, no [B, C, H, W] temporary;
+- `noisy_latents`: gather each item's latent and noise draw, x_t = a z0 + b eps;
+- `item_error`: per-item mean squared error against the target c z0 + d eps (eps, v or the flow
+  velocity), float32, no [B, C, H, W] temporary;
 - `topk_similarity`: streaming top-k of query-gallery dot products (the CLIP prefilter's step).
 
 Backends:
@@ -12,6 +13,10 @@ Backends:
 - `triton`: Triton kernels for CUDA tensors (CPU tensors only under `TRITON_INTERPRET=1`, for tests);
 - `ext`: the csrc/ C++ extension (`itm_engine._C`, ops in `torch.ops.itm_engine`): OpenMP CPU
   code, and CUDA code when it was built with a CUDA toolkit.
+
+The per-item coefficients (a, b, c, d), float32 [B, 4], are computed once in Python by the model's
+`noise.ForwardProcess` and gathered per item by the caller, so every backend combines the same
+values.
 
 `backend=None` reads `ITM_KERNELS` (`reference|triton|ext|auto`, default `auto`). `auto` picks,
 per device, the fastest backend available: on CUDA `triton`, else `ext`, else `reference`; on the
@@ -87,30 +92,33 @@ def noisy_latents(
     noise: torch.Tensor,
     img_idx: torch.Tensor,
     sample_idx: torch.Tensor,
-    timesteps: torch.Tensor,
-    alphas_cumprod: torch.Tensor,
+    coefficients: torch.Tensor,
     out: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """x_t [B, C, H, W]; see `reference.noisy_latents`."""
+    """x_t [B, C, H, W] = a latents[img_idx] + b noise[sample_idx], coefficients float32 [B, 4];
+    see `reference.noisy_latents`."""
     fn = _implementation("noisy_latents", latents.device, backend)
-    return fn(latents, noise, img_idx, sample_idx, timesteps, alphas_cumprod, out=out)
+    return fn(latents, noise, img_idx, sample_idx, coefficients, out=out)
 
 
 def item_error(
     pred: torch.Tensor,
     noise: torch.Tensor,
     sample_idx: torch.Tensor,
+    coefficients: torch.Tensor,
     latents: torch.Tensor | None = None,
     img_idx: torch.Tensor | None = None,
-    target: str = "epsilon",
-    timesteps: torch.Tensor | None = None,
-    alphas_cumprod: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Per-item MSE, float32 [B]; see `reference.item_error`."""
+    """Per-item MSE against c z0 + d eps, float32 [B]; see `reference.item_error`.
+
+    Without `latents` the target is d eps (epsilon models, no latent read), and a c other than 0
+    is an error: the reference and the extension's CPU code raise, the extension's CUDA kernel
+    asserts on the device, and the Triton kernels do not read c (a check would cost a device sync).
+    """
     fn = _implementation("item_error", pred.device, backend)
-    return fn(pred, noise, sample_idx, latents, img_idx, target, timesteps, alphas_cumprod)
+    return fn(pred, noise, sample_idx, coefficients, latents, img_idx)
 
 
 def topk_similarity(

@@ -3,8 +3,8 @@
 `load()` imports the compiled module once; when it is missing (not built) it says so once with a
 warning and the dispatcher uses the other backends. The wrappers below have the signatures and
 return conventions of `reference.py`, so the dispatcher calls either the same way; they convert
-index tensors to int64 and `alphas_cumprod` to float32 on the inputs' device, allocate outputs,
-and leave the checks of shapes, dtypes and index ranges to the C++ ops (which raise RuntimeError).
+index tensors to int64 on the inputs' device, allocate outputs, and leave the checks of shapes,
+dtypes, devices, index ranges and coefficients to the C++ ops (which raise RuntimeError).
 """
 from __future__ import annotations
 
@@ -52,17 +52,12 @@ def _long(index: torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(index, dtype=torch.long, device=device)
 
 
-def _float(values: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return torch.as_tensor(values, dtype=torch.float32, device=device)
-
-
 def noisy_latents(
     latents: torch.Tensor,
     noise: torch.Tensor,
     img_idx: torch.Tensor,
     sample_idx: torch.Tensor,
-    timesteps: torch.Tensor,
-    alphas_cumprod: torch.Tensor,
+    coefficients: torch.Tensor,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x_t [B, C, H, W] written into `out` (allocated in the latents' dtype when None); see
@@ -71,34 +66,22 @@ def noisy_latents(
     img_idx = _long(img_idx, device)
     if out is None:
         out = torch.empty((img_idx.shape[0], *latents.shape[1:]), dtype=latents.dtype, device=device)
-    sample_idx, timesteps = _long(sample_idx, device), _long(timesteps, device)
-    return _ops().noisy_latents(latents, noise, img_idx, sample_idx, timesteps, _float(alphas_cumprod, device), out)
+    return _ops().noisy_latents(latents, noise, img_idx, _long(sample_idx, device), coefficients, out)
 
 
 def item_error(
     pred: torch.Tensor,
     noise: torch.Tensor,
     sample_idx: torch.Tensor,
+    coefficients: torch.Tensor,
     latents: torch.Tensor | None = None,
     img_idx: torch.Tensor | None = None,
-    target: str = "epsilon",
-    timesteps: torch.Tensor | None = None,
-    alphas_cumprod: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-item MSE against eps or v, float32 [B]; see `reference.item_error`."""
+    """Per-item MSE against c z0 + d eps, float32 [B]; see `reference.item_error` (without latents
+    the CPU op raises on a c != 0, the CUDA kernel asserts c == 0)."""
     device = pred.device
-    if target == "epsilon":
-        latents = img_idx = timesteps = alphas_cumprod = None
-    elif target == "v":
-        if latents is None or img_idx is None or timesteps is None or alphas_cumprod is None:
-            raise ValueError("target='v' needs latents, img_idx, timesteps and alphas_cumprod")
-        img_idx, timesteps = _long(img_idx, device), _long(timesteps, device)
-        alphas_cumprod = _float(alphas_cumprod, device)
-    else:
-        raise ValueError(f"target must be 'epsilon' or 'v', got {target!r}")
-    return _ops().item_error(
-        pred, noise, _long(sample_idx, device), latents, img_idx, timesteps, alphas_cumprod, target == "v"
-    )
+    img_idx = None if latents is None or img_idx is None else _long(img_idx, device)
+    return _ops().item_error(pred, noise, _long(sample_idx, device), coefficients, latents, img_idx)
 
 
 def topk_similarity(

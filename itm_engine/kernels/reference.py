@@ -1,6 +1,8 @@
 """Plain PyTorch fused-op references: the oracle every faster backend is tested against.
 
-Shapes: N cached latents, S noise draws, B work items, T train timesteps.
+Shapes: N cached latents, S noise draws, B work items. Every op takes the items' forward-process
+coefficients float32 [B, 4] = (a, b, c, d) (`noise.ForwardProcess.coefficients` of the items'
+timesteps, gathered per item): x_t = a z0 + b eps and target = c z0 + d eps.
 """
 from __future__ import annotations
 
@@ -15,19 +17,20 @@ def noisy_latents(
     noise: torch.Tensor,
     img_idx: torch.Tensor,
     sample_idx: torch.Tensor,
-    timesteps: torch.Tensor,
-    alphas_cumprod: torch.Tensor,
+    coefficients: torch.Tensor,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x_t[b] = sqrt(abar[t_b]) * latents[img_idx[b]] + sqrt(1 - abar[t_b]) * noise[sample_idx[b]].
+    """x_t[b] = coefficients[b, 0] * latents[img_idx[b]] + coefficients[b, 1] * noise[sample_idx[b]].
 
     Args:
-        latents: [N, C, H, W]; noise: [S, C, H, W]; img_idx, sample_idx, timesteps: Long [B];
-        alphas_cumprod: [T]; out: optional [B, C, H, W] buffer to write into (its dtype wins).
+        latents: [N, C, H, W]; noise: [S, C, H, W]; img_idx, sample_idx: Long [B];
+        coefficients: float32 [B, 4] (`check_coefficients`); out: optional [B, C, H, W] buffer to
+        write into (its dtype wins).
     Returns:
         x_t [B, C, H, W], computed in float32, in `out`'s dtype (else the latents' dtype).
     """
-    x_t = add_noise(latents[img_idx].float(), noise[sample_idx].float(), timesteps, alphas_cumprod)
+    check_coefficients(coefficients, img_idx.shape[0], latents.device, "noisy_latents")
+    x_t = add_noise(latents[img_idx].float(), noise[sample_idx].float(), coefficients)
     if out is None:
         return x_t.to(latents.dtype)
     return out.copy_(x_t)
@@ -37,21 +40,20 @@ def item_error(
     pred: torch.Tensor,
     noise: torch.Tensor,
     sample_idx: torch.Tensor,
+    coefficients: torch.Tensor,
     latents: torch.Tensor | None = None,
     img_idx: torch.Tensor | None = None,
-    target: str = "epsilon",
-    timesteps: torch.Tensor | None = None,
-    alphas_cumprod: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean squared error of each item's prediction against its target, float32 [B].
 
     Args:
-        pred: UNet output [B, C, H, W] (fp32/fp16/bf16).
+        pred: the denoiser's output [B, C, H, W] (fp32/fp16/bf16/fp64).
         noise: [S, C, H, W]; sample_idx: Long [B].
-        target: "epsilon" (target = eps) or "v" (target = sqrt(abar) eps - sqrt(1 - abar) z0, which
-            needs latents [N, C, H, W], img_idx [B], timesteps [B] and alphas_cumprod [T]).
+        coefficients: float32 [B, 4]; the target is c z0 + d eps.
+        latents, img_idx: z0 [N, C, H, W] and Long [B], needed when a c is not 0 (v, flow). None:
+            the target is d eps and no latent is read (epsilon models); a c != 0 is a ValueError.
     """
-    goal = _target(noise, sample_idx, latents, img_idx, target, timesteps, alphas_cumprod)
+    goal = _target(noise, sample_idx, coefficients, latents, img_idx, "item_error")
     return (pred.float() - goal).square().flatten(1).mean(dim=1)
 
 
@@ -59,17 +61,15 @@ def item_loss(
     pred: torch.Tensor,
     noise: torch.Tensor,
     sample_idx: torch.Tensor,
+    coefficients: torch.Tensor,
     latents: torch.Tensor | None,
     img_idx: torch.Tensor | None,
-    target: str,
-    timesteps: torch.Tensor | None,
-    alphas_cumprod: torch.Tensor | None,
     loss: str,
 ) -> torch.Tensor:
     """Mean absolute ("l1") or mean Huber (delta 1, "huber") error of each item's prediction
     against its target, float32 [B], as Diffusion Classifier's `F.l1_loss` / `F.huber_loss`
     reduced per item (arguments as `item_error`). No fused version: these reductions run here."""
-    goal = _target(noise, sample_idx, latents, img_idx, target, timesteps, alphas_cumprod)
+    goal = _target(noise, sample_idx, coefficients, latents, img_idx, "item_loss")
     if loss == "l1":
         per_element = F.l1_loss(pred.float(), goal, reduction="none")
     elif loss == "huber":
@@ -79,18 +79,37 @@ def item_loss(
     return per_element.flatten(1).mean(dim=1)
 
 
-def _target(noise: torch.Tensor, sample_idx: torch.Tensor, latents: torch.Tensor | None,
-            img_idx: torch.Tensor | None, target: str, timesteps: torch.Tensor | None,
-            alphas_cumprod: torch.Tensor | None) -> torch.Tensor:
-    """Each item's target, float32 [B, C, H, W]: its noise draw, or v (see `item_error`)."""
+def _target(noise: torch.Tensor, sample_idx: torch.Tensor, coefficients: torch.Tensor, latents: torch.Tensor | None,
+            img_idx: torch.Tensor | None, op: str) -> torch.Tensor:
+    """Each item's target c z0 + d eps, float32 [B, C, H, W] (see `item_error`)."""
+    check_coefficients(coefficients, sample_idx.shape[0], noise.device, op)
+    check_target_latents(latents, img_idx, op)
     eps = noise[sample_idx].float()
-    if target == "epsilon":
-        return eps
-    if target == "v":
-        if latents is None or img_idx is None or timesteps is None or alphas_cumprod is None:
-            raise ValueError("target='v' needs latents, img_idx, timesteps and alphas_cumprod")
-        return denoising_target(latents[img_idx].float(), eps, timesteps, alphas_cumprod, "v_prediction")
-    raise ValueError(f"target must be 'epsilon' or 'v', got {target!r}")
+    if latents is None:
+        if bool((coefficients[:, 2] != 0).any()):
+            raise ValueError(f"{op}: a target with a latent term (coefficients[:, 2] != 0: v or flow) needs "
+                             "latents and img_idx")
+        return coefficients[:, 3].view(-1, 1, 1, 1) * eps  # c z0 + d eps with c = 0
+    return denoising_target(latents[img_idx].float(), eps, coefficients)
+
+
+def check_coefficients(coefficients: torch.Tensor, batch: int, device: torch.device, op: str) -> None:
+    """Raise ValueError unless `coefficients` are float32 [batch, >= 4] on `device` (columns past
+    the fourth are ignored; any strides)."""
+    if not isinstance(coefficients, torch.Tensor):
+        raise ValueError(f"{op}: coefficients must be a float32 tensor [B, 4], got {type(coefficients).__name__}")
+    if coefficients.dtype != torch.float32 or coefficients.dim() != 2 or coefficients.shape[0] != batch \
+            or coefficients.shape[1] < 4:
+        raise ValueError(f"{op}: coefficients must be float32 [B, 4] with B = {batch} items (ForwardProcess."
+                         f"coefficients, gathered per item), got {coefficients.dtype} {tuple(coefficients.shape)}")
+    if coefficients.device != device:
+        raise ValueError(f"{op}: coefficients are on {coefficients.device} but the other inputs are on {device}")
+
+
+def check_target_latents(latents: torch.Tensor | None, img_idx: torch.Tensor | None, op: str) -> None:
+    """Raise ValueError when `latents` come without `img_idx` (an `img_idx` alone is ignored)."""
+    if latents is not None and img_idx is None:
+        raise ValueError(f"{op}: latents need img_idx, the latent row of each item")
 
 
 def topk_similarity(

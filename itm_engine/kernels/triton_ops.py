@@ -1,10 +1,13 @@
 """Triton kernels of the fused ops (CUDA; CPU tensors only under the interpreter, for tests).
 
 Same signatures and contracts as `reference.py`. Shapes: N cached latents, S noise draws, B work
-items, T train timesteps, n = C*H*W elements per latent; Q queries, G gallery rows, D dims.
-Importing this module raises ImportError when Triton is missing (the dispatcher then skips it).
+items, n = C*H*W elements per latent; Q queries, G gallery rows, D dims; coefficients float32
+[B, 4] = (a, b, c, d) per item. Importing this module raises ImportError when Triton is missing
+(the dispatcher then skips it).
 
-Indices (img_idx, sample_idx, timesteps) are not range-checked: that would cost a device sync.
+Shapes, dtypes and devices are checked; values are not: indices (img_idx, sample_idx) are not
+range-checked, and without latents the c column is not read (target d eps), since either check
+would cost a device sync.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from itm_engine.kernels.reference import check_topk_args
+from itm_engine.kernels.reference import check_coefficients, check_target_latents, check_topk_args
 
 # `triton.jit` builds interpreted kernels when TRITON_INTERPRET=1 at decoration time, i.e. now.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -49,16 +52,16 @@ def _long(idx: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _noisy_latents_kernel(
-    latents_ptr, noise_ptr, img_idx_ptr, sample_idx_ptr, timesteps_ptr, abar_ptr, out_ptr, n, BLOCK: tl.constexpr
+    latents_ptr, noise_ptr, img_idx_ptr, sample_idx_ptr, coef_ptr, coef_stride, out_ptr, n, BLOCK: tl.constexpr
 ):
-    """Program (b, j): elements [j*BLOCK, (j+1)*BLOCK) of item b's x_t."""
+    """Program (b, j): elements [j*BLOCK, (j+1)*BLOCK) of item b's x_t = a z0 + b eps."""
     b = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    abar = tl.load(abar_ptr + tl.load(timesteps_ptr + b))
+    a, s = tl.load(coef_ptr + b * coef_stride), tl.load(coef_ptr + b * coef_stride + 1)
     z0 = tl.load(latents_ptr + tl.load(img_idx_ptr + b) * n + offs, mask=mask).to(tl.float32)
     eps = tl.load(noise_ptr + tl.load(sample_idx_ptr + b) * n + offs, mask=mask).to(tl.float32)
-    x_t = tl.sqrt_rn(abar) * z0 + tl.sqrt_rn(1.0 - abar) * eps
+    x_t = a * z0 + s * eps
     tl.store(out_ptr + b * n + offs, x_t.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -67,17 +70,18 @@ def noisy_latents(
     noise: torch.Tensor,
     img_idx: torch.Tensor,
     sample_idx: torch.Tensor,
-    timesteps: torch.Tensor,
-    alphas_cumprod: torch.Tensor,
+    coefficients: torch.Tensor,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x_t [B, C, H, W] = sqrt(abar) * latents[img_idx] + sqrt(1 - abar) * noise[sample_idx].
+    """x_t [B, C, H, W] = coefficients[:, 0] * latents[img_idx] + coefficients[:, 1] * noise[sample_idx].
 
-    latents [N, C, H, W], noise [S, C, H, W] (fp32/fp16/bf16); img_idx, sample_idx, timesteps [B]
-    (int64, or int32 converted); alphas_cumprod [T]. Computed in float32, stored in `out`'s dtype
+    latents [N, C, H, W], noise [S, C, H, W] (fp32/fp16/bf16); img_idx, sample_idx [B] (int64, or
+    int32 converted); coefficients float32 [B, 4]. Computed in float32, stored in `out`'s dtype
     (else the latents'); `out` is written and returned (a non-contiguous one, e.g. channels-last,
     through a contiguous temporary). Grid (B, C*H*W / BLOCK).
     """
+    check_coefficients(coefficients, img_idx.shape[0], latents.device, "noisy_latents")
+    coefficients = _dense(coefficients)
     shape = (img_idx.shape[0], *latents.shape[1:])
     if out is None:
         out = torch.empty(shape, dtype=latents.dtype, device=latents.device)
@@ -87,8 +91,8 @@ def noisy_latents(
     n = latents[0].numel()
     grid = (shape[0], triton.cdiv(n, NOISY_BLOCK))
     _noisy_latents_kernel[grid](
-        _dense(latents), _dense(noise), _long(img_idx), _long(sample_idx), _long(timesteps),
-        alphas_cumprod.to(device=latents.device, dtype=torch.float32), target, n, BLOCK=NOISY_BLOCK,
+        _dense(latents), _dense(noise), _long(img_idx), _long(sample_idx), coefficients, coefficients.stride(0),
+        target, n, BLOCK=NOISY_BLOCK,
         enable_fp_fusion=False,  # no FMA contraction: x_t bitwise equal to the reference's
     )
     return out if target is out else out.copy_(target)
@@ -96,11 +100,13 @@ def noisy_latents(
 
 @triton.jit
 def _item_error_kernel(
-    pred_ptr, noise_ptr, sample_idx_ptr, latents_ptr, img_idx_ptr, timesteps_ptr, abar_ptr, partial_ptr,
+    pred_ptr, noise_ptr, sample_idx_ptr, coef_ptr, coef_stride, latents_ptr, img_idx_ptr, partial_ptr,
     n, span, hw, pred_stride_b, pred_stride_c, pred_stride_hw,
-    SPLIT: tl.constexpr, V_TARGET: tl.constexpr, PRED_NCHW: tl.constexpr, BLOCK: tl.constexpr,
+    SPLIT: tl.constexpr, WITH_LATENTS: tl.constexpr, PRED_NCHW: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Program (b, s): sum of squared errors of item b over elements [s*span, (s+1)*span) -> partial[b, s].
+
+    The target is c z0 + d eps, or d eps without latents (`WITH_LATENTS` false: c is not read).
 
     Elements are counted in NCHW order; pred may be laid out otherwise (channels-last) when its
     (H, W) plane is dense: element (c, i) of the plane sits at c * pred_stride_c + i * pred_stride_hw.
@@ -108,17 +114,17 @@ def _item_error_kernel(
     b = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     eps_row = noise_ptr + tl.load(sample_idx_ptr + b) * n
-    if V_TARGET:
+    d = tl.load(coef_ptr + b * coef_stride + 3)
+    if WITH_LATENTS:
         z0_row = latents_ptr + tl.load(img_idx_ptr + b) * n
-        abar = tl.load(abar_ptr + tl.load(timesteps_ptr + b))
-        a, s = tl.sqrt_rn(abar), tl.sqrt_rn(1.0 - abar)
+        c = tl.load(coef_ptr + b * coef_stride + 2)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(split * span, (split + 1) * span, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < n  # masked lanes load 0 everywhere and add 0
-        goal = tl.load(eps_row + offs, mask=mask, other=0.0).to(tl.float32)
-        if V_TARGET:
-            goal = a * goal - s * tl.load(z0_row + offs, mask=mask, other=0.0).to(tl.float32)
+        goal = d * tl.load(eps_row + offs, mask=mask, other=0.0).to(tl.float32)
+        if WITH_LATENTS:
+            goal = c * tl.load(z0_row + offs, mask=mask, other=0.0).to(tl.float32) + goal
         pred_offs = offs if PRED_NCHW else (offs // hw) * pred_stride_c + (offs % hw) * pred_stride_hw
         diff = tl.load(pred_ptr + b * pred_stride_b + pred_offs, mask=mask, other=0.0).to(tl.float32) - goal
         acc += diff * diff
@@ -129,40 +135,34 @@ def item_error(
     pred: torch.Tensor,
     noise: torch.Tensor,
     sample_idx: torch.Tensor,
+    coefficients: torch.Tensor,
     latents: torch.Tensor | None = None,
     img_idx: torch.Tensor | None = None,
-    target: str = "epsilon",
-    timesteps: torch.Tensor | None = None,
-    alphas_cumprod: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-item mean squared error against eps or v, float32 [B]; see `reference.item_error`.
+    """Per-item mean squared error against c z0 + d eps, float32 [B]; see `reference.item_error`.
 
-    pred [B, C, H, W] (NCHW or channels-last, read in place), noise [S, C, H, W], sample_idx [B];
-    for target="v" also latents [N, C, H, W], img_idx [B], timesteps [B], alphas_cumprod [T].
+    pred [B, C, H, W] (NCHW or channels-last, read in place), noise [S, C, H, W], sample_idx [B],
+    coefficients float32 [B, 4]; latents [N, C, H, W] and img_idx [B] when the target has a latent
+    term (None: the target is d eps, c is not read).
     Grid (B, SPLIT): each program sums one slice of an item into partial [B, SPLIT], then a plain
     sum over SPLIT (deterministic, no atomics). SPLIT depends on C*H*W only, so an item's error
     does not depend on the batch it ran in.
     """
-    v_target = target == "v"
-    if v_target and (latents is None or img_idx is None or timesteps is None or alphas_cumprod is None):
-        raise ValueError("target='v' needs latents, img_idx, timesteps and alphas_cumprod")
-    if target not in ("epsilon", "v"):
-        raise ValueError(f"target must be 'epsilon' or 'v', got {target!r}")
+    check_coefficients(coefficients, pred.shape[0], pred.device, "item_error")
+    check_target_latents(latents, img_idx, "item_error")
+    with_latents = latents is not None
     if pred.stride(2) != pred.shape[3] * pred.stride(3):  # neither NCHW nor channels-last
         pred = pred.contiguous()
     batch, n = pred.shape[0], pred[0].numel()
     split = max(1, min(ERROR_MAX_SPLIT, triton.cdiv(n, ERROR_ELEMS_PER_PROGRAM)))
     span = triton.cdiv(triton.cdiv(n, split), ERROR_BLOCK) * ERROR_BLOCK
     partial = torch.empty((batch, split), dtype=torch.float32, device=pred.device)
-    v_args = (
-        (_dense(latents), _long(img_idx), _long(timesteps), alphas_cumprod.to(device=pred.device, dtype=torch.float32))
-        if v_target
-        else (None, None, None, None)
-    )
+    coefficients = _dense(coefficients)
+    z0_args = (_dense(latents), _long(img_idx)) if with_latents else (None, None)
     _item_error_kernel[(batch, split)](
-        pred, _dense(noise), _long(sample_idx), *v_args, partial, n, span, pred.shape[2] * pred.shape[3],
-        pred.stride(0), pred.stride(1), pred.stride(3),
-        SPLIT=split, V_TARGET=v_target, PRED_NCHW=pred.is_contiguous(), BLOCK=ERROR_BLOCK,
+        pred, _dense(noise), _long(sample_idx), coefficients, coefficients.stride(0), *z0_args, partial, n, span,
+        pred.shape[2] * pred.shape[3], pred.stride(0), pred.stride(1), pred.stride(3),
+        SPLIT=split, WITH_LATENTS=with_latents, PRED_NCHW=pred.is_contiguous(), BLOCK=ERROR_BLOCK,
     )
     return partial.sum(dim=1) / n
 

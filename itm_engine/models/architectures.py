@@ -1,7 +1,17 @@
-"""Built-in architectures with random weights: "tiny" (fast on a CPU) and the exact SD 1.5 /
-SD 2.1-base shapes ("sd15-arch", "sd21-arch"), with the real CLIP BPE tokenizer built offline from
-open_clip's vocabulary, and the SD 1.x/2.x training noise schedule. For tests and benchmarks that
-need no checkpoint: FLOP counts and timings are those of the real models."""
+"""Built-in architectures with random weights, for tests and benchmarks that need no checkpoint:
+FLOP counts and timings are those of the real models.
+
+- "tiny" (SD 1.x-style, fast on a CPU) and the exact SD 1.5 / SD 2.1-base shapes ("sd15-arch",
+  "sd21-arch"), with the real CLIP BPE tokenizer built offline from open_clip's vocabulary and the
+  SD 1.x/2.x training noise schedule;
+- "tiny-sd3" (fast on a CPU) and the exact SD3-medium / SD3.5-medium shapes ("sd3-medium-arch",
+  "sd35-medium-arch": CLIP-L, OpenCLIP bigG and T5-XXL text encoders, the 16-channel VAE, the
+  MMDiT, flow matching with shift 3.0). T5's SentencePiece tokenizer does not ship offline: these
+  use the CLIP BPE tokenizer in its place, padded to the pipeline's T5 length, and T5's embedding
+  table has the CLIP vocabulary's 49,408 rows instead of 32,128 (token ids differ from T5's;
+  shapes and FLOPs do not). The SD3 "-arch" models hold ~7B parameters: build them on
+  the "meta" device to count FLOPs.
+"""
 from __future__ import annotations
 
 import functools
@@ -17,7 +27,8 @@ import transformers
 
 from itm_engine.models.components import PREDICTION_TYPES, SDComponents, frozen
 
-ARCHITECTURES: tuple[str, ...] = ("tiny", "sd15-arch", "sd21-arch")
+SD3_ARCHITECTURES: tuple[str, ...] = ("tiny-sd3", "sd3-medium-arch", "sd35-medium-arch")
+ARCHITECTURES: tuple[str, ...] = ("tiny", "sd15-arch", "sd21-arch", *SD3_ARCHITECTURES)
 
 
 @functools.lru_cache(maxsize=1)
@@ -57,6 +68,8 @@ def architecture_configs(arch: str) -> dict[str, dict[str, Any]]:
     kwargs and the tokenizer's ``pad_token``."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
+    if arch in SD3_ARCHITECTURES:
+        return _sd3_configs(arch)
     if arch == "tiny":
         return {
             "unet": dict(
@@ -106,6 +119,48 @@ def architecture_configs(arch: str) -> dict[str, dict[str, Any]]:
     }
 
 
+def _sd3_configs(arch: str) -> dict[str, dict[str, Any]]:
+    """`architecture_configs` of the SD3 family: transformer, vae, text_encoder (CLIP-L),
+    text_encoder_2 (CLIP-G), text_encoder_3 (T5 encoder) and the scheduler's shift."""
+    if arch == "tiny-sd3":
+        clip = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=77, projection_dim=32, hidden_act="gelu")
+        return {
+            "transformer": dict(sample_size=16, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8,
+                                num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32,
+                                pooled_projection_dim=64, out_channels=16, pos_embed_max_size=16),
+            "vae": dict(sample_size=32, in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=8, scaling_factor=1.5305, shift_factor=0.0609,
+                        use_quant_conv=False, use_post_quant_conv=False),
+            "text_encoder": clip, "text_encoder_2": clip,
+            "text_encoder_3": dict(vocab_size=49408, d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8, feed_forward_proj="gated-gelu"),
+            "scheduler": dict(num_train_timesteps=1000, shift=3.0),
+        }
+    sd35 = arch == "sd35-medium-arch"
+    return {  # stabilityai/stable-diffusion-3-medium-diffusers and stable-diffusion-3.5-medium
+        "transformer": dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                            num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                            pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384 if sd35 else 192,
+                            dual_attention_layers=tuple(range(13)) if sd35 else (),
+                            qk_norm="rms_norm" if sd35 else None),
+        "vae": dict(sample_size=1024, in_channels=3, out_channels=3, latent_channels=16,
+                    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                    up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, norm_num_groups=32,
+                    scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False),
+        "text_encoder": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                             num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
+                             hidden_act="quick_gelu"),
+        "text_encoder_2": dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                               num_attention_heads=20, max_position_embeddings=77, projection_dim=1280,
+                               hidden_act="gelu"),
+        "text_encoder_3": dict(vocab_size=49408, d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64,
+                               relative_attention_num_buckets=32, feed_forward_proj="gated-gelu"),
+        "scheduler": dict(num_train_timesteps=1000, shift=3.0),
+    }
+
+
 def ddpm_scheduler(prediction_type: str) -> diffusers.DDPMScheduler:
     """The SD 1.x/2.x training noise schedule (scaled-linear betas, 1000 steps)."""
     if prediction_type not in PREDICTION_TYPES:
@@ -116,23 +171,49 @@ def ddpm_scheduler(prediction_type: str) -> diffusers.DDPMScheduler:
     )
 
 
-def build_random_components(arch: str, seed: int = 0, prediction_type: str = "epsilon") -> SDComponents:
+def build_random_components(arch: str, seed: int = 0, prediction_type: str = "epsilon",
+                            device: str = "cpu") -> SDComponents:
     """Randomly initialised components of a built-in architecture (one of ``ARCHITECTURES``).
 
     The weights depend only on ``seed``; the global torch RNG is left untouched. ``tiny`` takes
     32x32 images (4x16x16 latents) and runs fast on a CPU; ``sd15-arch``/``sd21-arch`` have the
-    exact shapes of Stable Diffusion 1.5 / 2.1-base (512x512 images, 4x64x64 latents).
+    exact shapes of Stable Diffusion 1.5 / 2.1-base (512x512 images, 4x64x64 latents). The SD3
+    architectures ignore `prediction_type` (flow matching). On `device` "meta" no memory is
+    allocated (for counting FLOPs of the large architectures).
     """
     configs = architecture_configs(arch)
+    if arch in SD3_ARCHITECTURES:
+        return _build_sd3(arch, configs, seed, device)
     scheduler = ddpm_scheduler(prediction_type)
-    with torch.random.fork_rng(devices=[]):
+    with torch.device(device), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         components = SDComponents(
             vae=diffusers.AutoencoderKL(**configs["vae"]),
-            unet=diffusers.UNet2DConditionModel(**configs["unet"]),
+            denoiser=diffusers.UNet2DConditionModel(**configs["unet"]),
             text_encoder=transformers.CLIPTextModel(transformers.CLIPTextConfig(**configs["text_encoder"])),
             tokenizer=clip_tokenizer(configs["pad_token"]),
             scheduler=scheduler,
             source=f"builtin:{arch}",
         )
-    return frozen(components, "cpu", torch.float32)
+    return frozen(components, device, torch.float32)
+
+
+def _build_sd3(arch: str, configs: dict[str, Any], seed: int, device: str) -> SDComponents:
+    """`build_random_components` of an SD3-family architecture."""
+    with torch.device(device), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clip_l, clip_g = (transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**configs[name]))
+                          for name in ("text_encoder", "text_encoder_2"))
+        t5 = transformers.T5EncoderModel(transformers.T5Config(**configs["text_encoder_3"]))
+        components = SDComponents(
+            vae=diffusers.AutoencoderKL(**configs["vae"]),
+            denoiser=diffusers.SD3Transformer2DModel(**configs["transformer"]),
+            text_encoder=clip_l,
+            tokenizer=clip_tokenizer("<|endoftext|>"),
+            scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**configs["scheduler"]),
+            source=f"builtin:{arch}",
+            family="sd3",
+            extras={"text_encoder_2": clip_g, "tokenizer_2": clip_tokenizer("!"), "text_encoder_3": t5,
+                    "tokenizer_3": clip_tokenizer("!")},
+        )
+    return frozen(components, device, torch.float32)

@@ -1,15 +1,22 @@
-"""`SDComponents`: the parts of a Stable Diffusion model that DiffusionITM needs, loaded and frozen."""
+"""`SDComponents`: the parts of a text-to-image diffusion model that DiffusionITM needs, loaded and frozen.
+
+One container for every family (`models.families`): the VAE, the denoiser (a UNet for SD 1.x/2.x
+and SDXL, a transformer for SD3, Flux and PixArt), the first text encoder and tokenizer, the
+training scheduler, and the family's further pipeline components by their diffusers names
+(`text_encoder_2`, `tokenizer_2`, `text_encoder_3`, `tokenizer_3`)."""
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 import diffusers
 import torch
 import transformers
 
-PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction")
+from itm_engine.noise import ForwardProcess
+
+PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "flow")
 
 
 def latent_channels(unet: torch.nn.Module) -> int:
@@ -21,24 +28,58 @@ def latent_channels(unet: torch.nn.Module) -> int:
 
 @dataclass
 class SDComponents:
-    """The Stable Diffusion parts DiffusionITM needs (all in eval mode, requires_grad False)."""
+    """The parts of a diffusion model DiffusionITM needs (all in eval mode, requires_grad False)."""
 
     vae: diffusers.AutoencoderKL
-    unet: diffusers.UNet2DConditionModel
-    text_encoder: transformers.CLIPTextModel
+    denoiser: torch.nn.Module  # UNet2DConditionModel (SD 1.x/2.x, SDXL) or the family's transformer
+    text_encoder: transformers.PreTrainedModel
     tokenizer: transformers.PreTrainedTokenizerBase  # CLIP BPE, or any tokenizer saved in the folder
-    scheduler: diffusers.DDPMScheduler
+    scheduler: Any  # the training scheduler: DDPMScheduler, or FlowMatchEulerDiscreteScheduler for flow models
     source: str  # folder path, hub id or "builtin:NAME"
+    family: str = "sd"  # models.families.FAMILIES
+    extras: dict[str, Any] = field(default_factory=dict)  # further pipeline components, by diffusers name
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        """The denoiser under the name the SD-family code (training, LoRA, grounding) uses."""
+        return self.denoiser
+
+    @unet.setter
+    def unet(self, module: torch.nn.Module) -> None:
+        self.denoiser = module
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        """Every text encoder: `text_encoder`, then the extras' in name order."""
+        return [self.text_encoder] + [self.extras[k] for k in sorted(self.extras) if k.startswith("text_encoder")]
+
+    @property
+    def networks(self) -> list[torch.nn.Module]:
+        """The VAE, the denoiser and every text encoder."""
+        return [self.vae, self.denoiser, *self.text_encoders]
 
     @property
     def prediction_type(self) -> str:
-        """What the UNet predicts: ``"epsilon"`` (the noise) or ``"v_prediction"``."""
-        return self.scheduler.config.prediction_type
+        """What the denoiser predicts: ``"epsilon"`` (the noise), ``"v_prediction"`` or ``"flow"``
+        (the flow-matching velocity eps - z0, for a flow-matching scheduler)."""
+        return getattr(self.scheduler.config, "prediction_type", None) or "flow"
+
+    @property
+    def process(self) -> ForwardProcess:
+        """The forward process the UNet was trained with (`noise.ForwardProcess`)."""
+        return ForwardProcess.from_scheduler(self.scheduler)
 
     @property
     def scaling_factor(self) -> float:
-        """Multiplier from VAE latent to diffusion latent: ``z0 = vae.encode(x).mean * scaling_factor``."""
+        """Multiplier from VAE latent to diffusion latent:
+        ``z0 = (vae.encode(x).mean - latent_shift) * scaling_factor``."""
         return float(self.vae.config.scaling_factor)
+
+    @property
+    def latent_shift(self) -> float:
+        """Subtracted from the VAE latent before scaling: ``z0 = (mean - latent_shift) * scaling_factor``
+        (the VAE config's ``shift_factor``: SD3, Flux; 0 when it has none)."""
+        return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -47,29 +88,29 @@ class SDComponents:
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        """Shape of one latent ``[channels, height, width]`` at the UNet's native resolution."""
-        size = self.unet.config.sample_size
-        return (latent_channels(self.unet), size, size)
+        """Shape of one latent ``[channels, height, width]`` at the denoiser's native resolution."""
+        size = self.denoiser.config.sample_size
+        return (latent_channels(self.denoiser), size, size)
 
     @property
     def image_size(self) -> int:
         """Native image side in pixels."""
-        return self.unet.config.sample_size * self.vae_scale_factor
+        return self.denoiser.config.sample_size * self.vae_scale_factor
 
     @property
     def device(self) -> torch.device:
-        """Device of the UNet."""
-        return self.unet.device
+        """Device of the denoiser."""
+        return self.denoiser.device
 
     @property
     def dtype(self) -> torch.dtype:
-        """Parameter dtype of the UNet."""
-        return self.unet.dtype
+        """Parameter dtype of the denoiser."""
+        return self.denoiser.dtype
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SDComponents:
-        """Move the VAE, UNet and text encoder to ``device`` and/or ``dtype``; returns self."""
+        """Move every network (`networks`) to ``device`` and/or ``dtype``; returns self."""
         with quiet():  # diffusers 0.42 warns on every dtype cast, even with nothing to keep in fp32
-            for net in (self.vae, self.unet, self.text_encoder):
+            for net in self.networks:
                 net.to(device=device, dtype=dtype)
         return self
 
@@ -81,7 +122,7 @@ def frozen(components: SDComponents, device: torch.device | str, dtype: torch.dt
             f"{components.source}: unsupported prediction_type {components.prediction_type!r}; "
             f"expected one of {PREDICTION_TYPES}"
         )
-    for net in (components.vae, components.unet, components.text_encoder):
+    for net in components.networks:
         net.eval().requires_grad_(False)
     return components.to(device, dtype)
 

@@ -29,9 +29,12 @@ from safetensors import SafetensorError
 from itm_engine.models import registry
 from itm_engine.models.architectures import ARCHITECTURES, build_random_components
 from itm_engine.models.components import SDComponents, frozen, quiet
+from itm_engine.models.families import FAMILIES, PIPELINE_FAMILIES
+from itm_engine.storage import read_json
 
 _COMPONENTS: tuple[str, ...] = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # The safetensors file that replaces a PyTorch .bin: transformers' name, else the same name (diffusers, LoRA).
+DAMAGED = "the model folder is damaged; copy or save it again"
 _SAFETENSORS_NAMES = {"pytorch_model.bin": "model.safetensors"}
 
 
@@ -77,33 +80,71 @@ def save_random_model(
     arch: str, path: str | os.PathLike, seed: int = 0, prediction_type: str = "epsilon"
 ) -> Path:
     """Write ``build_random_components(arch, seed, prediction_type)`` as a complete diffusers
-    StableDiffusionPipeline folder (safetensors weights); returns the folder's path."""
+    pipeline folder of its family (safetensors weights); returns the folder's path."""
     return save_components(build_random_components(arch, seed, prediction_type), path)
 
 
 def save_components(components: SDComponents, path: str | os.PathLike) -> Path:
-    """Write ``components`` as a complete diffusers StableDiffusionPipeline folder (safetensors
-    weights, no safety checker); returns the folder's path."""
+    """Write ``components`` as a complete diffusers pipeline folder of its family
+    (StableDiffusionPipeline without a safety checker, StableDiffusion3Pipeline, ...; safetensors
+    weights); returns the folder's path."""
     path = Path(path)
-    index: dict[str, Any] = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "requires_safety_checker": False,
-        **{name: [None, None] for name in ("safety_checker", "feature_extractor", "image_encoder")},
-    }
+    family = FAMILIES[components.family]
+    index: dict[str, Any] = {"_class_name": family.pipeline_class.__name__, "_diffusers_version": diffusers.__version__}
+    if family.name == "sd":
+        index["requires_safety_checker"] = False
+        index.update({name: [None, None] for name in ("safety_checker", "feature_extractor", "image_encoder")})
     with quiet():
-        for name in _COMPONENTS:
-            part = getattr(components, name)
+        for name, part in _parts(components).items():
             part.save_pretrained(path / name)
             index[name] = [type(part).__module__.split(".")[0], type(part).__name__]
     (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return path
 
 
+def _parts(components: SDComponents) -> dict[str, Any]:
+    """Every component of `components` under its folder name in its family's pipeline."""
+    family = FAMILIES[components.family]
+    return {"vae": components.vae, family.denoiser_folder: components.denoiser, "text_encoder": components.text_encoder,
+            "tokenizer": components.tokenizer, "scheduler": components.scheduler, **components.extras}
+
+
+# family -> {subfolder: (class, required)} beyond the denoiser; the denoiser's class is the family's
+_FAMILY_PARTS: dict[str, dict[str, tuple[Any, bool]]] = {
+    "sd": {"vae": (diffusers.AutoencoderKL, True), "text_encoder": (transformers.CLIPTextModel, True)},
+    "sd3": {"vae": (diffusers.AutoencoderKL, True),
+            "text_encoder": (transformers.CLIPTextModelWithProjection, True),
+            "text_encoder_2": (transformers.CLIPTextModelWithProjection, True),
+            "text_encoder_3": (transformers.T5EncoderModel, False)},
+}
+_SCHEDULERS: dict[str, Any] = {"sd": diffusers.DDPMScheduler, "sd3": diffusers.FlowMatchEulerDiscreteScheduler}
+_TOKENIZERS: dict[str, tuple[str, ...]] = {"sd": ("tokenizer",), "sd3": ("tokenizer", "tokenizer_2", "tokenizer_3")}
+
+
+def folder_family(folder: Path) -> str:
+    """The family of a diffusers folder, from its model_index.json's pipeline class ("sd" when the
+    file is absent or names an SD 1.x/2.x pipeline variant)."""
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        return "sd"
+    name = read_json(index_file, DAMAGED).get("_class_name", "")
+    if name in PIPELINE_FAMILIES:
+        return PIPELINE_FAMILIES[name]
+    if name.startswith("StableDiffusion") and "XL" not in name and "3" not in name:
+        return "sd"  # Img2Img, Inpaint, ... variants of the SD 1.x/2.x pipeline share its components
+    raise ValueError(f"{index_file}: pipeline {name!r} is not a supported model family; supported: "
+                     f"{', '.join(sorted(PIPELINE_FAMILIES))}")
+
+
 def _load_folder(folder: Path, source: str) -> SDComponents:
-    """Load every component from the subfolders of a diffusers folder (the UNet as the class its
-    config names: a class a plugin registered, else diffusers' `UNet2DConditionModel`)."""
-    missing = [name for name in _COMPONENTS if not (folder / name).is_dir()]
+    """Load every component of the folder's family (`folder_family`) from its subfolders (an SD
+    UNet as the class its config names: a class a plugin registered, else diffusers'
+    `UNet2DConditionModel`)."""
+    family = FAMILIES[folder_family(folder)]
+    parts = _FAMILY_PARTS[family.name]
+    required = [family.denoiser_folder, "scheduler", *(name for name, (_, needed) in parts.items() if needed),
+                *_TOKENIZERS[family.name][:1 if family.name == "sd" else 2]]
+    missing = [name for name in required if not (folder / name).is_dir()]
     if missing:
         raise FileNotFoundError(
             f"{folder} is not a complete diffusers folder: missing subfolder(s) {', '.join(missing)}"
@@ -121,16 +162,24 @@ def _load_folder(folder: Path, source: str) -> SDComponents:
                 read_weights(file)
             raise
 
-    unet_config_file = folder / "unet" / "config.json"
-    unet_config = json.loads(unet_config_file.read_text()) if unet_config_file.is_file() else {}
+    if family.name == "sd":
+        unet_config_file = folder / "unet" / "config.json"
+        denoiser_class = registry.unet_class(read_json(unet_config_file, DAMAGED) if unet_config_file.is_file() else {})
+    else:
+        denoiser_class = diffusers.SD3Transformer2DModel
     with quiet():
+        loaded = {name: weights(cls, name) for name, (cls, _) in parts.items() if (folder / name).is_dir()}
+        loaded.update({name: transformers.AutoTokenizer.from_pretrained(folder, subfolder=name)
+                       for name in _TOKENIZERS[family.name] if (folder / name).is_dir()})
         return SDComponents(
-            vae=weights(diffusers.AutoencoderKL, "vae"),
-            unet=weights(registry.unet_class(unet_config), "unet"),
-            text_encoder=weights(transformers.CLIPTextModel, "text_encoder"),
-            tokenizer=transformers.AutoTokenizer.from_pretrained(folder, subfolder="tokenizer"),
-            scheduler=diffusers.DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
+            vae=loaded.pop("vae"),
+            denoiser=weights(denoiser_class, family.denoiser_folder),
+            text_encoder=loaded.pop("text_encoder"),
+            tokenizer=loaded.pop("tokenizer"),
+            scheduler=_SCHEDULERS[family.name].from_pretrained(folder, subfolder="scheduler"),
             source=source,
+            family=family.name,
+            extras=loaded,
         )
 
 
@@ -192,8 +241,9 @@ def load_components(
     with gradients off.
     """
     name = os.fspath(source)
-    if name in ARCHITECTURES:
-        return frozen(build_random_components(name), device, dtype)
+    if name in ARCHITECTURES:  # on "meta" built there: no memory, for counting FLOPs
+        built_on = "meta" if torch.device(device).type == "meta" else "cpu"
+        return frozen(build_random_components(name, device=built_on), device, dtype)
     named = registry.model_folder(name) if not _looks_like_path(name) and "/" not in name else None
     if named is not None:
         return frozen(_load_folder(named, f"builtin:{name}"), device, dtype)

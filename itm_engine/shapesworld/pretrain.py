@@ -241,7 +241,7 @@ def build_components(config: PretrainConfig) -> SDComponents:
             down_block_types=down, up_block_types=up,
             layers_per_block=1, cross_attention_dim=width, norm_num_groups=16,
             attention_head_dim=tuple(w // 16 for w in widths))  # diffusers' name for the head count: 16-wide heads
-    return SDComponents(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
+    return SDComponents(vae=vae, denoiser=unet, text_encoder=text_encoder, tokenizer=tokenizer,
                         scheduler=ddpm_scheduler(config.prediction_type), source="shapes-pretrain")
 
 
@@ -416,7 +416,7 @@ class Pretrainer:
         share = round(stage.one_object_share * stage.batch_size)  # batch items drawn from the one-object scenes
         if not len(pool) or (share and not len(ones)):
             raise ValueError(f"stage {stage.name!r}: no training scene has {stage.objects or 1} object(s)")
-        alphas = comp.scheduler.alphas_cumprod
+        process = comp.process
         start = time.perf_counter() - self.report["diffusion"].get("seconds", 0.0)
         bar = tqdm(range(self.step, end), desc=f"UNet + text ({stage.name})", disable=self._quiet(),
                    initial=self.step - begin, total=stage.steps)
@@ -429,8 +429,9 @@ class Pretrainer:
             texts = draw_captions(c, [data.captions[i] for i in idx.tolist()], rng, stage.form_weights)
             z0 = latents[idx]
             noise = torch.randn(z0.shape, generator=gen)
-            t = torch.randint(0, len(alphas), (stage.batch_size,), generator=gen)
-            zt = add_noise(z0, noise, t, alphas)
+            t = torch.randint(0, process.num_train_timesteps, (stage.batch_size,), generator=gen)
+            coefficients = process.coefficients(t)
+            zt = add_noise(z0, noise, coefficients)
             # the ranking term's items, again under their hard negatives: one UNet call over both
             negatives = self._hard_negatives(stage, texts, rng)
             rows = torch.tensor([i for i, _ in negatives], dtype=torch.long)
@@ -438,7 +439,7 @@ class Pretrainer:
             with self.recorder.record() if stage.grounding_weight else contextlib.nullcontext() as maps:
                 pred = comp.unet(torch.cat([zt, zt[rows]]), torch.cat([t, t[rows]]),
                                  encoder_hidden_states=states).sample
-            target = denoising_target(z0, noise, t, alphas, c.prediction_type)
+            target = denoising_target(z0, noise, coefficients)
             batch = len(texts)
             loss = (F.mse_loss(pred[:batch], target) + self._ranking_loss(stage, rows, pred, target)
                     + self._layout_loss(stage, texts, states[:batch])
