@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import diffusers
 import torch
+import transformers
 
 if TYPE_CHECKING:
     from itm_engine.models.components import SDComponents
@@ -47,11 +48,31 @@ def to_device(conditioning: Conditioning, device: torch.device | str, dtype: tor
 
 
 class Family:
-    """SD 1.x / 2.x: one CLIP text encoder, context = its last hidden state [n, 77, D]."""
+    """SD 1.x / 2.x: one CLIP text encoder, context = its last hidden state [n, 77, D].
+
+    Loading (`models.loading`) reads from a family: its pipeline class (model_index.json's
+    `_class_name` decides the family), the denoiser's subfolder and class, the training
+    scheduler's class, the text encoders' classes by subfolder (`encoder_classes`), the tokenizer
+    subfolders, and which parts a folder must have (`required_parts`).
+    """
 
     name = "sd"
     pipeline_class: type = diffusers.StableDiffusionPipeline
     denoiser_folder = "unet"
+    scheduler_class: type = diffusers.DDPMScheduler  # only the training betas and prediction type are read
+    tokenizers: tuple[str, ...] = ("tokenizer",)
+    required_parts: tuple[str, ...] = ("text_encoder", "tokenizer")
+
+    def denoiser_class(self, config: dict[str, Any]) -> type:
+        """The class of the saved denoiser whose config is `config`: for SD 1.x/2.x a UNet class a
+        plugin registered (`registry.unet_class`), else diffusers' `UNet2DConditionModel`."""
+        from itm_engine.models import registry
+
+        return registry.unet_class(config)
+
+    def encoder_classes(self) -> dict[str, type]:
+        """Text encoder subfolder -> its transformers class."""
+        return {"text_encoder": transformers.CLIPTextModel}
 
     def pipeline(self, components: SDComponents) -> Any:
         """The family's diffusers pipeline over `components` (the same modules, no copies)."""
@@ -102,7 +123,18 @@ class SD3Family(Family):
     name = "sd3"
     pipeline_class = diffusers.StableDiffusion3Pipeline
     denoiser_folder = "transformer"
+    scheduler_class = diffusers.FlowMatchEulerDiscreteScheduler
+    tokenizers = ("tokenizer", "tokenizer_2", "tokenizer_3")
+    required_parts = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")  # T5 is optional in SD3
     max_sequence_length = 256  # the pipeline's default T5 length
+
+    def denoiser_class(self, config: dict[str, Any]) -> type:
+        return diffusers.SD3Transformer2DModel
+
+    def encoder_classes(self) -> dict[str, type]:
+        return {"text_encoder": transformers.CLIPTextModelWithProjection,
+                "text_encoder_2": transformers.CLIPTextModelWithProjection,
+                "text_encoder_3": transformers.T5EncoderModel}
 
     def pipeline_parts(self, components: SDComponents) -> dict[str, Any]:
         return dict(transformer=components.denoiser, scheduler=components.scheduler, vae=components.vae,

@@ -109,18 +109,6 @@ def _parts(components: SDComponents) -> dict[str, Any]:
             "tokenizer": components.tokenizer, "scheduler": components.scheduler, **components.extras}
 
 
-# family -> {subfolder: (class, required)} beyond the denoiser; the denoiser's class is the family's
-_FAMILY_PARTS: dict[str, dict[str, tuple[Any, bool]]] = {
-    "sd": {"vae": (diffusers.AutoencoderKL, True), "text_encoder": (transformers.CLIPTextModel, True)},
-    "sd3": {"vae": (diffusers.AutoencoderKL, True),
-            "text_encoder": (transformers.CLIPTextModelWithProjection, True),
-            "text_encoder_2": (transformers.CLIPTextModelWithProjection, True),
-            "text_encoder_3": (transformers.T5EncoderModel, False)},
-}
-_SCHEDULERS: dict[str, Any] = {"sd": diffusers.DDPMScheduler, "sd3": diffusers.FlowMatchEulerDiscreteScheduler}
-_TOKENIZERS: dict[str, tuple[str, ...]] = {"sd": ("tokenizer",), "sd3": ("tokenizer", "tokenizer_2", "tokenizer_3")}
-
-
 def folder_family(folder: Path) -> str:
     """The family of a diffusers folder, from its model_index.json's pipeline class ("sd" when the
     file is absent or names an SD 1.x/2.x pipeline variant)."""
@@ -141,9 +129,8 @@ def _load_folder(folder: Path, source: str) -> SDComponents:
     UNet as the class its config names: a class a plugin registered, else diffusers'
     `UNet2DConditionModel`)."""
     family = FAMILIES[folder_family(folder)]
-    parts = _FAMILY_PARTS[family.name]
-    required = [family.denoiser_folder, "scheduler", *(name for name, (_, needed) in parts.items() if needed),
-                *_TOKENIZERS[family.name][:1 if family.name == "sd" else 2]]
+    parts = family.encoder_classes()
+    required = [family.denoiser_folder, "scheduler", "vae", *family.required_parts]
     missing = [name for name in required if not (folder / name).is_dir()]
     if missing:
         raise FileNotFoundError(
@@ -162,21 +149,19 @@ def _load_folder(folder: Path, source: str) -> SDComponents:
                 read_weights(file)
             raise
 
-    if family.name == "sd":
-        unet_config_file = folder / "unet" / "config.json"
-        denoiser_class = registry.unet_class(read_json(unet_config_file, DAMAGED) if unet_config_file.is_file() else {})
-    else:
-        denoiser_class = diffusers.SD3Transformer2DModel
+    denoiser_config_file = folder / family.denoiser_folder / "config.json"
+    denoiser_class = family.denoiser_class(
+        read_json(denoiser_config_file, DAMAGED) if denoiser_config_file.is_file() else {})
     with quiet():
-        loaded = {name: weights(cls, name) for name, (cls, _) in parts.items() if (folder / name).is_dir()}
+        loaded = {name: weights(cls, name) for name, cls in parts.items() if (folder / name).is_dir()}
         loaded.update({name: transformers.AutoTokenizer.from_pretrained(folder, subfolder=name)
-                       for name in _TOKENIZERS[family.name] if (folder / name).is_dir()})
+                       for name in family.tokenizers if (folder / name).is_dir()})
         return SDComponents(
-            vae=loaded.pop("vae"),
+            vae=weights(diffusers.AutoencoderKL, "vae"),
             denoiser=weights(denoiser_class, family.denoiser_folder),
             text_encoder=loaded.pop("text_encoder"),
             tokenizer=loaded.pop("tokenizer"),
-            scheduler=_SCHEDULERS[family.name].from_pretrained(folder, subfolder="scheduler"),
+            scheduler=family.scheduler_class.from_pretrained(folder, subfolder="scheduler"),
             source=source,
             family=family.name,
             extras=loaded,
