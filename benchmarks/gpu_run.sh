@@ -5,7 +5,9 @@
 #   3. the kernel benchmarks on CUDA (bandwidth against the measured copy ceiling, top-k vs
 #      torch.topk(q @ g.T) at G = 1,000,000);
 #   4. itm-bench on sd21-arch / sd15-arch across dtype, attention, compile and batch options
-#      (each run checks engine == naive == batched on the same noise and fails loudly otherwise).
+#      (each run checks engine == naive == batched on the same noise and fails loudly otherwise);
+#   5. every other family's exact architecture in bf16 (SDXL, SD3, SD3.5, Flux, PixArt): items/s
+#      and the fraction of the bf16 matmul ceiling, engine == the family's pipeline loop.
 # Usage: bash benchmarks/gpu_run.sh OUTDIR [quick|full]
 #   device tool: carry .whl (from benchmarks/fetch_gpu_wheels.sh) and run
 #   `bash benchmarks/gpu_run.sh $OUT full`; then copy OUTDIR's files to benchmarks/results/.
@@ -51,4 +53,10 @@ if [ "$LEVEL" = full ]; then
     bench sd21-bf16-engine-protocol --model sd21-arch --dtype bfloat16 $TOPK $ENGINE_ONLY --protocol engine --batch-size 128
     bench sd15-bf16 --model sd15-arch --dtype bfloat16 $TOPK --batch-size auto
 fi
+
+echo "== 5. every family's exact architecture, bf16"
+FAMILY="--workload i2t-topk --images 2 --topk 4 --samples 4 --repeats 2 --methods pipeline,engine --batch-size auto"
+for arch in sdxl-arch sd3-medium-arch sd35-medium-arch pixart-sigma-arch flux-dev-arch; do
+    bench "$arch-bf16" --model "$arch" --dtype bfloat16 $FAMILY
+done
 ls -la "$OUT"

@@ -180,6 +180,7 @@ def score_adaptive(scorer, queries: Sequence, candidates: Sequence[Sequence], mo
             alive = torch.zeros_like(alive).scatter_(1, order, True) & alive
     scores = per_draw.nanmean(2)
     stats.full_items = _full_items(images, texts, mode, k, budget(policy))
+    stats.settle()
     stats.seconds["total"] = time.perf_counter() - started
     return AdaptiveResult(scores=scores.float(), draws=draws, unet_items=stats.unet_items,
                           full_items=stats.full_items, stats=stats)

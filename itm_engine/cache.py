@@ -284,9 +284,9 @@ def encode_texts(components: SDComponents, texts: Sequence[str]) -> Conditioning
 
 
 def warn_if_truncated(components: SDComponents, texts: Sequence[str]) -> None:
-    """Issue one warning if any caption exceeds the tokenizer's limit (it will be truncated)."""
+    """Issue one warning if any caption exceeds the family's token limit (it will be truncated)."""
     tokenizer = components.tokenizer
-    limit = tokenizer.model_max_length
+    limit = family_of(components).token_limit(components)
     too_long = [t for t in texts if len(tokenizer(t).input_ids) > limit]
     if too_long:
         warnings.warn(
@@ -364,7 +364,7 @@ class LatentCache:
                  max_bytes: int | None = DEFAULT_CACHE_BYTES) -> None:
         self.components = components
         self.batch_size = batch_size
-        self._store = BoundedStore(max_bytes)  # (key, resize, filter) -> (mean, std)
+        self._store = BoundedStore(max_bytes)  # (key, resize, filter) -> (mean, std, original (h, w))
 
     def __len__(self) -> int:
         return len(self._store)
@@ -407,8 +407,9 @@ class LatentCache:
                                            protocol.interpolation)
             with stats.timer("vae", self.components.device):
                 mean, std = encode_posterior(self.components, pixels)
-            for (key, _), m, sd in zip(chunk, mean, std):
-                self._store.put(self._key(key, protocol), (m.clone(), sd.clone()))  # own storage: evictable
+            for (key, rgb), m, sd in zip(chunk, mean, std):  # own storage: evictable
+                size = torch.tensor([rgb.height, rgb.width])
+                self._store.put(self._key(key, protocol), (m.clone(), sd.clone(), size))
             stats.images_encoded += len(chunk)
         stats.evicted += self._store.shrink(self._key(key, protocol) for key in keys)
         stats.cache_bytes["latent"] = self._store.bytes
@@ -419,13 +420,18 @@ class LatentCache:
         """The latents of the encoded images `keys` (see the class docstring for the shapes); then
         the budget holds again (a call whose own images exceed it keeps them only until here)."""
         posteriors = [self._store.get(self._key(key, protocol)) for key in keys]
-        mean, std = torch.stack([m for m, _ in posteriors]), torch.stack([sd for _, sd in posteriors])
+        mean, std = torch.stack([m for m, _, _ in posteriors]), torch.stack([sd for _, sd, _ in posteriors])
         evicted = self._store.shrink()
         if stats is not None:
             stats.evicted += evicted
             stats.cache_bytes["latent"] = self._store.bytes
         return posterior_latents(mean, std, keys, protocol, range(first_draw, first_draw + draws),
                                  self.components.scaling_factor, self.components.latent_shift)
+
+    def sizes(self, keys: Sequence[str], protocol: Protocol) -> torch.Tensor:
+        """The original (height, width) of the encoded images `keys`, Long [U, 2] (read before
+        `latents`, which may evict them)."""
+        return torch.stack([self._store.get(self._key(key, protocol))[2] for key in keys])
 
     @staticmethod
     def _key(key: str, protocol: Protocol) -> tuple[str, str, str]:

@@ -301,6 +301,7 @@ class ClipScorer(PairScorer):
         text_rows = self.clip.embed_texts(texts, stats)
         pairs = pairs.to(image_rows.device)
         scores = (image_rows[pairs[:, 0]] * text_rows[pairs[:, 1]]).sum(dim=1).cpu()
+        stats.settle()
         stats.seconds["total"] = time.perf_counter() - started
         self.last_stats = stats
         return scores

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -120,6 +121,8 @@ class Executor:
         stats: RunStats,
         batch_size: int | str | None = None,
         error: Error = "mse",
+        image_conditioning: Conditioning | None = None,
+        protocol_inputs: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         """Errors of every item of `plan`, float32 [len(plan)] on the model's device.
 
@@ -130,6 +133,10 @@ class Executor:
             error: the reduction of an item's error (`protocols.Protocol.error`): "mse" and "l2"
                 (sqrt(mse * numel), the norm) from the fused op, "l1" and "huber" from the
                 reference reduction (`kernels.reference.item_loss`).
+            image_conditioning: conditioning from the images ({name: [U, ...]}, rows aligned with
+                `latents`; e.g. SDXL's time_ids), joined to each item's text rows.
+            protocol_inputs: keyword arguments of every denoiser call that the protocol sets
+                (`Family.protocol_inputs`: FLUX.1-dev's guidance).
         """
         denoiser, family = self.components.denoiser, family_of(self.components)
         device, dtype = denoiser.device, denoiser.dtype
@@ -138,6 +145,7 @@ class Executor:
             size = max(1, min(size, len(plan)))
         latents = latents.to(device)
         conditioning = to_device(conditioning, device, dtype)
+        image_conditioning = to_device(image_conditioning or {}, device, dtype)
         noise = bank.noise.to(device)
         bank_timesteps = bank.timesteps.to(device)
         process = self.components.process
@@ -167,8 +175,9 @@ class Executor:
                     x_t = kernels.noisy_latents(latents, noise, li, si, coef, out=x_t_buffer[: len(items)],
                                                 backend=backend)
                 with stats.timer("unet", device):
-                    pred = family.denoise(self.components, x_t, bank_timesteps[si], select(conditioning, ti),
-                                          self.compiled_unet)
+                    rows = {**select(conditioning, ti), **select(image_conditioning, li)}
+                    pred = family.denoise(self.components, x_t, bank_timesteps[si], rows, self.compiled_unet,
+                                          **(protocol_inputs or {}))
             except RuntimeError as err:
                 if not _is_out_of_memory(err) or size == 1:
                     raise

@@ -42,7 +42,8 @@ class ForwardProcess:
         num_train_timesteps: T.
         grid: float64 [T], the model timesteps of the training grid in order of increasing noise:
             0, 1, ..., T - 1 for the variance-preserving kinds; the scheduler's (shifted) training
-            timesteps T sigma, ascending, for flow matching. Draw schedules pick grid positions.
+            timesteps T sigma, ascending, for flow matching (shifted for one image size where the
+            shift depends on it: Flux). Draw schedules pick grid positions.
         alphas_cumprod: float32 [T], abar of the variance-preserving kinds (None for flow).
     """
 
@@ -58,10 +59,13 @@ class ForwardProcess:
             raise ValueError(f"a {self.kind!r} forward process needs alphas_cumprod")
 
     @classmethod
-    def from_scheduler(cls, scheduler, prediction_type: str | None = None) -> ForwardProcess:
+    def from_scheduler(cls, scheduler, prediction_type: str | None = None,
+                       image_seq_len: int | None = None) -> ForwardProcess:
         """The process of a diffusers training scheduler: a DDPM-style one (`alphas_cumprod`, its
         config's or the given `prediction_type`) or `FlowMatchEulerDiscreteScheduler` (its shifted
-        training timesteps; "flow")."""
+        training timesteps; "flow"). A flow scheduler shifted by resolution (`use_dynamic_shifting`:
+        FLUX.1-dev) gives the grid of images of `image_seq_len` tokens (`resolution_shifted`);
+        other schedulers ignore it."""
         T = int(scheduler.config.num_train_timesteps)
         if hasattr(scheduler, "alphas_cumprod"):
             kind = prediction_type or scheduler.config.prediction_type
@@ -69,6 +73,8 @@ class ForwardProcess:
         if prediction_type not in (None, "flow"):
             raise ValueError(f"{type(scheduler).__name__} is a flow-matching scheduler; prediction_type "
                              f"{prediction_type!r} does not apply")
+        if scheduler.config.get("use_dynamic_shifting", False):
+            scheduler = resolution_shifted(scheduler, image_seq_len)
         return cls("flow", T, scheduler.timesteps.double().cpu().flip(0))
 
     @property
@@ -108,6 +114,25 @@ class ForwardProcess:
             b = (timesteps.double() / self.num_train_timesteps).float()
             a, c, d = 1 - b, -torch.ones_like(b), torch.ones_like(b)
         return torch.stack([a, b, c, d], dim=1)
+
+
+def resolution_shifted(scheduler, image_seq_len: int | None):
+    """A fresh copy of a flow scheduler shifted by resolution (`use_dynamic_shifting`) whose
+    timesteps [T] are its training sigmas shifted for images of `image_seq_len` tokens as its
+    pipeline shifts them (`FluxPipeline`): mu = calculate_shift(image_seq_len, base_image_seq_len,
+    max_image_seq_len, base_shift, max_shift), then `set_timesteps(sigmas, mu=mu)`, which applies
+    the scheduler's time_shift(mu, 1, sigma) (exponential: e^mu / (e^mu + 1 / sigma - 1))."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # the pipeline's own formula
+
+    if image_seq_len is None:
+        raise ValueError(f"{type(scheduler).__name__} shifts its timesteps by the image's size "
+                         "(use_dynamic_shifting): image_seq_len, the image's token count, is needed")
+    config = scheduler.config
+    mu = calculate_shift(image_seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                         config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+    shifted = type(scheduler).from_config(config)
+    shifted.set_timesteps(sigmas=shifted.sigmas.numpy(), mu=mu)  # a fresh scheduler's sigmas: the training ones
+    return shifted
 
 
 def _columns(coefficients: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor]:

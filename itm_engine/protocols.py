@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -82,6 +83,10 @@ class Protocol:
     transparency: Transparency = option("composite", help=(
         "images not in RGB (transparent, palette, ...): composite transparency on white; convert (PIL's "
         "plain .convert('RGB') on load); or convert-after-resize (resized in their own mode, then converted)"))
+    guidance: float = option(1.0, help=(
+        "the guidance value a guidance-distilled model (FLUX.1-dev) is given: 1 is its plain conditional "
+        "prediction, the flow target's own (the distilled model mimics uncond + g (cond - uncond)); its "
+        "pipeline samples with 3.5; models without a guidance input ignore it"))
     dtype: Literal["float32", "float16", "bfloat16"] = option(
         "float32", help="model dtype on CUDA (on the CPU the model runs in float32)")
     ties: Ties = option("strict", help=(
@@ -103,6 +108,10 @@ class Protocol:
                 raise ValueError(f"protocol field {name} must be an integer, got {value!r}")
         if self.samples < 1:
             raise ValueError(f"protocol field samples must be >= 1, got {self.samples}")
+        guidance = self.guidance
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+            raise ValueError(f"protocol field guidance must be a finite number, got {guidance!r}")
+        object.__setattr__(self, "guidance", float(guidance))  # recorded as a float whatever number was given
 
     def replace(self, **overrides: Any) -> Protocol:
         """This protocol with some fields changed; an unknown field name is an error."""

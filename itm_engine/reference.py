@@ -11,7 +11,7 @@
   image encoded once, each prompt's draws batched in one UNet call, the per-draw error reduced
   over C, H, W (`F.mse_loss` / `F.l1_loss` / `F.huber_loss`), the score minus its mean; the null
   prompt (T2I) scored the same way for every pair.
-- `pipeline_pair_scores`: for every model family (SD 1.x/2.x, SD3), a loop that follows the
+- `pipeline_pair_scores`: for every model family (SD 1.x/2.x, SDXL, SD3, PixArt, Flux), a loop that follows the
   model's own diffusers pipeline and training scheduler: its `encode_prompt`, `scale_noise` /
   `add_noise`, the denoiser called as the pipeline calls it; one call per pair and draw. It shares
   with the engine neither the family adapters (`models.families`) nor the forward process
@@ -33,10 +33,13 @@ seeding of per-query draws; never the fused ops (`kernels`).
 """
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 
 from itm_engine import protocols
 from itm_engine.cache import (
@@ -254,29 +257,95 @@ def pipeline_pair_scores(
     latent as its img2img `prepare_latents` makes it ((x - shift_factor) * scaling_factor), the
     training scheduler's own forward process (`scale_noise` for flow matching, `add_noise` for DDPM)
     and target (eps - z0 as diffusers' SD3 training script; eps; `get_velocity`), and one denoiser
-    call per draw in the pipeline's argument form; the error, latent, image preparation and draws
-    of `protocol` (default: the engine's). P * S denoiser calls of 1 item (I2T) or 2 (T2I)."""
+    call per draw in the pipeline's argument form (PixArt: its "learned sigma" split of the output
+    to the eps half; Flux: its packed latents, image and text ids, the protocol's guidance on a
+    guidance-distilled transformer, the output unpacked, and FLUX.1-dev's timesteps shifted by the
+    image's token count as `FluxPipeline.__call__` sets them); the error, latent, image preparation
+    and draws of `protocol` (default: the engine's). P * S denoiser calls of 1 item (I2T) or 2 (T2I)."""
     protocol = protocols.resolve(protocol)
     images, texts = _check(components, images, texts, mode)
     family = family_of(components)
     pipe, scheduler, denoiser = family.pipeline(components), components.scheduler, components.denoiser
     device, dtype = denoiser.device, denoiser.dtype
     draws = _Draws(components, images, texts, protocol, bank, mode)
+    if family.name == "flux" and scheduler.config.use_dynamic_shifting:
+        # FluxPipeline's timesteps for T steps: sigmas linspace(1, 1 / T, T) shifted by mu of the image's tokens
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-    def prompt(text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        _, h, w = components.latent_shape
+        T, config = scheduler.config.num_train_timesteps, scheduler.config
+        scheduler = copy.deepcopy(scheduler)
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / T, T), mu=calculate_shift(
+            (h // 2) * (w // 2), config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5), config.get("max_shift", 1.15)))
+
+    def prompt(text: str, null: bool = False) -> dict[str, torch.Tensor]:
+        """The pipeline's conditioning of `text`; with `null`, of its unconditional branch."""
+        if family.name == "flux":  # no unconditional branch of its own: the empty prompt's encoding
+            context, pooled, text_ids = pipe.encode_prompt(prompt=text, prompt_2=None, device=device,
+                                                           max_sequence_length=family.max_sequence_length)
+            return {"context": context.to(dtype), "pooled": pooled.to(dtype), "text_ids": text_ids}
         if family.name == "sd3":
             context, _, pooled, _ = pipe.encode_prompt(prompt=text, prompt_2=None, prompt_3=None, device=device,
                                                        do_classifier_free_guidance=False,
                                                        max_sequence_length=family.max_sequence_length)
-            return context.to(dtype), pooled.to(dtype)
+            return {"context": context.to(dtype), "pooled": pooled.to(dtype)}
+        if family.name == "sdxl":  # the unconditional branch: the pipeline's zeroed negative prompt
+            context, negative, pooled, negative_pooled = pipe.encode_prompt(
+                prompt=text, device=device, num_images_per_prompt=1, do_classifier_free_guidance=null)
+            context, pooled = (negative, negative_pooled) if null else (context, pooled)
+            return {"context": context.to(dtype), "text_embeds": pooled.to(dtype)}
+        if family.name in ("pixart", "pixart-alpha"):  # the unconditional branch: its negative prompt ""
+            context, mask, negative, negative_mask = pipe.encode_prompt(
+                text, do_classifier_free_guidance=null, negative_prompt="", device=device, clean_caption=False,
+                max_sequence_length=family.max_sequence_length)
+            context, mask = (negative, negative_mask) if null else (context, mask)
+            return {"context": context.to(dtype), "mask": mask}
         context, _ = pipe.encode_prompt(text, device, 1, False)
-        return context.to(dtype), None
+        return {"context": context.to(dtype)}
 
-    def predict(x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor:
+    def time_ids(image: ImageInput) -> torch.Tensor:
+        """SDXL's added time ids of an image as its training script records them: the original
+        (height, width), the top-left of the centre crop after Resize(R) ("crop"; else (0, 0)), (R, R)."""
+        rgb = load_rgb(image, transparency=protocol.transparency)
+        R = components.image_size
+        top_left = (0, 0)
+        if protocol.resize == "crop":
+            resized = TF.resize(rgb, R)
+            top_left = (max(0, int(round((resized.height - R) / 2.0))), max(0, int(round((resized.width - R) / 2.0))))
+        return pipe._get_add_time_ids((rgb.height, rgb.width), top_left, (R, R), dtype,
+                                      pipe.text_encoder_2.config.projection_dim).to(device)
+
+    def predict(x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        if family.name == "flux":
+            B, C, h, w = x_t.shape
+            scale = pipe.vae_scale_factor
+            guidance = None
+            if denoiser.config.guidance_embeds:
+                guidance = torch.full([1], protocol.guidance, device=device, dtype=torch.float32).expand(B)
+            timestep = t.expand(B).to(x_t.dtype)
+            packed = denoiser(hidden_states=pipe._pack_latents(x_t, B, C, h, w), timestep=timestep / 1000,
+                              guidance=guidance, pooled_projections=cond["pooled"],
+                              encoder_hidden_states=cond["context"], txt_ids=cond["text_ids"],
+                              img_ids=pipe._prepare_latent_image_ids(B, h // 2, w // 2, device, x_t.dtype)).sample
+            return pipe._unpack_latents(packed, h * scale, w * scale, scale)
         if family.name == "sd3":
-            return denoiser(hidden_states=x_t, timestep=t, encoder_hidden_states=context,
-                            pooled_projections=pooled).sample
-        return denoiser(x_t, t, encoder_hidden_states=context).sample
+            return denoiser(hidden_states=x_t, timestep=t, encoder_hidden_states=cond["context"],
+                            pooled_projections=cond["pooled"]).sample
+        if family.name == "sdxl":
+            added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
+            return denoiser(x_t, t, encoder_hidden_states=cond["context"], added_cond_kwargs=added).sample
+        if family.name in ("pixart", "pixart-alpha"):
+            # the micro-conditions of PixArt-Alpha's 1024 px pipeline, as it makes them for an R x R image
+            R, added = components.image_size, {"resolution": None, "aspect_ratio": None}
+            if denoiser.use_additional_conditions:
+                added = {"resolution": torch.tensor([R, R]).repeat(len(x_t), 1),
+                         "aspect_ratio": torch.tensor([float(R / R)]).repeat(len(x_t), 1)}
+                added = {name: value.to(dtype=dtype, device=device) for name, value in added.items()}
+            pred = denoiser(x_t, encoder_hidden_states=cond["context"], encoder_attention_mask=cond["mask"],
+                            timestep=t.expand(len(x_t)), added_cond_kwargs=added).sample
+            return pred.chunk(2, dim=1)[0] if denoiser.config.out_channels // 2 == denoiser.config.in_channels else pred
+        return denoiser(x_t, t, encoder_hidden_states=cond["context"]).sample
 
     def forward(z0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if components.prediction_type == "flow":
@@ -284,21 +353,22 @@ def pipeline_pair_scores(
         target = eps if components.prediction_type == "epsilon" else scheduler.get_velocity(z0, eps, t)
         return scheduler.add_noise(z0, eps, t), target
 
-    null = prompt("") if mode == "t2i" else None
+    null = prompt("", null=True) if mode == "t2i" else None
     scores = torch.empty(len(pairs))
     for p, (i, j) in enumerate(pairs):
         pixels, key = _pixels(components, images[i], protocol)
         posterior = encode_posterior(components, pixels)
-        context, pooled = prompt(texts[j])
+        image_cond = {"time_ids": time_ids(images[i])} if family.name == "sdxl" else {}
+        cond = {**prompt(texts[j]), **image_cond}
         pair_bank = draws.of(i, j)
         dists = torch.empty(len(pair_bank))
         for k in range(len(pair_bank)):
             z0 = _latents(components, posterior, key, protocol, range(k, k + 1)).to(device)
             t = pair_bank.timesteps[k : k + 1].to(device)
             x_t, target = forward(z0, pair_bank.noise[k : k + 1].to(device), t)
-            dist = _errors(predict(x_t.to(dtype), t, context, pooled), target, protocol.error)
+            dist = _errors(predict(x_t.to(dtype), t, cond), target, protocol.error)
             if null is not None:
-                dist = dist - _errors(predict(x_t.to(dtype), t, *null), target, protocol.error)
+                dist = dist - _errors(predict(x_t.to(dtype), t, {**null, **image_cond}), target, protocol.error)
             dists[k] = dist[0]
         scores[p] = -dists.mean()
     return scores

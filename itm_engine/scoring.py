@@ -29,6 +29,7 @@ from itm_engine.cache import (
 from itm_engine.engine import Executor, check_batch_size, plan_items
 from itm_engine.fastpath import Attention
 from itm_engine.models import SDComponents, load_components
+from itm_engine.models.families import family_of
 from itm_engine.noise import NoiseBank
 from itm_engine.pairs import Mode, PairScorer, as_candidates, check_candidates, check_mode, check_pairs
 from itm_engine.protocols import Protocol
@@ -268,6 +269,11 @@ class DiffusionITM(PairScorer):
         bank = banks[0] if len(banks) == 1 else NoiseBank(  # the fitted banks' timestep dtype kept
             torch.cat([b.timesteps for b in banks]), torch.cat([b.noise for b in banks]))
 
+        per_draw = proto.latent == "sample-per-draw"
+        image_conditioning = {  # e.g. SDXL's time_ids: rows aligned with the latents'
+            name: value.repeat_interleave(S, 0) if per_draw else value for name, value in
+            family_of(self.components).image_conditioning(
+                self.components, self.latent_cache.sizes(image_keys, proto), proto.resize).items()}
         latents = self.latent_cache.latents(image_keys, proto, draws=S, first_draw=first, stats=stats)
         conditioning, text_row = self.text_cache.get(list(texts) + [NULL_PROMPT] * with_null, stats)
 
@@ -279,10 +285,13 @@ class DiffusionITM(PairScorer):
             wanted = torch.cat([wanted, nulls])
         unique, inverse = wanted.unique(dim=0, return_inverse=True)
 
-        plan = plan_items(unique, S, per_draw_latents=proto.latent == "sample-per-draw")
-        errors = self.executor.run(latents, conditioning, bank, plan, stats, batch_size, error=proto.error)
+        plan = plan_items(unique, S, per_draw_latents=per_draw)
+        errors = self.executor.run(latents, conditioning, bank, plan, stats, batch_size, error=proto.error,
+                                   image_conditioning=image_conditioning,
+                                   protocol_inputs=family_of(self.components).protocol_inputs(proto))
         pair_err = errors.view(len(unique), S)[inverse].cpu()  # [P (+ nulls), S]
         diff = pair_err[: len(pairs)] - pair_err[len(pairs):][null_of] if with_null else pair_err
+        stats.settle()
         stats.seconds["total"] = time.perf_counter() - started
         self.last_stats = stats
         return -diff

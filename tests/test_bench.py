@@ -72,12 +72,38 @@ def test_bench_runs_an_sd3_model_against_its_pipeline_loop(tmp_path):
 
 def test_bench_on_meta_counts_flops_of_the_exact_architectures(tmp_path, capsys):
     """FLOPs per denoiser item of the exact architectures, counted without memory: SD 1.5 at 512 px
-    ~0.80 TFLOPs, SD3-medium at 1024 px ~8.9 TFLOPs (the figures FLOP counters give for them)."""
+    ~0.80 TFLOPs, SDXL at 1024 px ~6.8, SD3-medium at 1024 px ~8.9 (the figures FLOP counters give
+    for them)."""
     figures = {}
-    for model in ("sd15-arch", "sd3-medium-arch"):
+    for model in ("sd15-arch", "sdxl-arch", "sd3-medium-arch"):
         out = tmp_path / f"{model}.json"
         assert cli.main(["bench", "--model", model, "--device", "meta", "--json", str(out)]) == 0
         figures[model] = json.loads(out.read_text())["unet_gflops_per_item"]
     assert figures["sd15-arch"] == pytest.approx(803, rel=0.01)
+    assert figures["sdxl-arch"] == pytest.approx(6761, rel=0.01)
     assert figures["sd3-medium-arch"] == pytest.approx(8904, rel=0.01)
+    assert "GFLOPs per denoiser item" in capsys.readouterr().out
+
+
+def test_bench_on_meta_counts_flops_of_flux_dev(tmp_path, capsys):
+    """FLUX.1-dev at 1024 px: 4096 packed image tokens and 512 T5 tokens through 19 double and 38
+    single blocks of width 3072, ~74.4 TFLOPs per denoiser item (~59.5 in the weights: 2 x ~113M
+    weights a token per stream and block; ~14.9 in the attention over 4608 tokens)."""
+    out = tmp_path / "flux.json"
+    assert cli.main(["bench", "--model", "flux-dev-arch", "--device", "meta", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["family"] == "flux" and report["latent_shape"] == [16, 128, 128]
+    assert report["unet_gflops_per_item"] == pytest.approx(74385, rel=0.01)
+    assert "GFLOPs per denoiser item" in capsys.readouterr().out
+
+
+def test_bench_on_meta_counts_flops_of_pixart_sigma(tmp_path, capsys):
+    """PixArt-Sigma-XL-2 at 1024 px: 28 blocks of width 1152 over 4096 patch tokens and 300 T5
+    tokens, ~6.63 TFLOPs per denoiser item (~237 GFLOPs a block: 4 self-attention projections
+    43.5, attention 77.3, cross-attention 29, MLP 87)."""
+    out = tmp_path / "pixart.json"
+    assert cli.main(["bench", "--model", "pixart-sigma-arch", "--device", "meta", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["family"] == "pixart" and report["latent_shape"] == [4, 128, 128]
+    assert report["unet_gflops_per_item"] == pytest.approx(6634, rel=0.01)
     assert "GFLOPs per denoiser item" in capsys.readouterr().out

@@ -115,6 +115,22 @@ def test_existing_output_needs_resume_and_the_same_config(tmp_path, capsys):
     assert "changed: protocol.seed" in capsys.readouterr().err
 
 
+def test_a_run_recorded_before_a_protocol_field_existed_resumes_at_its_default(tmp_path, capsys):
+    """config.json of a run from before `protocol.guidance` existed: the run used what is now the
+    field's default, so a resume with the default goes on and one with another value is refused."""
+    root = datasets.write_winoground(tmp_path / "data")
+    out = tmp_path / "out"
+    assert run_eval("--task", "winoground", "--data-root", root, "--out", out, *FAST) == 0
+    config_file = out / "diffusion" / "config.json"
+    stored = json.loads(config_file.read_text())
+    del stored["protocol.guidance"]
+    config_file.write_text(json.dumps(stored))
+    assert run_eval("--task", "winoground", "--data-root", root, "--out", out, "--resume", *FAST) == 0
+    assert run_eval("--task", "winoground", "--data-root", root, "--out", out, "--resume", "--guidance", "3.5",
+                    *FAST) == 2
+    assert "changed: protocol.guidance" in capsys.readouterr().err
+
+
 def test_forced_mode_and_clip_side_by_side(tmp_path, capsys):
     root = datasets.write_winoground(tmp_path / "data")
     out = tmp_path / "out"

@@ -287,3 +287,26 @@ def test_a_full_disk_stops_training_with_a_message(tmp_path, capsys, monkeypatch
     assert cli.main(_train_args(data, out)) == 1
     err = capsys.readouterr().err
     assert f"no space left on device while writing to {out}" in err and "--resume" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-sd3"])
+def test_hardneg_lora_trains_on_sdxl_and_sd3_and_scores_from_its_folder(tmp_path, model):
+    """HardNeg LoRA on the new families: SDXL's UNet (cross-attention, per-image time_ids in the
+    loss) and SD3's MMDiT (its joint attention), saved in diffusers' format, loaded by the scorer."""
+    from itm_engine.scoring import DiffusionITM
+
+    data = write_pairs(tmp_path / "data")
+    trainer = Trainer(config(data, model=model, negatives="mixed", neg_prob=1.0, max_steps=3, lr=3e-3),
+                      tmp_path / "out")
+    adapted = [name for name, _ in trainer.components.denoiser.named_modules() if name.endswith(".lora_A")]
+    expected = ".attn2.to_q" if model == "tiny-sdxl" else ".attn.add_q_proj"
+    assert any(expected in name for name in adapted)
+    rows = trainer.train()
+    assert len(rows) == 3 and all(math.isfinite(row["loss"]) for row in rows)
+    lora = tmp_path / "out" / "lora"
+    images = [str(p) for p in sorted(data.parent.glob("img*.png"))[:2]]
+    base = DiffusionITM.from_pretrained(model, samples=2)(images, ["a cat", "a dog"])
+    tuned = DiffusionITM.from_pretrained(model, lora=str(lora), samples=2)(images, ["a cat", "a dog"])
+    zero = DiffusionITM.from_pretrained(model, lora=str(lora), lora_scale=0.0, samples=2)(images, ["a cat", "a dog"])
+    assert not torch.equal(base, tuned) and torch.allclose(base, zero, atol=1e-6)

@@ -179,6 +179,17 @@ def test_protocol_object_api():
     assert DiffusionITM.from_pretrained("tiny", dtype=torch.float64).components.dtype == torch.float64
 
 
+def test_guidance_field():
+    """FLUX.1-dev's guidance value: 1 (the plain conditional prediction) in every preset, any finite
+    number (kept as a float), overridable like every field; SD models ignore it."""
+    assert all(p.guidance == 1.0 for p in PRESETS.values())
+    assert protocols.resolve("engine", guidance=3).guidance == 3.0
+    assert isinstance(Protocol(guidance=3).guidance, float) and Protocol(guidance=3) == Protocol(guidance=3.0)
+    for bad in (True, "3.5", float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="guidance must be a finite number"):
+            Protocol(guidance=bad)
+
+
 def test_tie_policies():
     tied = torch.tensor([2.0, 2.0, 1.0])
     assert not is_correct(tied, 0, "strict") and is_correct(tied, 0, "argmax-first")

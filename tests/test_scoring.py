@@ -255,3 +255,36 @@ def test_score_pairs_checks_its_indices(scorers, images):
         scorer.score_pairs(images, TEXTS, [(0, 0), (1, 9)], samples=1)
     with pytest.raises(ValueError, match="pairs is empty"):
         scorer.score_pairs(images, TEXTS, [], samples=1)
+
+
+def test_stage_timers_on_cuda_record_events_and_settle_once(monkeypatch):
+    """On CUDA a stage timer records two events and never synchronises; `settle` waits once for the
+    last event and adds every recorded interval (a fake event class stands in for the device)."""
+    from itm_engine.stats import RunStats
+
+    waits = []
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            self.time = None
+
+        def record(self):
+            self.time = 0.0
+
+        def synchronize(self):
+            waits.append(self)
+
+        def elapsed_time(self, end):
+            return 250.0  # milliseconds
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: pytest.fail("a timer synchronised CUDA"))
+    stats = RunStats()
+    for _ in range(4):
+        with stats.timer("unet", torch.device("cuda")):
+            pass
+    assert stats.seconds == {} and len(waits) == 0
+    stats.settle()
+    assert stats.seconds == {"unet": pytest.approx(1.0)} and len(waits) == 1
+    stats.settle()  # nothing left to read
+    assert stats.seconds == {"unet": pytest.approx(1.0)} and len(waits) == 1

@@ -39,6 +39,7 @@ from itm_engine.models import SDComponents, load_components
 from itm_engine.models.families import Conditioning, family_of, select
 from itm_engine.noise import add_noise, denoising_target
 from itm_engine.options import option
+from itm_engine.protocols import Protocol
 
 
 def hardneg_loss(l_pos: torch.Tensor, l_neg: torch.Tensor, factor: float,
@@ -146,6 +147,7 @@ class Trainer:
         self.latents = LatentCache(self.components, batch_size=1)
         self.texts = TextCache(self.components, batch_size=1)
         self._latent_by_path: dict[str, torch.Tensor] = {}
+        self._image_conditioning_by_path: dict[str, dict[str, torch.Tensor]] = {}
         if len(self.pairs) < config.batch_size * self.accelerator.num_processes:
             raise ValueError(f"{config.data}: {len(self.pairs)} pairs, fewer than one global batch "
                              f"({config.batch_size} x {self.accelerator.num_processes} processes)")
@@ -211,10 +213,19 @@ class Trainer:
         content-keyed cache once, not at every step it appears in."""
         new = list(dict.fromkeys(p for p in images if p not in self._latent_by_path))
         if new:
-            latents, rows = self.latents.get(new)
-            self._latent_by_path.update(zip(new, latents[rows]))
+            protocol = Protocol()  # the latent cache's conventions: posterior mean, crop
+            keys, rows = self.latents.encode(new, protocol=protocol)
+            image_rows = family_of(self.components).image_conditioning(  # e.g. SDXL's time_ids
+                self.components, self.latents.sizes(keys, protocol), protocol.resize)
+            latents = self.latents.latents(keys, protocol)
+            for path, row in zip(new, rows.tolist()):
+                self._latent_by_path[path] = latents[row]
+                self._image_conditioning_by_path[path] = {name: value[row] for name, value in image_rows.items()}
         conditioning, text_rows = self.texts.get(captions)
         rows = {name: value.clone() for name, value in select(conditioning, text_rows).items()}
+        device = self.accelerator.device
+        rows.update({name: torch.stack([self._image_conditioning_by_path[p][name] for p in images]).to(device)
+                     for name in self._image_conditioning_by_path[images[0]]})
         return torch.stack([self._latent_by_path[p] for p in images]).clone(), rows
 
     def micro_step(self, micro: int) -> dict[str, float]:

@@ -66,8 +66,11 @@ class SDComponents:
 
     @property
     def process(self) -> ForwardProcess:
-        """The forward process the UNet was trained with (`noise.ForwardProcess`)."""
-        return ForwardProcess.from_scheduler(self.scheduler)
+        """The forward process the denoiser was trained with (`noise.ForwardProcess`); a scheduler
+        that shifts its timesteps by image size (Flux's) at the native latents' token count, one
+        token per 2x2 latent patch."""
+        _, h, w = self.latent_shape
+        return ForwardProcess.from_scheduler(self.scheduler, image_seq_len=(h // 2) * (w // 2))
 
     @property
     def scaling_factor(self) -> float:
@@ -88,14 +91,20 @@ class SDComponents:
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        """Shape of one latent ``[channels, height, width]`` at the denoiser's native resolution."""
-        size = self.denoiser.config.sample_size
+        """Shape of one latent ``[channels, height, width]`` at the denoiser's native resolution: the
+        denoiser config's ``sample_size``; for a denoiser without one (Flux's transformer, which
+        takes 2x2 latent patches packed into its channels) the VAE's latents of its native image
+        size (the VAE config's ``sample_size``)."""
+        size = getattr(self.denoiser.config, "sample_size", None)
+        if size is None:
+            size = self.vae.config.sample_size // self.vae_scale_factor
+            return (self.vae.config.latent_channels, size, size)
         return (latent_channels(self.denoiser), size, size)
 
     @property
     def image_size(self) -> int:
         """Native image side in pixels."""
-        return self.denoiser.config.sample_size * self.vae_scale_factor
+        return self.latent_shape[1] * self.vae_scale_factor
 
     @property
     def device(self) -> torch.device:

@@ -118,8 +118,9 @@ def folder_family(folder: Path) -> str:
     name = read_json(index_file, DAMAGED).get("_class_name", "")
     if name in PIPELINE_FAMILIES:
         return PIPELINE_FAMILIES[name]
-    if name.startswith("StableDiffusion") and "XL" not in name and "3" not in name:
-        return "sd"  # Img2Img, Inpaint, ... variants of the SD 1.x/2.x pipeline share its components
+    for prefix, family in (("StableDiffusionXL", "sdxl"), ("StableDiffusion3", "sd3"), ("StableDiffusion", "sd")):
+        if name.startswith(prefix):  # Img2Img, Inpaint, ... variants of a pipeline share its components
+            return family
     raise ValueError(f"{index_file}: pipeline {name!r} is not a supported model family; supported: "
                      f"{', '.join(sorted(PIPELINE_FAMILIES))}")
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
-from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers import UNet2DConditionModel
+from diffusers.loaders import SD3LoraLoaderMixin, StableDiffusionLoraLoaderMixin
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 from peft import LoraConfig
@@ -38,6 +39,18 @@ _TARGETS = {
     "cross": r".*\.attn2\.(to_q|to_k|to_v|to_out\.0)",
     "all": r".*\.attn[12]\.(to_q|to_k|to_v|to_out\.0)",
 }
+# MMDiT denoisers (SD3, Flux) attend to image and text tokens jointly in `attn` (the text stream's
+# projections add_*_proj / to_add_out): their "cross" attention is the joint one; "all" adds SD3.5's
+# second, image-only `attn2`. diffusers' SD3 and Flux LoRA trainers target these same layers.
+_JOINT = r"(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+_JOINT_TARGETS = {"cross": rf".*\.attn\.{_JOINT}", "all": rf".*\.attn2?\.{_JOINT}"}
+
+
+def _targets(denoiser: torch.nn.Module, attention: str) -> str:
+    """The target-module regex of `attention` for this denoiser: a UNet's or PixArt's separate
+    cross-attention (``attn2``), or an MMDiT's joint attention."""
+    joint = any(name.endswith(".attn.add_q_proj") for name, _ in denoiser.named_modules())
+    return (_JOINT_TARGETS if joint else _TARGETS)[attention]
 
 
 def add_lora(
@@ -62,7 +75,7 @@ def add_lora(
         raise ValueError(f"the UNet already has a LoRA adapter {ADAPTER!r}")
     config = LoraConfig(
         r=rank, lora_alpha=rank if alpha is None else alpha, lora_dropout=dropout,
-        target_modules=_TARGETS[attention], init_lora_weights="gaussian",
+        target_modules=_targets(unet, attention), init_lora_weights="gaussian",
     )
     unet.requires_grad_(False)
     unet.add_adapter(config, adapter_name=ADAPTER)
@@ -86,16 +99,19 @@ def save_lora(unet: torch.nn.Module, directory: str | os.PathLike) -> Path:
     if config is None:
         raise ValueError(f"the UNet has no LoRA adapter {ADAPTER!r} to save (see add_lora / load_lora)")
     directory = Path(directory)
-    StableDiffusionLoraLoaderMixin.save_lora_weights(
-        directory,
-        unet_lora_layers=get_peft_model_state_dict(unet, adapter_name=ADAPTER),
-        unet_lora_adapter_metadata=config.to_dict(),
-        weight_name=WEIGHTS_NAME,
-    )
+    layers = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
+    if isinstance(unet, UNet2DConditionModel):
+        StableDiffusionLoraLoaderMixin.save_lora_weights(
+            directory, unet_lora_layers=layers, unet_lora_adapter_metadata=config.to_dict(), weight_name=WEIGHTS_NAME)
+    else:  # a transformer denoiser: keys "transformer.<module>...", as diffusers' SD3 / Flux trainers write them
+        SD3LoraLoaderMixin.save_lora_weights(
+            directory, transformer_lora_layers=layers, transformer_lora_adapter_metadata=config.to_dict(),
+            weight_name=WEIGHTS_NAME)
     targets = config.target_modules
     summary = {
         "rank": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
-        "attention": next((name for name, regex in _TARGETS.items() if regex == targets), None),
+        "attention": next((name for table in (_TARGETS, _JOINT_TARGETS) for name, regex in table.items()
+                           if regex == targets), None),
         "target_modules": targets if isinstance(targets, str) else sorted(targets),
     }
     (directory / CONFIG_NAME).write_text(json.dumps(summary, indent=2) + "\n")
@@ -122,8 +138,9 @@ def read_lora(path: str | os.PathLike, unet: torch.nn.Module) -> tuple[dict[str,
     if file.suffix == ".safetensors":
         with safetensors.safe_open(file, framework="pt") as handle:
             config = json.loads((handle.metadata() or {}).get(LORA_ADAPTER_METADATA_KEY, "null"))
-        if config and any(k.startswith("unet.") for k in config):  # pipeline files; not unet.save_lora_adapter's
-            config = {k.removeprefix("unet."): v for k, v in config.items() if k.startswith("unet.")}
+        for prefix in ("unet.", "transformer."):  # pipeline files; not unet.save_lora_adapter's
+            if config and any(k.startswith(prefix) for k in config):
+                config = {k.removeprefix(prefix): v for k, v in config.items() if k.startswith(prefix)}
     if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
         raise ValueError(f"{file}: not a LoRA state dict (a mapping of names to tensors)")
     # diffusers' mapping: drop ".processor.", "to_q_lora.down" -> "to_q.lora_A", "to_out_lora" -> "to_out.0", ...
@@ -168,7 +185,7 @@ def _weights_file(path: Path) -> Path:
 
 
 def _peft_key(key: str) -> str:
-    return next(iter(convert_unet_state_dict_to_peft({key.removeprefix("unet."): None})))
+    return next(iter(convert_unet_state_dict_to_peft({key.removeprefix("unet.").removeprefix("transformer."): None})))
 
 
 def _check(state: dict[str, torch.Tensor], original: dict[str, str], unet: torch.nn.Module, file: Path) -> None:
