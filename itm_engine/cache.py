@@ -446,14 +446,19 @@ class TextCache:
 
     `get(texts)` returns `(conditioning {name: [V, ...]} of the V distinct texts, index LongTensor
     [n_texts])`. The empty string is a valid caption: the null prompt of T2I normalisation.
+    With `offload_encoders` the text encoders live on the CPU and visit the denoiser's device only
+    while a call's new captions are encoded (T5-XXL alone is 4.8B parameters).
     """
 
     def __init__(self, components: SDComponents, batch_size: int = 64,
-                 max_bytes: int | None = DEFAULT_CACHE_BYTES) -> None:
+                 max_bytes: int | None = DEFAULT_CACHE_BYTES, offload_encoders: bool = False) -> None:
         self.components = components
         self.batch_size = batch_size
         self._store = BoundedStore(max_bytes)
         self._names: tuple[str, ...] = ()  # the conditioning's tensor names, in encoding order
+        self.offload_encoders = offload_encoders
+        if offload_encoders:
+            self._move_encoders("cpu")
 
     def __len__(self) -> int:
         return len(self._store)
@@ -470,6 +475,23 @@ class TextCache:
         stats = stats if stats is not None else RunStats()
         missing = list(dict.fromkeys(t for t in texts if t not in self._store))
         warn_if_truncated(self.components, missing)
+        if missing and self.offload_encoders:  # on the accelerator only while this call's captions encode
+            self._move_encoders(self.components.device)
+        try:
+            self._encode(missing, stats)
+        finally:
+            if missing and self.offload_encoders:
+                self._move_encoders("cpu")
+        unique, index = _unique_index(list(texts))
+        rows = [self._store.get(text) for text in unique]
+        conditioning = {name: torch.stack([row[k] for row in rows]) for k, name in enumerate(self._names)}
+        stats.evicted += self._store.shrink()
+        stats.cache_bytes["text"] = self._store.bytes
+        return conditioning, index
+
+    def _encode(self, missing: Sequence[str], stats: RunStats) -> None:
+        """Encode the captions `missing` in chunks of `batch_size` into the store (on the denoiser's
+        device: the rows the executor reads)."""
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start : start + self.batch_size]
             with stats.timer("text_encoder", self.components.device):
@@ -478,12 +500,10 @@ class TextCache:
                 self._store.put(text, tuple(value[row].clone() for value in encoded.values()))
             stats.texts_encoded += len(chunk)
             self._names = tuple(encoded)
-        unique, index = _unique_index(list(texts))
-        rows = [self._store.get(text) for text in unique]
-        conditioning = {name: torch.stack([row[k] for row in rows]) for k, name in enumerate(self._names)}
-        stats.evicted += self._store.shrink()
-        stats.cache_bytes["text"] = self._store.bytes
-        return conditioning, index
+
+    def _move_encoders(self, device: torch.device | str) -> None:
+        for encoder in self.components.text_encoders:
+            encoder.to(device)
 
 
 def _unique_index(keys: list[str]) -> tuple[list[str], torch.Tensor]:

@@ -64,6 +64,7 @@ class DiffusionITM(PairScorer):
         compile: bool = False,
         cuda_graphs: bool = False,
         cache_bytes: int | None = DEFAULT_CACHE_BYTES,
+        offload_text_encoders: bool = False,
         **protocol_fields: Any,
     ) -> None:
         """
@@ -82,6 +83,9 @@ class DiffusionITM(PairScorer):
             cuda_graphs: replay the compiled UNet as CUDA graphs ("reduce-overhead"; implies compile).
             cache_bytes: the byte budget of each cache (latents, text embeddings): beyond it the
                 least recently used entries are evicted (`last_stats.evicted`); None: unbounded.
+            offload_text_encoders: keep the text encoders on the CPU and move them to the model's
+                device only while a call's new captions are encoded (frees T5-XXL's memory
+                between calls; captions already cached cost nothing).
 
         attention and channels_last change `components.denoiser` in place.
         """
@@ -91,7 +95,7 @@ class DiffusionITM(PairScorer):
             fastpath.use_channels_last(components.denoiser)
         self.components = components
         self.latent_cache = LatentCache(components, max_bytes=cache_bytes)
-        self.text_cache = TextCache(components, max_bytes=cache_bytes)
+        self.text_cache = TextCache(components, max_bytes=cache_bytes, offload_encoders=offload_text_encoders)
         self.executor = Executor(
             components, batch_size=batch_size, progress=progress, kernels=kernels, compile=compile,
             cuda_graphs=cuda_graphs,

@@ -288,3 +288,29 @@ def test_stage_timers_on_cuda_record_events_and_settle_once(monkeypatch):
     assert stats.seconds == {"unet": pytest.approx(1.0)} and len(waits) == 1
     stats.settle()  # nothing left to read
     assert stats.seconds == {"unet": pytest.approx(1.0)} and len(waits) == 1
+
+
+def test_offloaded_text_encoders_visit_the_device_only_while_new_captions_encode(images, monkeypatch):
+    """offload_text_encoders: every text encoder moves to the model's device before a call's new
+    captions are encoded and back to the CPU after; a call with cached captions moves nothing; the
+    scores are those of a scorer that never moves them."""
+    from itm_engine.models import build_random_components
+
+    components = build_random_components("tiny-sd3")
+    moves = []
+    for encoder in components.text_encoders:
+        def recorded(*args, _real=encoder.to, **kwargs):
+            moves.append(str(args[0] if args else kwargs))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(encoder, "to", recorded)
+    scorer = DiffusionITM(components, samples=2, offload_text_encoders=True)
+    assert moves == ["cpu"] * 3  # the three encoders, parked
+    moves.clear()
+    scores = scorer(images, ["a cat", "a dog"])
+    assert moves == [str(components.device)] * 3 + ["cpu"] * 3
+    moves.clear()
+    assert torch.equal(scorer(images, ["a dog"]), scores[:, 1:])
+    assert moves == []  # cached captions: the encoders stay where they are
+    plain = DiffusionITM(build_random_components("tiny-sd3"), samples=2)
+    assert torch.equal(plain(images, ["a cat", "a dog"]), scores)
