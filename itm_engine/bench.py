@@ -335,6 +335,25 @@ def batch_sweep(scorer: DiffusionITM, workload: Workload, sizes: list[int]) -> d
     return rates
 
 
+def bare_denoiser_rate(components: SDComponents, size: int, repeats: int = 3) -> float:
+    """Items/s of the denoiser alone (the family's call on random latents and conditioning, no
+    caches, no noising, no reduction) at batch `size`: the median of `repeats` timed calls after
+    one warm-up, synchronised on CUDA."""
+    family, device = family_of(components), components.device
+    x_t = torch.randn(size, *components.latent_shape, device=device, dtype=components.dtype)
+    timesteps = components.process.from_grid(torch.full((size,), 500)).to(device)
+    conditioning = family.example_conditioning(components, size)
+    seconds = []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            family.denoise(components, x_t, timesteps, conditioning)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds.append(time.perf_counter() - start)
+    return size / statistics.median(seconds[1:])
+
+
 def plot(path: str, summaries: list[dict], sweep: dict[int, float]) -> None:
     """Throughput per method per workload, and engine throughput against batch size."""
     matplotlib = extras.require("matplotlib", "itm-bench --plot")
@@ -492,15 +511,23 @@ def main(argv: list[str] | None = None) -> int:
 
     sizes = [int(b) for b in args.batch_sweep.split(",") if b]
     sweep = batch_sweep(scorer, workload, sizes) if sizes else {}
+    bare: dict[str, float] = {}
     if sweep:
         print("engine UNet items/s by batch size: " + ", ".join(f"{b}: {r:.1f}" for b, r in sweep.items()))
+        best = max(sweep, key=sweep.get)
+        rate = bare_denoiser_rate(components, best)
+        bare = {"batch_size": best, "engine_items_per_s": sweep[best], "bare_items_per_s": rate,
+                "engine_vs_bare": sweep[best] / rate}
+        print(f"at the best batch size {best}: engine {sweep[best]:.1f} items/s, the bare denoiser {rate:.1f}: "
+              f"engine / bare = {sweep[best] / rate:.2f}")
     report = {
         "command": "itm-bench " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "environment": environment(device), "model": components.source, "dtype": args.dtype,
         "options": options.identity(args), "protocol": scorer.protocol.as_dict(),
         "unet_gflops_per_item": flops / 1e9, "peak_tflops": peak, "tolerance": tolerance,
-        "workloads": summaries, "batch_sweep_items_per_s": sweep, "agree": not failed,
+        "workloads": summaries, "batch_sweep_items_per_s": sweep, "engine_vs_bare_denoiser": bare,
+        "agree": not failed,
         "total_s": time.perf_counter() - started,
     }
     for path in (args.json, args.plot):

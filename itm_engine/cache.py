@@ -31,10 +31,12 @@ import os
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, Callable, Iterable, Sequence, Union
 
 import numpy as np
 import PIL.Image
+import safetensors
+import safetensors.torch
 import torch
 import torchvision.transforms.functional as TF
 from diffusers.image_processor import VaeImageProcessor
@@ -297,14 +299,16 @@ def warn_if_truncated(components: SDComponents, texts: Sequence[str]) -> None:
 
 
 class BoundedStore:
-    """A dict of tensors (or tuples of tensors) with a byte budget: `shrink` evicts the least
+    """A dict of tensors (or tuples or dicts of tensors) with a byte budget: `shrink` evicts the least
     recently used entries (`get` and `put` count as use) until the store fits `max_bytes`, never
-    the keys of the call in progress (`keep`). `max_bytes` None: unbounded."""
+    the keys of the call in progress (`keep`), handing each to `on_evict` when given. `max_bytes`
+    None: unbounded."""
 
-    def __init__(self, max_bytes: int | None) -> None:
+    def __init__(self, max_bytes: int | None, on_evict: Callable[[Any, Any], None] | None = None) -> None:
         if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
             raise ValueError(f"a cache budget must be a number of bytes >= 0 or None, got {max_bytes!r}")
         self.max_bytes = max_bytes
+        self.on_evict = on_evict  # called with (key, value) of each evicted entry
         self.bytes = 0
         self._entries: OrderedDict[Any, Any] = OrderedDict()
 
@@ -334,7 +338,10 @@ class BoundedStore:
         for key in [k for k in self._entries if k not in keep]:
             if self.bytes <= self.max_bytes:
                 break
-            self.bytes -= _nbytes(self._entries.pop(key))
+            value = self._entries.pop(key)
+            self.bytes -= _nbytes(value)
+            if self.on_evict is not None:
+                self.on_evict(key, value)
             evicted += 1
         return evicted
 
@@ -343,8 +350,8 @@ class BoundedStore:
         self.bytes = 0
 
 
-def _nbytes(value: torch.Tensor | tuple[torch.Tensor, ...]) -> int:
-    tensors = value if isinstance(value, tuple) else (value,)
+def _nbytes(value: torch.Tensor | tuple[torch.Tensor, ...] | dict[str, torch.Tensor]) -> int:
+    tensors = tuple(value.values()) if isinstance(value, dict) else value if isinstance(value, tuple) else (value,)
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -447,15 +454,21 @@ class TextCache:
     `get(texts)` returns `(conditioning {name: [V, ...]} of the V distinct texts, index LongTensor
     [n_texts])`. The empty string is a valid caption: the null prompt of T2I normalisation.
     With `offload_encoders` the text encoders live on the CPU and visit the denoiser's device only
-    while a call's new captions are encoded (T5-XXL alone is 4.8B parameters).
+    while a call's new captions are encoded (T5-XXL alone is 4.8B parameters). With `spill_dir`
+    the captions evicted by the budget are written there (one safetensors file each, named by a
+    hash of the caption, recording the caption and the model's source) and read back instead of
+    re-encoded; a file of another caption or model is never used.
     """
 
     def __init__(self, components: SDComponents, batch_size: int = 64,
-                 max_bytes: int | None = DEFAULT_CACHE_BYTES, offload_encoders: bool = False) -> None:
+                 max_bytes: int | None = DEFAULT_CACHE_BYTES, offload_encoders: bool = False,
+                 spill_dir: str | os.PathLike | None = None) -> None:
         self.components = components
         self.batch_size = batch_size
-        self._store = BoundedStore(max_bytes)
-        self._names: tuple[str, ...] = ()  # the conditioning's tensor names, in encoding order
+        self.spill_dir = None if spill_dir is None else Path(spill_dir)
+        if self.spill_dir is not None:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+        self._store = BoundedStore(max_bytes, on_evict=self._spill if self.spill_dir is not None else None)
         self.offload_encoders = offload_encoders
         if offload_encoders:
             self._move_encoders("cpu")
@@ -473,7 +486,7 @@ class TextCache:
     def get(self, texts: Sequence[str], stats: RunStats | None = None) -> tuple[Conditioning, torch.Tensor]:
         texts = check_texts(texts)
         stats = stats if stats is not None else RunStats()
-        missing = list(dict.fromkeys(t for t in texts if t not in self._store))
+        missing = [t for t in dict.fromkeys(t for t in texts if t not in self._store) if not self._reload(t, stats)]
         warn_if_truncated(self.components, missing)
         if missing and self.offload_encoders:  # on the accelerator only while this call's captions encode
             self._move_encoders(self.components.device)
@@ -483,8 +496,8 @@ class TextCache:
             if missing and self.offload_encoders:
                 self._move_encoders("cpu")
         unique, index = _unique_index(list(texts))
-        rows = [self._store.get(text) for text in unique]
-        conditioning = {name: torch.stack([row[k] for row in rows]) for k, name in enumerate(self._names)}
+        rows = [self._store.get(text) for text in unique]  # {name: row} each
+        conditioning = {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
         stats.evicted += self._store.shrink()
         stats.cache_bytes["text"] = self._store.bytes
         return conditioning, index
@@ -497,9 +510,32 @@ class TextCache:
             with stats.timer("text_encoder", self.components.device):
                 encoded = encode_texts(self.components, chunk)
             for row, text in enumerate(chunk):  # own storage: evictable
-                self._store.put(text, tuple(value[row].clone() for value in encoded.values()))
+                self._store.put(text, {name: value[row].clone() for name, value in encoded.items()})
             stats.texts_encoded += len(chunk)
-            self._names = tuple(encoded)
+
+    def _spill_file(self, text: str) -> Path:
+        return self.spill_dir / f"{hashlib.sha256(text.encode('utf-8')).hexdigest()}.safetensors"
+
+    def _spill(self, text: str, rows: dict[str, torch.Tensor]) -> None:
+        """Write an evicted caption's rows to the spill folder (atomically: a temporary file, renamed)."""
+        file = self._spill_file(text)
+        temporary = file.with_suffix(".tmp")
+        safetensors.torch.save_file({name: row.contiguous().cpu() for name, row in rows.items()}, temporary,
+                                    metadata={"text": text, "model": self.components.source})
+        os.replace(temporary, file)
+
+    def _reload(self, text: str, stats: RunStats) -> bool:
+        """Put a spilled caption back in the store; False when it was never spilled (by this model)."""
+        if self.spill_dir is None or not self._spill_file(text).is_file():
+            return False
+        with safetensors.safe_open(self._spill_file(text), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("text") != text or metadata.get("model") != self.components.source:
+                return False
+            rows = {name: handle.get_tensor(name).to(self.components.device) for name in handle.keys()}
+        self._store.put(text, rows)
+        stats.texts_reloaded += 1
+        return True
 
     def _move_encoders(self, device: torch.device | str) -> None:
         for encoder in self.components.text_encoders:

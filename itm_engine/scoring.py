@@ -65,6 +65,7 @@ class DiffusionITM(PairScorer):
         cuda_graphs: bool = False,
         cache_bytes: int | None = DEFAULT_CACHE_BYTES,
         offload_text_encoders: bool = False,
+        text_spill_dir: str | os.PathLike | None = None,
         **protocol_fields: Any,
     ) -> None:
         """
@@ -86,6 +87,9 @@ class DiffusionITM(PairScorer):
             offload_text_encoders: keep the text encoders on the CPU and move them to the model's
                 device only while a call's new captions are encoded (frees T5-XXL's memory
                 between calls; captions already cached cost nothing).
+            text_spill_dir: a folder where the text cache writes the captions its budget evicts
+                and reads them back from, instead of encoding them again (an fp16 SD3 caption is
+                ~2.7 MB: large caption sets of the large families).
 
         attention and channels_last change `components.denoiser` in place.
         """
@@ -95,7 +99,8 @@ class DiffusionITM(PairScorer):
             fastpath.use_channels_last(components.denoiser)
         self.components = components
         self.latent_cache = LatentCache(components, max_bytes=cache_bytes)
-        self.text_cache = TextCache(components, max_bytes=cache_bytes, offload_encoders=offload_text_encoders)
+        self.text_cache = TextCache(components, max_bytes=cache_bytes, offload_encoders=offload_text_encoders,
+                                    spill_dir=text_spill_dir)
         self.executor = Executor(
             components, batch_size=batch_size, progress=progress, kernels=kernels, compile=compile,
             cuda_graphs=cuda_graphs,

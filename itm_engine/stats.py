@@ -22,6 +22,7 @@ class RunStats:
     unet_calls: int = 0
     images_encoded: int = 0
     texts_encoded: int = 0
+    texts_reloaded: int = 0  # captions read back from the text cache's spill folder instead of encoded
     batch_size: int = 0
     kernels: dict[str, str] = field(default_factory=dict)  # fused op -> backend that ran it
     seconds: dict[str, float] = field(default_factory=dict)
@@ -33,7 +34,8 @@ class RunStats:
     def add(self, other: "RunStats") -> None:
         """Accumulate another call's counters and seconds into this one (batch size: the largest)."""
         other.settle()
-        for name in ("unet_items", "padded_items", "unet_calls", "images_encoded", "texts_encoded", "evicted"):
+        for name in ("unet_items", "padded_items", "unet_calls", "images_encoded", "texts_encoded", "texts_reloaded",
+                     "evicted"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.batch_size = max(self.batch_size, other.batch_size)
         self.kernels.update(other.kernels)
@@ -86,6 +88,7 @@ class RunStats:
             "unet_calls": self.unet_calls,
             "images_encoded": self.images_encoded,
             "texts_encoded": self.texts_encoded,
+            "texts_reloaded": self.texts_reloaded,
             "batch_size": self.batch_size,
             "kernels": dict(self.kernels),
             "seconds": dict(self.seconds),

@@ -36,6 +36,9 @@ def test_bench_reports_every_method_and_agrees(tmp_path, capsys, workload):
     if workload == "pairs":
         assert (tmp_path / "bench.png").stat().st_size > 1000
         assert set(report["batch_sweep_items_per_s"]) == {"1", "4"}
+        bare = report["engine_vs_bare_denoiser"]  # the engine's rate against the bare UNet at the best size
+        assert str(bare["batch_size"]) in report["batch_sweep_items_per_s"] and bare["bare_items_per_s"] > 0
+        assert bare["engine_vs_bare"] == pytest.approx(bare["engine_items_per_s"] / bare["bare_items_per_s"])
     assert "projected Flickr30K" in capsys.readouterr().out
 
 

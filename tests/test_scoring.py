@@ -314,3 +314,26 @@ def test_offloaded_text_encoders_visit_the_device_only_while_new_captions_encode
     assert moves == []  # cached captions: the encoders stay where they are
     plain = DiffusionITM(build_random_components("tiny-sd3"), samples=2)
     assert torch.equal(plain(images, ["a cat", "a dog"]), scores)
+
+
+def test_text_cache_spills_evicted_captions_to_disk_and_reads_them_back(images, tmp_path):
+    """text_spill_dir: a caption the byte budget evicts is written to the folder and read back on
+    its next use instead of being encoded again, with equal scores; a file recording another model
+    or another caption is not used."""
+    from itm_engine.models import build_random_components
+
+    components = build_random_components("tiny-sd3")
+    one_caption = sum(v[0].numel() * v[0].element_size()
+                      for v in DiffusionITM(components).text_cache.get(["x"])[0].values())
+    scorer = DiffusionITM(components, samples=2, cache_bytes=one_caption, text_spill_dir=tmp_path / "spill")
+    first = scorer(images, ["a cat"])
+    scorer(images, ["a dog"])  # evicts "a cat" to disk
+    assert len(list((tmp_path / "spill").glob("*.safetensors"))) >= 1
+    again = scorer(images, ["a cat"])
+    assert scorer.last_stats.texts_encoded == 0 and scorer.last_stats.texts_reloaded == 1
+    assert torch.equal(again, first)
+    # another model's scorer on the same folder encodes its captions itself
+    other = DiffusionITM(build_random_components("tiny-sdxl"), samples=2, cache_bytes=one_caption,
+                         text_spill_dir=tmp_path / "spill")
+    other(images, ["a cat"])
+    assert other.last_stats.texts_encoded == 1 and other.last_stats.texts_reloaded == 0
