@@ -398,7 +398,9 @@ class BenchConfig:
     """Options of `itm-bench` (recorded in the JSON report)."""
 
     model: str = option("tiny", help="diffusers folder, cached hub id, named model or built-in architecture "
-                                     "(tiny, sd15-arch, sd21-arch)")
+                                     "(tiny, sd15-arch, tiny-sd3, sd3-medium-arch, ...: docs/models.md)")
+    image_size: int | None = option(None, help="a built-in architecture at this native image side in px "
+                                               "(default: its own, e.g. 1024 for sd3-medium-arch)")
     device: str = option("cpu", help="cpu, cuda, cuda:1, ...; meta: count FLOPs per denoiser item, time nothing")
     dtype: Literal["float32", "float16", "bfloat16"] = option("float32", help="model dtype")
     workload: Literal["pairs", "i2t-topk", "t2i-topk"] = option(
@@ -435,7 +437,7 @@ class BenchConfig:
 def count_flops(args: BenchConfig, dtype: torch.dtype) -> int:
     """`--device meta`: the model built without memory, its FLOPs per denoiser item printed (and
     written to --json); nothing is timed."""
-    components = load_components(args.model, device="meta", dtype=dtype)
+    components = load_model(args, "meta", dtype)
     flops = unet_flops_per_item(components)
     print(f"itm-bench: {components.source} ({components.family}), latents {components.latent_shape}: "
           f"{flops / 1e9:,.1f} GFLOPs per denoiser item; a Flickr30K I2T run ({PAPER_FLICKR_ITEMS:,} pair-draws) "
@@ -465,6 +467,16 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     return args
 
 
+def load_model(args: BenchConfig, device: torch.device | str, dtype: torch.dtype) -> SDComponents:
+    """The model of --model (at --image-size); a model that cannot be built as asked exits 2 with
+    the reason, as a bad option does."""
+    try:
+        return load_components(args.model, device=device, dtype=dtype, image_size=args.image_size)
+    except ValueError as err:
+        print(f"itm-bench: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
@@ -473,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         return count_flops(args, dtype)
     batch_size = args.batch_size
     scorer = DiffusionITM(
-        load_components(args.model, device=device, dtype=dtype), protocol=args.scoring_protocol(),
+        load_model(args, device, dtype), protocol=args.scoring_protocol(),
         batch_size=batch_size, kernels=args.kernels, attention=args.attention, channels_last=args.channels_last,
         compile=args.compile, cuda_graphs=args.cuda_graphs,
     )

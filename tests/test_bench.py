@@ -110,3 +110,17 @@ def test_bench_on_meta_counts_flops_of_pixart_sigma(tmp_path, capsys):
     assert report["family"] == "pixart" and report["latent_shape"] == [4, 128, 128]
     assert report["unet_gflops_per_item"] == pytest.approx(6634, rel=0.01)
     assert "GFLOPs per denoiser item" in capsys.readouterr().out
+
+
+def test_exact_architectures_at_another_image_size(tmp_path, capsys):
+    """--image-size builds a built-in at another native size: SD3-medium at 512 px has 16 x 64 x 64
+    latents and ~2.1 TFLOPs per item (the issue's counted figure); a size the VAE cannot take is
+    refused with the reason."""
+    out = tmp_path / "sd3-512.json"
+    assert cli.main(["bench", "--model", "sd3-medium-arch", "--device", "meta", "--image-size", "512",
+                     "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["latent_shape"] == [16, 64, 64] and report["unet_gflops_per_item"] == pytest.approx(2107, rel=0.01)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "--model", "sd15-arch", "--device", "meta", "--image-size", "500"])
+    assert exit_.value.code == 2 and "multiple of the VAE's downsampling 8" in capsys.readouterr().err

@@ -227,16 +227,19 @@ def ddpm_scheduler(prediction_type: str) -> diffusers.DDPMScheduler:
 
 
 def build_random_components(arch: str, seed: int = 0, prediction_type: str = "epsilon",
-                            device: str = "cpu") -> SDComponents:
+                            device: str = "cpu", image_size: int | None = None) -> SDComponents:
     """Randomly initialised components of a built-in architecture (one of ``ARCHITECTURES``).
 
     The weights depend only on ``seed``; the global torch RNG is left untouched. ``tiny`` takes
     32x32 images (4x16x16 latents) and runs fast on a CPU; ``sd15-arch``/``sd21-arch`` have the
     exact shapes of Stable Diffusion 1.5 / 2.1-base (512x512 images, 4x64x64 latents). The SD3 and Flux
     architectures ignore `prediction_type` (flow matching). On `device` "meta" no memory is
-    allocated (for counting FLOPs of the large architectures).
+    allocated (for counting FLOPs of the large architectures). `image_size` sets another native
+    image side in pixels (e.g. SD3-medium at 512 px: 16 x 64 x 64 latents; `at_image_size`).
     """
     configs = architecture_configs(arch)
+    if image_size is not None:
+        configs = at_image_size(configs, image_size)
     family, scheduler, make = _makers(arch, configs, prediction_type)
     with torch.device(device), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -302,6 +305,22 @@ def _clip(config: dict[str, Any], projection: bool = False) -> transformers.PreT
 
 def _t5(config: dict[str, Any]) -> transformers.T5EncoderModel:
     return transformers.T5EncoderModel(transformers.T5Config(**config))
+
+
+def at_image_size(configs: dict[str, dict[str, Any]], image_size: int) -> dict[str, dict[str, Any]]:
+    """`configs` with native images of `image_size` px: the VAE's sample size, and the denoiser's
+    latent sample size (image_size / the VAE's downsampling) where its config has one (Flux's
+    transformer has none: its resolution is the VAE's)."""
+    vae = configs["vae"]
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0 or image_size % factor:
+        raise ValueError(f"image_size must be a positive multiple of the VAE's downsampling {factor}, "
+                         f"got {image_size!r}")
+    out = {**configs, "vae": dict(vae, sample_size=image_size)}
+    for name in ("unet", "transformer"):
+        if name in configs and "sample_size" in configs[name]:
+            out[name] = dict(configs[name], sample_size=image_size // factor)
+    return out
 
 
 def _makers(arch: str, configs: dict[str, Any], prediction_type: str) -> tuple[str, Any, Callable[[], dict]]:

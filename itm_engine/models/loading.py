@@ -202,6 +202,7 @@ def load_components(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     cache_dir: str | os.PathLike | None = None,
+    image_size: int | None = None,
 ) -> SDComponents:
     """Load Stable Diffusion components from a built-in architecture, a folder or a cached hub id.
 
@@ -224,12 +225,14 @@ def load_components(
     not valid safetensors, not a readable checkpoint, or a pickle refused as unsafe (with how to
     convert it to safetensors), and ValueError for a prediction type other than
     ``"epsilon"``/``"v_prediction"``. The result is on ``device``/``dtype``, in eval mode,
-    with gradients off.
+    with gradients off. ``image_size`` builds a built-in architecture at another native size.
     """
     name = os.fspath(source)
     if name in ARCHITECTURES:  # on "meta" built there: no memory, for counting FLOPs
         built_on = "meta" if torch.device(device).type == "meta" else "cpu"
-        return frozen(build_random_components(name, device=built_on), device, dtype)
+        return frozen(build_random_components(name, device=built_on, image_size=image_size), device, dtype)
+    if image_size is not None:
+        raise ValueError(f"image_size applies to the built-in architectures {ARCHITECTURES}, not to {name!r}")
     named = registry.model_folder(name) if not _looks_like_path(name) and "/" not in name else None
     if named is not None:
         return frozen(_load_folder(named, f"builtin:{name}"), device, dtype)
