@@ -248,13 +248,10 @@ def timed_run(name: str, runner: Callable, workload: Workload, scorer: Diffusion
 def unet_flops_per_item(components: SDComponents) -> int:
     """FLOPs of one denoiser item (batch 1, the family's conditioning at the pipeline's length),
     counted by torch's FlopCounterMode; on the "meta" device without computing anything."""
-    denoiser, family = components.denoiser, family_of(components)
-    device, dtype = denoiser.device, denoiser.dtype
-    x_t = (torch.empty if device.type == "meta" else torch.randn)(1, *components.latent_shape, device=device,
-                                                                  dtype=dtype)
+    family = family_of(components)
+    inputs = family.example_inputs(components, 1)
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        family.denoise(components, x_t, components.process.from_grid(torch.tensor([500])).to(device),
-                       family.example_conditioning(components, 1))
+        family.denoise(components, *inputs)
     return counter.get_total_flops()
 
 
@@ -340,14 +337,12 @@ def bare_denoiser_rate(components: SDComponents, size: int, repeats: int = 3) ->
     caches, no noising, no reduction) at batch `size`: the median of `repeats` timed calls after
     one warm-up, synchronised on CUDA."""
     family, device = family_of(components), components.device
-    x_t = torch.randn(size, *components.latent_shape, device=device, dtype=components.dtype)
-    timesteps = components.process.from_grid(torch.full((size,), 500)).to(device)
-    conditioning = family.example_conditioning(components, size)
+    inputs = family.example_inputs(components, size)
     seconds = []
     with torch.inference_mode():
         for _ in range(repeats + 1):
             start = time.perf_counter()
-            family.denoise(components, x_t, timesteps, conditioning)
+            family.denoise(components, *inputs)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds.append(time.perf_counter() - start)

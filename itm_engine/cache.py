@@ -526,9 +526,10 @@ class TextCache:
 
     def _reload(self, text: str, stats: RunStats) -> bool:
         """Put a spilled caption back in the store; False when it was never spilled (by this model)."""
-        if self.spill_dir is None or not self._spill_file(text).is_file():
+        file = None if self.spill_dir is None else self._spill_file(text)
+        if file is None or not file.is_file():
             return False
-        with safetensors.safe_open(self._spill_file(text), framework="pt") as handle:
+        with safetensors.safe_open(file, framework="pt") as handle:
             metadata = handle.metadata() or {}
             if metadata.get("text") != text or metadata.get("model") != self.components.source:
                 return False

@@ -65,8 +65,7 @@ def auto_batch_size(components: SDComponents, cap: int = 512) -> int:
     size, rounded down to a multiple of 8 and capped at `cap`. The executor still halves the batch
     on out-of-memory, so an estimate that proves too large costs a retry, never a crash.
     """
-    denoiser, family = components.denoiser, family_of(components)
-    device, dtype = denoiser.device, denoiser.dtype
+    family, device = family_of(components), components.device
     if device.type != "cuda":
         return 64
     probe = 8
@@ -74,9 +73,7 @@ def auto_batch_size(components: SDComponents, cap: int = 512) -> int:
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     with torch.inference_mode():
-        family.denoise(components, torch.randn(probe, *components.latent_shape, device=device, dtype=dtype),
-                       components.process.from_grid(torch.full((probe,), 500)).to(device),
-                       family.example_conditioning(components, probe))
+        family.denoise(components, *family.example_inputs(components, probe))
     per_item = max(1, (torch.cuda.max_memory_allocated(device) - base) // probe)
     free, _ = torch.cuda.mem_get_info(device)
     return int(max(1, min(cap, (0.8 * free // per_item) // 8 * 8)))

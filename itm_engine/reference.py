@@ -108,14 +108,15 @@ class _Draws:
     def __init__(self, components: SDComponents, images, texts, protocol: Protocol, noise: NoiseBank | None,
                  mode: str) -> None:
         self.components, self.images, self.texts, self.protocol, self.mode = components, images, texts, protocol, mode
+        self.process = components.process  # every bank's grid, made once
         self.shared = noise if noise is not None or protocol.noise == "per-query" else self._bank(protocol.seed)
         self.per_query = noise is None and protocol.noise == "per-query"
         self.banks: dict[str, NoiseBank] = {}  # per query, drawn once
         if self.shared is not None:
-            self.shared = self.shared.check_fits(components.latent_shape, components.process)
+            self.shared = self.shared.check_fits(components.latent_shape, self.process)
 
     def _bank(self, seed: int) -> NoiseBank:
-        return NoiseBank.for_protocol(self.protocol, self.components.latent_shape, self.components.process, seed)
+        return NoiseBank.for_protocol(self.protocol, self.components.latent_shape, self.process, seed)
 
     def of(self, i: int, j: int) -> NoiseBank:
         if not self.per_query:

@@ -30,7 +30,7 @@ from itm_engine.engine import Executor, check_batch_size, plan_items
 from itm_engine.fastpath import Attention
 from itm_engine.models import SDComponents, load_components
 from itm_engine.models.families import family_of
-from itm_engine.noise import NoiseBank
+from itm_engine.noise import ForwardProcess, NoiseBank
 from itm_engine.pairs import Mode, PairScorer, as_candidates, check_candidates, check_mode, check_pairs
 from itm_engine.protocols import Protocol
 from itm_engine.stats import RunStats
@@ -153,10 +153,10 @@ class DiffusionITM(PairScorer):
         """The shared draws of the protocol (default the scorer's, with these fields overridden):
         `samples` draws of its `schedule`, reproducible from `seed`."""
         proto = self.call_protocol(protocol, samples=samples, seed=seed, schedule=schedule)
-        return self._bank(proto, proto.seed)
+        return self._bank(proto, proto.seed, self.components.process)
 
-    def _bank(self, protocol: Protocol, seed: int) -> NoiseBank:
-        return NoiseBank.for_protocol(protocol, self.components.latent_shape, self.components.process, seed)
+    def _bank(self, protocol: Protocol, seed: int, process: ForwardProcess) -> NoiseBank:
+        return NoiseBank.for_protocol(protocol, self.components.latent_shape, process, seed)
 
     def score_pairs(
         self,
@@ -213,7 +213,8 @@ class DiffusionITM(PairScorer):
         policy = parse_policy(policy, proto.samples) if isinstance(policy, str) else policy
         if not isinstance(policy, Confidence):
             check_rounds(policy, k)
-        bank = noise if noise is not None else self._bank(proto.replace(samples=budget(policy)), proto.seed).spread()
+        bank = noise if noise is not None else self._bank(proto.replace(samples=budget(policy)), proto.seed,
+                                                                   self.components.process).spread()
         result = score_adaptive(self, queries, candidates, mode, policy, bank, batch_size, proto)
         self.last_stats = result.stats
         return result
@@ -256,9 +257,10 @@ class DiffusionITM(PairScorer):
         stats = RunStats()
         started = time.perf_counter()
         image_keys, image_row = self.latent_cache.encode(images, stats, proto)
+        process = self.components.process  # once per call: every bank's grid
         # draws: one bank shared by every pair (block 0), or one bank (block) per query
         if noise is not None or proto.noise == "shared":
-            banks = [noise if noise is not None else self._bank(proto, proto.seed)]
+            banks = [noise if noise is not None else self._bank(proto, proto.seed, process)]
             block = torch.zeros(len(pairs), dtype=torch.long)
         else:
             if mode == "i2t":
@@ -267,12 +269,11 @@ class DiffusionITM(PairScorer):
                 keys = [query_key(texts[j], mode) for j in pairs[:, 1].tolist()]
             blocks: dict[str, int] = {}
             block = torch.tensor([blocks.setdefault(key, len(blocks)) for key in keys], dtype=torch.long)
-            banks = [self._bank(proto, proto.query_seed(key)) for key in blocks]
+            banks = [self._bank(proto, proto.query_seed(key), process) for key in blocks]
         first = 0
         if draws is not None:
             first = draws.start or 0
             banks = [NoiseBank.from_tensors(b.timesteps[draws], b.noise[draws]) for b in banks]
-        process = self.components.process
         banks = [bank.check_fits(self.components.latent_shape, process) for bank in banks]
         S = len(banks[0])
         bank = banks[0] if len(banks) == 1 else NoiseBank(  # the fitted banks' timestep dtype kept

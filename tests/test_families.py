@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from itm_engine.models import build_random_components, load_components, save_random_model
-from itm_engine.models.families import FAMILIES, concat, family_of, select
+from itm_engine.models.families import FAMILIES, family_of, select
 from itm_engine.noise import NoiseBank
 from itm_engine.protocols import PRESETS
 
@@ -70,10 +70,8 @@ def test_sd3_conditioning_is_the_pipelines_composition(tiny_sd3):
 
 
 def test_conditioning_rows():
-    a = {"context": torch.arange(6.0).view(3, 2), "pooled": torch.arange(3.0)}
-    b = {"context": torch.full((1, 2), 9.0), "pooled": torch.tensor([7.0])}
-    both = concat([a, b])
-    assert both["context"].shape == (4, 2) and both["pooled"].tolist() == [0.0, 1.0, 2.0, 7.0]
+    both = {"context": torch.tensor([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0], [9.0, 9.0]]),
+            "pooled": torch.tensor([0.0, 1.0, 2.0, 7.0])}
     picked = select(both, torch.tensor([3, 0]))
     assert picked["context"].tolist() == [[9.0, 9.0], [0.0, 1.0]] and picked["pooled"].tolist() == [7.0, 0.0]
 

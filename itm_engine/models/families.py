@@ -44,11 +44,6 @@ def select(conditioning: Conditioning, index: torch.Tensor) -> Conditioning:
     return {name: value[index] for name, value in conditioning.items()}
 
 
-def concat(parts: Sequence[Conditioning]) -> Conditioning:
-    """Row-wise concatenation of conditionings with the same names."""
-    return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
-
-
 def to_device(conditioning: Conditioning, device: torch.device | str, dtype: torch.dtype | None = None) -> Conditioning:
     """Every tensor on `device`, floating ones in `dtype` (when given)."""
     return {name: value.to(device=device, dtype=dtype if dtype is not None and value.is_floating_point() else None)
@@ -128,15 +123,25 @@ class Family:
         """The shape of one caption's row of each conditioning tensor (what `encode` gives)."""
         return {"context": (components.tokenizer.model_max_length, components.denoiser.config.cross_attention_dim)}
 
-    def example_conditioning(self, components: SDComponents, n: int, generator: torch.Generator | None = None
-                             ) -> Conditioning:
+    def example_inputs(self, components: SDComponents, n: int) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
+        """Arguments of `denoise` for `n` random items in the denoiser's device and dtype, for
+        probes that need only shapes (batch sizing, FLOP counts, bare timings; on the "meta"
+        device, no values): noisy latents [n, C, h, w], the model timesteps of the middle of the
+        training grid [n], and `example_conditioning`."""
+        device, dtype = components.denoiser.device, components.denoiser.dtype
+        make = torch.empty if device.type == "meta" else torch.randn
+        x_t = make(n, *components.latent_shape, device=device, dtype=dtype)
+        timesteps = components.process.from_grid(torch.full((n,), components.process.num_train_timesteps // 2))
+        return x_t, timesteps.to(device), self.example_conditioning(components, n)
+
+    def example_conditioning(self, components: SDComponents, n: int) -> Conditioning:
         """Random conditioning of `n` captions in the denoiser's device and dtype, for probes that
         need only shapes (batch sizing, FLOP counts; on the "meta" device, no values)."""
         device, dtype = components.denoiser.device, components.denoiser.dtype
         if device.type == "meta":
             return {name: torch.empty((n, *shape), device=device, dtype=dtype)
                     for name, shape in self.conditioning_shapes(components).items()}
-        return {name: torch.randn((n, *shape), generator=generator, dtype=torch.float32).to(device, dtype)
+        return {name: torch.randn((n, *shape), dtype=torch.float32).to(device, dtype)
                 for name, shape in self.conditioning_shapes(components).items()}
 
 
@@ -312,10 +317,9 @@ class PixArtFamily(Family):
         return {"context": (self.max_sequence_length, components.denoiser.config.caption_channels),
                 "mask": (self.max_sequence_length,)}
 
-    def example_conditioning(self, components: SDComponents, n: int, generator: torch.Generator | None = None
-                             ) -> Conditioning:
+    def example_conditioning(self, components: SDComponents, n: int) -> Conditioning:
         """Random states and an all-ones mask (Long: every token attended)."""
-        conditioning = super().example_conditioning(components, n, generator)
+        conditioning = super().example_conditioning(components, n)
         mask = conditioning["mask"]
         conditioning["mask"] = torch.ones(mask.shape, dtype=torch.long, device=mask.device)
         return conditioning
