@@ -28,10 +28,12 @@ from itm_engine.shapesworld import world
 POLICIES = ("2:3,10:1", "2:2,10:1", "1:4,4:2,10:1", "auto:z=3", "auto:z=2")
 
 
-def ten_candidates(split: str, n: int, seed: int, k: int = 10) -> dict[str, list[tuple]]:
-    """{subtask: [(image, [k captions, the true one first])]} from `split`."""
+def ten_candidates(split: str, n: int, seed: int, k: int = 10, style: str = "exact") -> dict[str, list[tuple]]:
+    """{subtask: [(image, [k captions, the true one first])]} from `split`, images drawn by the
+    renderer `style` (`world.Draw`)."""
     examples: dict[str, list[tuple]] = {}
-    for subtask, scene, negatives in world.draw_scenes(world.Draw(split, n, seed, subtasks=world.SUBTASKS)):
+    draw = world.Draw(split, n, seed, subtasks=world.SUBTASKS, style=style)
+    for subtask, scene, negatives in world.draw_scenes(draw):
         examples.setdefault(subtask, []).append((scene, negatives))
     rng = random.Random(seed)
     out = {}
@@ -42,7 +44,7 @@ def ten_candidates(split: str, n: int, seed: int, k: int = 10) -> dict[str, list
             captions = list(dict.fromkeys([world.caption(s, subtask) for s in (scene, *negatives)]))
             others = [c for c in dict.fromkeys(pool) if c not in captions]
             captions += rng.sample(others, k - len(captions))
-            out[subtask].append((world.render(scene), captions))
+            out[subtask].append((draw.render(scene, f"{subtask}_{len(out[subtask]):05d}"), captions))
     return out
 
 

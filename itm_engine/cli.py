@@ -46,6 +46,8 @@ def train_command(argv: list[str] | None = None) -> int:
         print(f"itm-train {argv[0]} is deprecated and will be removed in the next release: "
               f"use `itm-shapes {argv[0]}`", file=sys.stderr)
         return shapes_command([argv[0], *rest])
+    if argv and argv[0] == "timestep-weights":
+        return importlib.import_module("itm_engine.fit_timestep_weights").main(argv[1:])
     return importlib.import_module(COMMANDS["train"]).main(argv)
 
 

@@ -105,21 +105,48 @@ def recall_at_k(scores: torch.Tensor, positives: Sequence[Sequence[int]],
     return {f"R@{k}": float((r <= k).double().mean()) for k in ks}
 
 
-def winoground(i2t: torch.Tensor, t2i: torch.Tensor) -> dict[str, torch.Tensor]:
+def matched_pairs(scores: torch.Tensor, ties: str = "strict") -> torch.Tensor:
+    """Per 2 x 2 matrix s (rows the queries, columns their candidates): does each query pick its own
+    candidate, query 0 candidate 0 and query 1 candidate 1 (`is_correct` on each row under `ties`;
+    "strict": s[0,0] > s[0,1] and s[1,1] > s[1,0])? BoolTensor [N].
+
+    scores: [N, 2, 2].
+    """
+    if scores.dim() != 3 or scores.shape[1:] != (2, 2):
+        raise ValueError(f"scores must be [N, 2, 2], got {tuple(scores.shape)}")
+    return torch.tensor([is_correct(s[0], 0, ties) and is_correct(s[1], 1, ties) for s in scores], dtype=torch.bool)
+
+
+def winoground(i2t: torch.Tensor, t2i: torch.Tensor, ties: str = "strict") -> dict[str, torch.Tensor]:
     """Winoground's text, image and group scores per example, BoolTensors [N].
 
     With s[i, j] = score(image i, caption j) for each example's 2 x 2 matrix:
         text  = s[0,0] > s[0,1] and s[1,1] > s[1,0]   (on the I2T matrices: pick the caption)
         image = s[0,0] > s[1,0] and s[1,1] > s[0,1]   (on the T2I matrices: pick the image)
         group = text and image
+    (ties "strict"; under "argmax-first" a tie goes to the first candidate, `matched_pairs`).
     i2t, t2i: [N, 2, 2].
     """
     for name, s in (("i2t", i2t), ("t2i", t2i)):
         if s.dim() != 3 or s.shape[1:] != (2, 2):
             raise ValueError(f"{name} scores must be [N, 2, 2], got {tuple(s.shape)}")
-    text = (i2t[:, 0, 0] > i2t[:, 0, 1]) & (i2t[:, 1, 1] > i2t[:, 1, 0])
-    image = (t2i[:, 0, 0] > t2i[:, 1, 0]) & (t2i[:, 1, 1] > t2i[:, 0, 1])
+    text = matched_pairs(i2t, ties)
+    image = matched_pairs(t2i.transpose(1, 2), ties)
     return {"text": text, "image": image, "group": text & image}
+
+
+def winoground_by_group(i2t: torch.Tensor, t2i: torch.Tensor, groups: Sequence[str],
+                        ties: str = "strict") -> dict[str, float]:
+    """Winoground's scores as fractions: "text|image|group/overall" over all examples and
+    "text|image|group/<group>" over each group's (`winoground`, `grouped_accuracy`).
+
+    i2t, t2i: [N, 2, 2]; groups: N group names.
+    """
+    out: dict[str, float] = {}
+    for kind, correct in winoground(i2t, t2i, ties).items():
+        out[f"{kind}/overall"] = float(correct.double().mean())
+        out.update({f"{kind}/{g}": v for g, v in grouped_accuracy(correct.tolist(), groups).items()})
+    return out
 
 
 def bias_phi(scores: torch.Tensor, n_a: int) -> torch.Tensor:

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from itm_engine.options import option
+from itm_engine.timestep_weights import Knots, as_knots, parse_weights
 
 Error = Literal["mse", "l2", "l1", "huber"]
 Schedule = Literal["uniform", "stratified", "diffusion-itm", "jeong2025"]
@@ -87,6 +88,10 @@ class Protocol:
         "the guidance value a guidance-distilled model (FLUX.1-dev) is given: 1 is its plain conditional "
         "prediction, the flow target's own (the distilled model mimics uncond + g (cond - uncond)); its "
         "pipeline samples with 3.5; models without a guidance input ignore it"))
+    timestep_weights: Knots | None = option(None, parse=parse_weights, metavar="FILE|NAME", help=(
+        "a pair's score as the mean of its draws weighted by w(t / T) (itm_engine/timestep_weights.py): a weights "
+        "file of itm-train timestep-weights, a named curve (logit-normal), or the knots ((u, w), ...); none: the "
+        "plain mean; the protocol keeps the knots, so results record the weights themselves"))
     dtype: Literal["float32", "float16", "bfloat16"] = option(
         "float32", help="model dtype on CUDA (on the CPU the model runs in float32)")
     ties: Ties = option("strict", help=(
@@ -112,6 +117,7 @@ class Protocol:
         if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
             raise ValueError(f"protocol field guidance must be a finite number, got {guidance!r}")
         object.__setattr__(self, "guidance", float(guidance))  # recorded as a float whatever number was given
+        object.__setattr__(self, "timestep_weights", as_knots(self.timestep_weights))  # a name or file: its knots
 
     def replace(self, **overrides: Any) -> Protocol:
         """This protocol with some fields changed; an unknown field name is an error."""

@@ -102,6 +102,18 @@ def _noised(process: ForwardProcess, z0: torch.Tensor, eps: torch.Tensor,
     return add_noise(z0, eps, coefficients), denoising_target(z0, eps, coefficients)
 
 
+def _over_draws(errors: torch.Tensor, bank: NoiseBank, protocol: Protocol, process: ForwardProcess) -> torch.Tensor:
+    """A pair's error from its per-draw errors [S]: their mean, or under the protocol's
+    `timestep_weights` their mean weighted by the curve at t / T (numpy's linear interpolation of
+    the knots, constant beyond the ends)."""
+    if protocol.timestep_weights is None:
+        return errors.mean()
+    us, ws = zip(*protocol.timestep_weights)
+    weights = np.interp(bank.timesteps.double().cpu().numpy() / process.num_train_timesteps, us, ws)
+    weights = torch.from_numpy(weights).to(errors)
+    return (errors * weights).sum() / weights.sum()
+
+
 class _Draws:
     """The draws of each pair: one bank shared by all, or (protocol noise "per-query") one per query."""
 
@@ -180,7 +192,7 @@ def diffusion_itm_pair_scores(
             pred = unet(x_in, t.expand(len(cond)), encoder_hidden_states=cond).sample
             dist = _errors(pred, target.expand(len(cond), -1, -1, -1), protocol.error)
             dists[k] = dist[-1] - dist[0] if mode == "t2i" else dist[0]
-        scores[p] = -dists.mean()
+        scores[p] = -_over_draws(dists, pair_bank, protocol, process)
     return scores
 
 
@@ -220,7 +232,7 @@ def diffusion_classifier_pair_scores(
         err = errors(latent, embeddings[j], pair_bank)
         if null is not None:
             err = err - errors(latent, null, pair_bank)
-        scores[p] = -err.mean()
+        scores[p] = -_over_draws(err, pair_bank, protocol, process)
     return scores
 
 
@@ -371,5 +383,5 @@ def pipeline_pair_scores(
             if null is not None:
                 dist = dist - _errors(predict(x_t.to(dtype), t, {**null, **image_cond}), target, protocol.error)
             dists[k] = dist[0]
-        scores[p] = -dists.mean()
+        scores[p] = -_over_draws(dists, pair_bank, protocol, draws.process)
     return scores

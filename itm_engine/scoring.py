@@ -34,6 +34,7 @@ from itm_engine.noise import ForwardProcess, NoiseBank
 from itm_engine.pairs import Mode, PairScorer, as_candidates, check_candidates, check_mode, check_pairs
 from itm_engine.protocols import Protocol
 from itm_engine.stats import RunStats
+from itm_engine.timestep_weights import weights_at
 
 NULL_PROMPT = ""
 
@@ -233,7 +234,9 @@ class DiffusionITM(PairScorer):
         **overrides: Any,
     ) -> torch.Tensor:
         """Per-draw scores float32 [P, S] of each pair (images[i], texts[j]) of `pairs` ([P, 2]):
-        -err ("i2t") or -(err - the image's null-prompt err on the same draw) ("t2i").
+        -err ("i2t") or -(err - the image's null-prompt err on the same draw) ("t2i"), each times
+        its draw's timestep weight when the protocol has `timestep_weights` (normalised to mean 1
+        over the bank, so the mean over the bank's draws is the weighted mean).
 
         Args:
             mode: "i2t" (compare texts for an image) or "t2i" (compare images for a text).
@@ -270,10 +273,15 @@ class DiffusionITM(PairScorer):
             blocks: dict[str, int] = {}
             block = torch.tensor([blocks.setdefault(key, len(blocks)) for key in keys], dtype=torch.long)
             banks = [self._bank(proto, proto.query_seed(key), process) for key in blocks]
+        # per bank: each draw's weight, normalised over the whole bank (also when only `draws` are scored)
+        weights = None if proto.timestep_weights is None else torch.stack(
+            [weights_at(proto.timestep_weights, b.timesteps.double() / process.num_train_timesteps).float()
+             for b in banks])
         first = 0
         if draws is not None:
             first = draws.start or 0
             banks = [NoiseBank.from_tensors(b.timesteps[draws], b.noise[draws]) for b in banks]
+            weights = None if weights is None else weights[:, draws]
         banks = [bank.check_fits(self.components.latent_shape, process) for bank in banks]
         S = len(banks[0])
         bank = banks[0] if len(banks) == 1 else NoiseBank(  # the fitted banks' timestep dtype kept
@@ -301,6 +309,8 @@ class DiffusionITM(PairScorer):
                                    protocol_inputs=family_of(self.components).protocol_inputs(proto))
         pair_err = errors.view(len(unique), S)[inverse].cpu()  # [P (+ nulls), S]
         diff = pair_err[: len(pairs)] - pair_err[len(pairs):][null_of] if with_null else pair_err
+        if weights is not None:
+            diff = diff * weights[block]
         stats.settle()
         stats.seconds["total"] = time.perf_counter() - started
         self.last_stats = stats

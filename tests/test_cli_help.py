@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from itm_engine import bench, cli, evaluate
+from itm_engine import bench, cli, evaluate, fit_timestep_weights
 from itm_engine.hardneg import train
 from itm_engine.shapesworld import cli as shapes_cli
 
@@ -40,6 +40,7 @@ def option_help(text: str, flag: str) -> str:
 COMMANDS = {
     "itm-eval": (evaluate.main, [], (evaluate.EvalConfig, evaluate.EvalRun)),
     "itm-train": (train.main, [], (train.TrainConfig, train.TrainRun)),
+    "itm-train timestep-weights": (fit_timestep_weights.main, [], (fit_timestep_weights.FitConfig,)),
     "itm-bench": (bench.main, [], (bench.BenchConfig,)),
     **{f"itm-shapes {name}": (shapes_cli.main, [name], classes)
        for name, (_, classes, _) in shapes_cli.COMMANDS.items()},

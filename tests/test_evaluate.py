@@ -21,6 +21,8 @@ from itm_engine.tasks import get_task
 
 from fixtures import datasets
 from fixtures.models import NAME, write_clip_config
+from fixtures.selfbench_datasets import write_selfbench
+from fixtures.spatial_datasets import write_mmvp_vlm, write_spec, write_whatsup
 
 FAST = ["--samples", "2", "--no-progress", "--chunk-size", "4"]
 
@@ -41,6 +43,14 @@ TASKS = {
     "shapes": (partial(write_shapesworld, n=1, size=32), []),
     "shapes_t2i": (partial(write_shapesworld, n=1, size=32), []),
     "shapes_retrieval": (partial(write_shapesworld, n=1, size=32), []),
+    "sugarcrepe": (datasets.write_sugarcrepe, []),
+    "cola": (datasets.write_cola, []),
+    "eqben": (datasets.write_eqben, []),
+    "vismin": (datasets.write_vismin, []),
+    "whatsup": (write_whatsup, []),
+    "mmvp_vlm": (write_mmvp_vlm, []),
+    "spec": (write_spec, []),
+    "selfbench": (write_selfbench, ["--task-option", "tags=counting,position"]),
 }
 
 
@@ -82,7 +92,7 @@ def test_task_end_to_end(tmp_path, task):
     assert results["metrics"].keys() == expected.keys() and len(expected) > 0
     for name, value in expected.items():
         assert results["metrics"][name] == pytest.approx(value, nan_ok=True)
-    example = get_task(task, root).examples[0]
+    example = next(e for e in get_task(task, root).examples if e.id == rows[0]["id"])
     for matrix in rows[0]["scores"].values():
         assert len(matrix) == len(example.images) and len(matrix[0]) == len(example.texts)
 

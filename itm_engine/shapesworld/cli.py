@@ -6,6 +6,7 @@
     itm-shapes bundle --run DIR --clip DIR [--accuracy F]   install them as the bundled models
     itm-shapes report --out PATH [--n 100 --lora DIR]       accuracy per subtask, CLIP side by side
     itm-shapes demo                                         `make demo`
+    itm-shapes selfbench --out DIR [--n 50 --guidance 5]    Self-Bench: the model's own drawings, judged and scored
 
 `itm-shapes COMMAND --help` lists every option of a command with its default.
 """
@@ -18,7 +19,7 @@ from typing import Callable, Literal
 
 from itm_engine import options
 from itm_engine.options import option
-from itm_engine.shapesworld import bundle, demo, pretrain, pretrain_clip, report, world
+from itm_engine.shapesworld import bundle, demo, pretrain, pretrain_clip, report, selfbench, world
 
 
 @dataclass
@@ -70,6 +71,11 @@ def _demo(args: argparse.Namespace, argv: list[str]) -> int:
     return demo.run_demo(options.from_args(demo.DemoConfig, args))
 
 
+def _selfbench(args: argparse.Namespace, argv: list[str]) -> int:
+    selfbench.run_selfbench(options.from_args(selfbench.SelfBenchConfig, args), " ".join(["itm-shapes", *argv]))
+    return 0
+
+
 # name -> (description, option dataclasses, what runs the command from the parsed flags and argv)
 COMMANDS: dict[str, tuple[str, tuple[type, ...], Callable[[argparse.Namespace, list[str]], int]]] = {
     "write": ("write a ShapesWorld split as a data root for itm-eval --task shapes*", (WriteConfig,), _write),
@@ -83,6 +89,9 @@ COMMANDS: dict[str, tuple[str, tuple[type, ...], Callable[[argparse.Namespace, l
                (report.ReportConfig,), _report),
     "demo": ("the bundled models on held-out examples, the engine against the research loop (make demo)",
              (demo.DemoConfig,), _demo),
+    "selfbench": ("Self-Bench: the model draws the test captions, a judge marks the right drawings, the model "
+                  "scores them image->text against the rendered examples' hard negatives",
+                  (selfbench.SelfBenchConfig,), _selfbench),
 }
 
 

@@ -19,12 +19,12 @@ import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, Callable, Iterable, Sequence, Union
 
 import PIL.Image
 import torch
 
-from itm_engine.metrics import is_correct
+from itm_engine.metrics import is_correct, winoground_by_group
 from itm_engine.protocols import Protocol
 
 
@@ -174,7 +174,69 @@ class Task(abc.ABC):
         matrices = self.score_matrices(examples, scores, mode)
         return [is_correct(s.reshape(-1), ex.label, self.protocol.ties) for ex, s in zip(examples, matrices)]
 
+    def winoground_metrics(self, examples: Sequence[Example], scores: dict[str, Sequence[torch.Tensor]],
+                           group: str) -> dict[str, float]:
+        """Winoground's text, image and group scores overall and per `ex.meta[group]`
+        (`metrics.winoground_by_group`), from each example's [2, 2] I2T and T2I matrices, under the
+        protocol's ties."""
+        i2t, t2i = (torch.stack([s.reshape(2, 2) for s in self.score_matrices(examples, scores, mode)])
+                    for mode in ("i2t", "t2i"))
+        return winoground_by_group(i2t, t2i, [ex.meta[group] for ex in examples], self.protocol.ties)
+
     # -- helpers for loaders ----------------------------------------------------------------
+
+    def chosen_names(self, option: str, known: Sequence[str]) -> tuple[str, ...] | None:
+        """The names task option `option` picks among `known` (subsets, categories, directions): a
+        list, or a comma-separated string, matched without regard to case; in `known`'s order, or
+        None when the option is not given. ValueError for an empty choice or an unknown name."""
+        value = self.options.get(option)
+        if value is None:
+            return None
+        names = [s.strip() for s in value.split(",")] if isinstance(value, str) else value
+        if not isinstance(names, (list, tuple)) or not names or not all(isinstance(s, str) and s for s in names):
+            raise ValueError(f"{self.name}: option {option} must be a non-empty list of names, got {value!r}")
+        spelled = {k.lower(): k for k in known}
+        unknown = [s for s in names if s.lower() not in spelled]
+        if unknown:
+            raise ValueError(f"{self.name}: option {option}: unknown name(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(known)}")
+        wanted = {spelled[s.lower()] for s in names}
+        return tuple(k for k in known if k in wanted)
+
+    def part_files(self, parts: Sequence[str], explicit: bool,
+                   locations: Callable[[str], Sequence[str]]) -> dict[str, str]:
+        """{part: file relative to the root} for each of `parts` (subsets, categories) that has a
+        file: the first of `locations(part)` that exists. A part without one is left out, unless it
+        was asked for by name (`explicit`): then, or when no part has a file, FileNotFoundError."""
+        files = {p: next((f for f in locations(p) if (self.root / f).is_file()), None) for p in parts}
+        absent = [p for p, f in files.items() if f is None]
+        if (explicit and absent) or len(absent) == len(files):
+            expected = ", ".join(locations(p)[0] for p in absent)
+            raise FileNotFoundError(f"{self.name}: no file for {', '.join(absent)} in {self.root} (expected "
+                                    f"{expected}; layout: docs/evaluation.md)")
+        return {p: f for p, f in files.items() if f is not None}
+
+    def complete_parts(self, chosen: Sequence[str] | None, known: Sequence[str],
+                       files: Callable[[str], Sequence[str]]) -> list[str]:
+        """The parts to load when a part needs several files (`files(part)`, relative to the root, all
+        present): every one `chosen` (each must be complete), else every complete one of `known` (at
+        least one must be). FileNotFoundError naming the files otherwise."""
+        def complete(part: str) -> bool:
+            return all((self.root / f).is_file() for f in files(part))
+
+        if chosen is not None:
+            absent = [p for p in chosen if not complete(p)]
+            if absent:
+                expected = ", ".join(f for p in absent for f in files(p))
+                raise FileNotFoundError(f"{self.name}: {', '.join(absent)} asked for, but {self.root} lacks some of "
+                                        f"{expected} (layout: docs/evaluation.md)")
+            return list(chosen)
+        present = [p for p in known if complete(p)]
+        if not present:
+            expected = ", ".join(f for p in known for f in files(p))
+            raise FileNotFoundError(f"{self.name}: none of the files in {self.root}; expected some of {expected} "
+                                    "(layout: docs/evaluation.md)")
+        return present
 
     def image(self, value: Any, where: str) -> ImageRef:
         """An image a row names (its field "image"): an image made in memory as it is, else a file

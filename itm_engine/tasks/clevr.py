@@ -47,39 +47,14 @@ class CLEVR(Task):
 
     def __init__(self, root, skip_missing: bool = False, **options: Any) -> None:
         super().__init__(root, skip_missing, **options)
-        chosen = options.get("subtasks")
+        chosen = self.chosen_names("subtasks", SUBTASKS)
         self.explicit = chosen is not None
-        if chosen is None:
-            self.subtasks = SUBTASKS
-        else:
-            names = [s.strip() for s in chosen.split(",")] if isinstance(chosen, str) else chosen
-            if not isinstance(names, (list, tuple)) or not names or not all(isinstance(s, str) and s for s in names):
-                raise ValueError(f"{self.name}: option subtasks must be a non-empty list of subtask names, "
-                                 f"got {chosen!r}")
-            bad = [s for s in names if s not in SUBTASKS]
-            if bad:
-                raise ValueError(f"{self.name}: unknown subtask(s) {', '.join(bad)}; known: {', '.join(SUBTASKS)}")
-            self.subtasks = tuple(s for s in SUBTASKS if s in names)
-
-    def _file(self, subtask: str) -> str | None:
-        for relative in (f"{subtask}.json", f"captions/{subtask}.json"):
-            if (self.root / relative).is_file():
-                return relative
-        return None
+        self.subtasks = chosen or SUBTASKS
 
     def load_examples(self) -> Iterable[Example]:
-        files = {s: self._file(s) for s in self.subtasks}
-        absent = [s for s, f in files.items() if f is None]
-        if self.explicit and absent:
-            raise FileNotFoundError(f"{self.name}: no caption file for subtask(s) {', '.join(absent)} in {self.root} "
-                                    "(expected {subtask}.json or captions/{subtask}.json)")
-        if len(absent) == len(files):
-            raise FileNotFoundError(f"{self.name}: no caption file in {self.root}; expected some of "
-                                    f"{', '.join(s + '.json' for s in SUBTASKS)} (layout: docs/evaluation.md)")
+        files = self.part_files(self.subtasks, self.explicit, lambda s: (f"{s}.json", f"captions/{s}.json"))
         rows = []
         for subtask, file in files.items():
-            if file is None:
-                continue
             data = self.read_json(file)
             if not isinstance(data, dict):
                 raise DataError(f"{self.name}: {self.root / file}: expected a JSON object {{image: "

@@ -56,7 +56,7 @@ def test_clevr_bad_data_and_options(tmp_path):
     with pytest.raises(DataError, match="outside the data root"):
         get_task("clevr", root).examples
 
-    with pytest.raises(ValueError, match=r"unknown subtask\(s\) colour; known: pair_binding_size"):
+    with pytest.raises(ValueError, match=r"option subtasks: unknown name\(s\) colour; known: pair_binding_size"):
         get_task("clevr", root, subtasks="colour")
     with pytest.raises(FileNotFoundError, match="binding_color_shape"):
         get_task("clevr", root, subtasks="binding_color_shape").examples

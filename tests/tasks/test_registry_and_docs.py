@@ -11,6 +11,8 @@ import itm_engine.tasks
 from itm_engine.tasks import get_task
 
 from fixtures import datasets
+from fixtures.selfbench_datasets import write_selfbench
+from fixtures.spatial_datasets import write_mmvp_vlm, write_spec, write_whatsup
 
 WRITERS = {
     "flickr30k_i2t": datasets.write_flickr30k, "flickr30k_t2i": datasets.write_flickr30k,
@@ -18,6 +20,10 @@ WRITERS = {
     "vg_relation": datasets.write_vg_relation, "vg_attribution": datasets.write_vg_attribution,
     "coco_order": datasets.write_coco_order, "flickr30k_order": datasets.write_flickr30k_order,
     "clevr": datasets.write_clevr, "pets": datasets.write_pets, "bias": datasets.write_bias,
+    "sugarcrepe": datasets.write_sugarcrepe, "cola": datasets.write_cola, "eqben": datasets.write_eqben,
+    "vismin": datasets.write_vismin,
+    "selfbench": write_selfbench,
+    "whatsup": write_whatsup, "mmvp_vlm": write_mmvp_vlm, "spec": write_spec,
 }
 
 
