@@ -27,7 +27,7 @@ import platform
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -413,10 +413,8 @@ def _check_config(path: Path, config: EvalConfig, resume: bool) -> bool:
         raise FileExistsError(f"{path.parent} already holds a run; pass --resume to continue it or choose "
                               "another --out")
     stored = storage.read_json(path)
-    # a protocol field added since the run was recorded: the run used what is now its default
-    added = {f"protocol.{f.name}": f.default for f in fields(protocols.Protocol)
-             if f"protocol.{f.name}" not in stored}
-    options.check_same_config({**added, **stored}, config.identity(), path)
+    options.check_same_config(options.with_added_fields(stored, protocols.Protocol, "protocol."), config.identity(),
+                              path)
     return True
 
 

@@ -189,6 +189,15 @@ def identity(config: Any) -> dict:
             if f.metadata.get("identity", True)}
 
 
+def with_added_fields(stored: Mapping[str, Any], cls: type, prefix: str = "") -> dict:
+    """A recorded identity `stored` with each field of dataclass `cls` it lacks (named `prefix` +
+    the field's name) set to the field's default: a field added since the record was written, whose
+    default is what the recorded run did."""
+    added = {prefix + f.name: f.default for f in dataclasses.fields(cls)
+             if f.metadata.get("identity", True) and f.default is not _MISSING and prefix + f.name not in stored}
+    return {**_jsonable(added), **stored}
+
+
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value))
 

@@ -99,3 +99,14 @@ def test_batch_size_flag(text, value):
 def test_batch_size_flag_refuses(text):
     with pytest.raises(argparse.ArgumentTypeError, match="positive integer or 'auto'"):
         options.parse_batch_size(text)
+
+
+def test_fields_added_since_a_record_take_their_defaults():
+    @dataclass
+    class Recipe:
+        lr: float = option(0.1, help="x")
+        shift: float = option(1.0, help="x")
+        out: str = option("o", help="x", identity=False)
+
+    assert options.with_added_fields({"lr": 0.5}, Recipe) == {"lr": 0.5, "shift": 1.0}
+    assert options.with_added_fields({"p.lr": 0.5, "p.shift": 3.0}, Recipe, "p.") == {"p.lr": 0.5, "p.shift": 3.0}

@@ -55,8 +55,9 @@ class Family:
 
     Loading (`models.loading`) reads from a family: its pipeline class (model_index.json's
     `_class_name` decides the family), the denoiser's subfolder and class, the training
-    scheduler's class, the text encoders' classes by subfolder (`encoder_classes`), the tokenizer
-    subfolders, and which parts a folder must have (`required_parts`).
+    scheduler's class (`scheduler_class_for`), the text encoders' classes by subfolder
+    (`encoder_classes`), the tokenizer subfolders, and which parts a folder must have
+    (`required_parts`).
     """
 
     name = "sd"
@@ -72,6 +73,15 @@ class Family:
         from itm_engine.models import registry
 
         return registry.unet_class(config)
+
+    def scheduler_class_for(self, config: dict[str, Any]) -> type:
+        """The class the saved training scheduler whose config (scheduler_config.json) is `config`
+        loads as: `FlowMatchEulerDiscreteScheduler` when it names that class (a denoiser trained by
+        flow matching, such as `itm-shapes pretrain --prediction-type flow`'s UNet; scored with the
+        "flow" process), else the family's `scheduler_class`."""
+        if config.get("_class_name") == diffusers.FlowMatchEulerDiscreteScheduler.__name__:
+            return diffusers.FlowMatchEulerDiscreteScheduler
+        return self.scheduler_class
 
     def encoder_classes(self) -> dict[str, type]:
         """Text encoder subfolder -> its transformers class."""

@@ -150,9 +150,12 @@ def _load_folder(folder: Path, source: str) -> SDComponents:
                 read_weights(file)
             raise
 
-    denoiser_config_file = folder / family.denoiser_folder / "config.json"
-    denoiser_class = family.denoiser_class(
-        read_json(denoiser_config_file, DAMAGED) if denoiser_config_file.is_file() else {})
+    def config(name: str, file: str) -> dict[str, Any]:
+        path = folder / name / file
+        return read_json(path, DAMAGED) if path.is_file() else {}
+
+    denoiser_class = family.denoiser_class(config(family.denoiser_folder, "config.json"))
+    scheduler_class = family.scheduler_class_for(config("scheduler", "scheduler_config.json"))
     with quiet():
         loaded = {name: weights(cls, name) for name, cls in parts.items() if (folder / name).is_dir()}
         loaded.update({name: transformers.AutoTokenizer.from_pretrained(folder, subfolder=name)
@@ -162,7 +165,7 @@ def _load_folder(folder: Path, source: str) -> SDComponents:
             denoiser=weights(denoiser_class, family.denoiser_folder),
             text_encoder=loaded.pop("text_encoder"),
             tokenizer=loaded.pop("tokenizer"),
-            scheduler=family.scheduler_class.from_pretrained(folder, subfolder="scheduler"),
+            scheduler=scheduler_class.from_pretrained(folder, subfolder="scheduler"),
             source=source,
             family=family.name,
             extras=loaded,
@@ -216,7 +219,8 @@ def load_components(
        a subfolder has them, else from PyTorch ``.bin`` files, which diffusers 0.42 and
        transformers 5.x open with ``torch.load(weights_only=True)`` (no arbitrary code runs).
        The scheduler is read as a ``DDPMScheduler`` whatever class the folder names (only its
-       betas and prediction_type are used);
+       betas and prediction_type are used), except a ``FlowMatchEulerDiscreteScheduler``, read as
+       itself: the denoiser was trained by flow matching (`Family.scheduler_class_for`);
     3. a hub id such as ``"stabilityai/stable-diffusion-2-1-base"``, looked up only in the local
        Hugging Face cache (``cache_dir``, default ``HF_HUB_CACHE``/``HF_HOME``), then loaded as 2.
 

@@ -8,7 +8,8 @@ never shown), one seed, every setting in `PretrainConfig`:
    small KL term on the rendered training scenes; afterwards the latent scaling factor is set to
    1/std of the posterior means, as Stable Diffusion's 0.18215 was.
 2. **Text encoder + UNet, jointly** (`transformers.CLIPTextModel` over a word-level tokenizer, a
-   UNet with x/y coordinate channels (`coord_unet`), DDPM scaled-linear schedule): the denoising
+   UNet with x/y coordinate channels (`coord_unet`), the DDPM scaled-linear schedule, or flow
+   matching with `prediction_type="flow"`: `training_scheduler`, `training_timesteps`): the denoising
    loss of latents under one of their true captions (`world.training_captions`, the grammar form
    drawn with `form_weights`), the caption replaced by the empty prompt with probability
    `caption_dropout` so the unconditional prediction exists (T2I normalisation needs it), plus the
@@ -46,13 +47,13 @@ import torch
 import torch.nn.functional as F
 import transformers
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
+from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling
 from tqdm.auto import tqdm
 
 from itm_engine import options, storage
 from itm_engine.cache import encode_pixels, preprocess_images
 from itm_engine.models import SDComponents, ddpm_scheduler, save_components
-from itm_engine.noise import add_noise, denoising_target
+from itm_engine.noise import ForwardProcess, add_noise, denoising_target
 from itm_engine.options import option
 from itm_engine.shapesworld import grounding, report, world
 from itm_engine.shapesworld.coord_unet import COORDINATE_CHANNELS, CoordUNet2DConditionModel
@@ -81,8 +82,17 @@ class PretrainConfig:
                                                  "background (objects are small)")
     latent_channels: int = option(8, help="VAE latent channels")
     steps: int = option(4_500, help="steps of the first diffusion stage (later stages: --stages)")
-    prediction_type: Literal["epsilon", "v_prediction"] = option(
-        "epsilon", help="what the UNet learns to predict (and the scorer's error measures)")
+    prediction_type: Literal["epsilon", "v_prediction", "flow"] = option(
+        "epsilon", help=("what the UNet learns to predict (and the scorer's error measures): the noise or v under "
+                         "the DDPM schedule, or 'flow': the velocity eps - z0 of flow matching "
+                         "(FlowMatchEulerDiscreteScheduler, x_t = (1 - sigma) z0 + sigma eps, timestep 1000 sigma, "
+                         "sigmas drawn logit-normal as diffusers' SD3 training scripts draw them)"))
+    flow_shift: float = option(1.0, help=(
+        "with --prediction-type flow: the scheduler's shift S of the sigmas, sigma -> S sigma / (1 + (S - 1) sigma) "
+        "(S > 1: more noise). SD3 trains at 1024 px with 3.0: the more pixels, the more noise it takes to destroy "
+        "an image, so its paper shifts by sqrt(pixels / 256^2) from a 256 px base trained unshifted (4 at 1024 px; "
+        "3.0 was preferred). ShapesWorld's 32 px images lie below that base: 1.0 keeps the base's unshifted "
+        "sigmas rather than extrapolating the rule to 1/8, which would train mostly at low noise"))
     batch_size: int = option(64, help="scenes per step of the first diffusion stage (a later stage inherits "
                                       "it unless it sets its own)")
     lr: float = option(1e-3, help="peak learning rate of the first diffusion stage (AdamW, warm-up then cosine)")
@@ -209,8 +219,32 @@ def word_tokenizer(max_length: int = 16) -> transformers.PreTrainedTokenizerFast
         model_max_length=max_length)
 
 
+def training_scheduler(config: PretrainConfig) -> diffusers.SchedulerMixin:
+    """The training noise schedule of `config`: the SD 1.x/2.x DDPM one (`ddpm_scheduler`), or for
+    `prediction_type="flow"` diffusers' `FlowMatchEulerDiscreteScheduler` (1000 steps, shift
+    `flow_shift`), as SD3's."""
+    if config.prediction_type == "flow":
+        return diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=config.flow_shift)
+    return ddpm_scheduler(config.prediction_type)
+
+
+def training_timesteps(process: ForwardProcess, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """Model timesteps [batch] of one training batch: uniform DDPM steps (Long) for the
+    variance-preserving kinds; for flow matching, as diffusers' SD3 training scripts draw them:
+    u = sigmoid(N(0, 1)) (`compute_density_for_timestep_sampling("logit_normal")`), index
+    floor(u T) into the scheduler's descending (shifted) timesteps, i.e. grid position T - 1 - index
+    (float64 T sigma)."""
+    T = process.num_train_timesteps
+    if process.discrete:
+        return torch.randint(0, T, (batch,), generator=generator)
+    u = compute_density_for_timestep_sampling("logit_normal", batch, logit_mean=0.0, logit_std=1.0,
+                                              generator=generator)
+    return process.from_grid(T - 1 - (u * T).long())
+
+
 def build_components(config: PretrainConfig) -> SDComponents:
-    """Freshly initialised (seeded) VAE, text encoder, UNet, tokenizer and DDPM schedule."""
+    """Freshly initialised (seeded) VAE, text encoder, UNet, tokenizer and training schedule
+    (`training_scheduler`)."""
     tokenizer = word_tokenizer()
     latent = config.image_size // 4
     width = config.text_width
@@ -242,7 +276,7 @@ def build_components(config: PretrainConfig) -> SDComponents:
             layers_per_block=1, cross_attention_dim=width, norm_num_groups=16,
             attention_head_dim=tuple(w // 16 for w in widths))  # diffusers' name for the head count: 16-wide heads
     return SDComponents(vae=vae, denoiser=unet, text_encoder=text_encoder, tokenizer=tokenizer,
-                        scheduler=ddpm_scheduler(config.prediction_type), source="shapes-pretrain")
+                        scheduler=training_scheduler(config), source="shapes-pretrain")
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -429,7 +463,7 @@ class Pretrainer:
             texts = draw_captions(c, [data.captions[i] for i in idx.tolist()], rng, stage.form_weights)
             z0 = latents[idx]
             noise = torch.randn(z0.shape, generator=gen)
-            t = torch.randint(0, process.num_train_timesteps, (stage.batch_size,), generator=gen)
+            t = training_timesteps(process, stage.batch_size, gen)
             coefficients = process.coefficients(t)
             zt = add_noise(z0, noise, coefficients)
             # the ranking term's items, again under their hard negatives: one UNet call over both
@@ -602,7 +636,8 @@ class Pretrainer:
         if not path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {path}")
         state = torch.load(path, map_location="cpu", weights_only=True)
-        options.check_same_config(json.loads(state["config"]), options.identity(self.config), path)
+        stored = options.with_added_fields(json.loads(state["config"]), PretrainConfig)
+        options.check_same_config(stored, options.identity(self.config), path)
         comp = self.components
         comp.vae.load_state_dict(state["vae"])
         comp.vae.register_to_config(scaling_factor=state["scaling_factor"])
