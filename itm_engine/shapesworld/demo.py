@@ -5,7 +5,8 @@ bundled tiny CLIP ("shapes-clip"), both trained by this project (`itm_engine.sha
 per subtask: DiffusionITM image->text, text->image by raw error and null-normalised, CLIP both
 ways, and chance; then the compositional split (colour-shape combinations never seen in
 training); then the engine against the naive research loop on the same work (same noise: the
-scores must agree); and writes a figure of a few examples with their candidates' scores.
+scores must agree); and writes a figure of a few examples with their candidates' scores, and one
+of the model's own drawings of a caption per subtask with the Self-Bench judge's verdicts.
 """
 from __future__ import annotations
 
@@ -86,6 +87,48 @@ def write_figure(path: Path, scorer: DiffusionITM, draw: world.Draw) -> None:
     plt.close(fig)
 
 
+def write_drawings(path: Path, scorer: DiffusionITM, draw: world.Draw, per_caption: int = 4) -> int:
+    """The model's own drawings (Self-Bench, `selfbench.generate` with `itm-shapes selfbench`'s
+    guidance and steps) of the first caption of each subtask of `draw`, a row of `per_caption` per
+    caption, each titled with the judge's verdict (`selfbench.judge`); returns how many it judged
+    correct."""
+    from itm_engine.shapesworld import selfbench
+
+    matplotlib = extras.require("matplotlib", "the demo's figure", "shapes")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    firsts: dict[str, world.Scene] = {}
+    for subtask, scene, _ in world.draw_scenes(draw):
+        if subtask in world.SUBTASKS:
+            firsts.setdefault(subtask, scene)
+    defaults = selfbench.SelfBenchConfig(out="")
+    captions = [world.caption(scene, subtask) for subtask, scene in firsts.items() for _ in range(per_caption)]
+    seeds = [selfbench.image_seed(draw.seed, subtask, 0, k) for subtask in firsts for k in range(per_caption)]
+    images = selfbench.generate(scorer.components, captions, seeds, defaults.guidance, defaults.steps)
+    fig, axes = plt.subplots(len(firsts), per_caption, figsize=(1.6 * per_caption + 2.4, 1.9 * len(firsts)),
+                             squeeze=False)
+    correct = 0
+    for row, (subtask, scene) in enumerate(firsts.items()):
+        axes[row, 0].set_ylabel(world.caption(scene, subtask), fontsize=6, rotation=0, ha="right", va="center")
+        for k in range(per_caption):
+            image = images[row * per_caption + k]
+            ok = selfbench.judge(image, scene, subtask)[0]
+            correct += ok
+            ax = axes[row, k]
+            ax.imshow(image)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title("correct" if ok else "wrong", fontsize=7, color="green" if ok else "red")
+    fig.suptitle(f"the bundled model's own drawings (DDIM {defaults.steps} steps, guidance {defaults.guidance:g}) "
+                 "and the judge's verdicts", fontsize=8)
+    fig.subplots_adjust(left=0.3, right=0.98, top=0.93, bottom=0.02)  # the captions left of each row
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return correct
+
+
 @dataclass
 class DemoConfig:
     """Options of the demo (`make demo`, `itm-shapes demo`)."""
@@ -95,6 +138,7 @@ class DemoConfig:
     samples: int = option(10, help="stratified noise draws per pair")
     seed: int = option(0, help="seed of the examples and of the noise draws")
     figure: str = option("runs/demo/shapes-examples.png", help="where to write the PNG")
+    drawings: str = option("runs/demo/shapes-drawings.png", help="where to write the PNG of the model's own drawings")
 
 
 def run_demo(config: DemoConfig) -> int:
@@ -120,5 +164,8 @@ def run_demo(config: DemoConfig) -> int:
     ok = speed_check(diffusion, test)
     figure = Path(config.figure)
     write_figure(figure, diffusion, test)
-    print(f"\nfigure: {figure}   total {time.perf_counter() - start:.0f} s")
+    drawings = Path(config.drawings)
+    correct = write_drawings(drawings, diffusion, test)
+    print(f"\nfigure: {figure}   the model's own drawings: {drawings} ({correct} of {4 * len(world.SUBTASKS)} judged "
+          f"correct; itm-shapes selfbench)   total {time.perf_counter() - start:.0f} s")
     return 0 if ok else 1
