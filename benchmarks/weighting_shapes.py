@@ -33,11 +33,12 @@ from pathlib import Path
 import torch
 from adaptive_shapes import ten_candidates
 
+from itm_engine.evaluate import example_pairs
 from itm_engine.fit_timestep_weights import FitConfig, fit_weights, labelled_draws
 from itm_engine.protocols import Protocol
 from itm_engine.scoring import DiffusionITM
 from itm_engine.tasks.base import Example
-from itm_engine.timestep_weights import named_knots, weights_at
+from itm_engine.timestep_weights import UNIFORM, named_knots, weights_at
 
 DRAWS = (2, 5, 10, 30)
 POLICIES = ("2:3,30:1", "auto:z=2")
@@ -80,19 +81,17 @@ def main(argv: list[str] | None = None) -> int:
         train, val = sorted(order[: len(order) // 2]), sorted(order[len(order) // 2:])
         knots, fit_record = fit_weights(fit_draws, train, val, [], FitConfig(out="", train=len(train), val=len(val)),
                                         base.ties)
-        learnt = knots if knots is not None else ((0.0, 1.0), (1.0, 1.0))
+        learnt = knots or UNIFORM
         print(f"{style}: chose {fit_record['chosen']} (train {fit_record['sizes']['train']}, "
               f"val {fit_record['sizes']['val']})", flush=True)
 
         test = examples("test", args.n, args.seed, style)
-        images = [ex.images[0] for ex in test]
+        images, texts, pairs, _ = example_pairs(test)
         candidates = [list(ex.texts) for ex in test]
         rows: dict[str, dict[int, float]] = {}
         for S in DRAWS:
             for schedule in ("uniform", "stratified"):
                 proto = base.replace(samples=S, schedule=schedule)
-                texts = [c for cs in candidates for c in cs]
-                pairs = [(i, 10 * i + j) for i in range(len(test)) for j in range(10)]
                 draws = scorer.draw_scores(images, texts, pairs, "i2t", protocol=proto).view(len(test), 10, -1)
                 if schedule == "uniform":
                     rows.setdefault("uniform timesteps", {})[S] = accuracy_of(draws.mean(-1))

@@ -246,6 +246,20 @@ def data_fingerprint(config: EvalConfig, task: Task, examples: Sequence[Example]
     return record
 
 
+def example_pairs(examples: Sequence[Example]) -> tuple[list, list[str], list[tuple[int, int]], list[tuple[int, int]]]:
+    """The work of scoring every image against every text of each example in one call: (images
+    (read), texts, pairs (image index, text index), and per example (n_images, n_texts)); the pairs
+    of an example are consecutive, image-major, so its scores reshape to [n_images, n_texts]."""
+    images, texts, pairs, spans = [], [], [], []
+    for example in examples:
+        i0, t0 = len(images), len(texts)
+        images += [load_image_ref(ref) for ref in example.images]
+        texts += list(example.texts)
+        pairs += [(i0 + i, t0 + j) for i in range(len(example.images)) for j in range(len(example.texts))]
+        spans.append((len(example.images), len(example.texts)))
+    return images, texts, pairs, spans
+
+
 def score_examples(scorer, examples: Sequence[Example], modes: Sequence[str], *, adaptive: str | None = None,
                    **options: Any) -> tuple[list[dict], int, int]:
     """Score every image against every text of each example, all in one call per mode (`options`
@@ -254,13 +268,7 @@ def score_examples(scorer, examples: Sequence[Example], modes: Sequence[str], *,
     `adaptive`)."""
     if adaptive:
         return _score_adaptive(scorer, examples, modes, policy=adaptive, **options)
-    images, texts, pairs, spans = [], [], [], []
-    for example in examples:
-        i0, t0 = len(images), len(texts)
-        images += [load_image_ref(ref) for ref in example.images]
-        texts += list(example.texts)
-        pairs += [(i0 + i, t0 + j) for i in range(len(example.images)) for j in range(len(example.texts))]
-        spans.append((len(example.images), len(example.texts)))
+    images, texts, pairs, spans = example_pairs(examples)
     rows: list[dict] = [{"id": example.id, "scores": {}} for example in examples]
     items = 0
     for mode in modes:

@@ -33,10 +33,11 @@ from typing import Sequence
 import torch
 
 from itm_engine import options, protocols
+from itm_engine.evaluate import EvalConfig, build_scorer, example_pairs, load_task
 from itm_engine.options import option
 from itm_engine.protocols import Protocol
-from itm_engine.tasks.base import Example, load_image_ref
-from itm_engine.timestep_weights import NAMED, Knots, named_knots, normalised, save_weights, weights_at
+from itm_engine.tasks.base import Example
+from itm_engine.timestep_weights import NAMED, UNIFORM, Knots, named_knots, normalised, save_weights, weights_at
 
 CURVE_KNOTS = 101  # knots a smooth curve is written with: u = 0, 0.01, ..., 1
 
@@ -87,17 +88,12 @@ def labelled_draws(scorer, examples: Sequence[Example], mode: str, protocol: Pro
         raise ValueError("timestep weights are fitted on one shared bank of draws (protocol noise 'shared'): the "
                          "weight of each draw position must mean the same timestep for every query")
     protocol = protocol.replace(timestep_weights=None)
-    images, texts, pairs, sizes = [], [], [], []
-    for example in examples:
-        size = len(example.images) * len(example.texts)
+    sizes = [len(example.images) * len(example.texts) for example in examples]
+    for example, size in zip(examples, sizes):
         if isinstance(example.label, bool) or not isinstance(example.label, int) or not 0 <= example.label < size:
             raise ValueError(f"example {example.id!r} names no correct candidate (label {example.label!r}): timestep "
                              "weights are fitted on tasks whose examples have one")
-        i0, t0 = len(images), len(texts)
-        images += [load_image_ref(ref) for ref in example.images]
-        texts += list(example.texts)
-        pairs += [(i0 + i, t0 + j) for i in range(len(example.images)) for j in range(len(example.texts))]
-        sizes.append(size)
+    images, texts, pairs, _ = example_pairs(examples)
     flat = scorer.draw_scores(images, texts, pairs, mode, protocol=protocol).double()  # [P, S]
     bank = scorer.noise_bank(protocol=protocol)
     C = max(sizes)
@@ -222,8 +218,6 @@ def fit_weights(draws: LabelledDraws, train: Sequence[int], val: Sequence[int], 
 
 def main(argv: list[str] | None = None) -> int:
     """`itm-train timestep-weights [options]`."""
-    from itm_engine.evaluate import EvalConfig, build_scorer, load_task
-
     parser = options.parser("itm-train timestep-weights", __doc__.splitlines()[0])
     options.add_options(parser, FitConfig)
     options.add_options(parser, EvalConfig, exclude=("scorer", "adaptive", "candidates", "prefilter", "topk",
@@ -254,9 +248,7 @@ def main(argv: list[str] | None = None) -> int:
               "protocol": {k: v for k, v in protocol.as_dict().items() if k != "timestep_weights"},
               "split_seed": fit_config.split_seed, "command": " ".join(["itm-train timestep-weights", *sys.argv[2:]]),
               **record}
-    if knots is None:  # uniform chosen: the file still applies, as the plain mean
-        knots = ((0.0, 1.0), (1.0, 1.0))
-    save_weights(fit_config.out, knots, record)
+    save_weights(fit_config.out, knots or UNIFORM, record)  # uniform chosen: the file applies the plain mean
     _print_summary(record, fit_config.out)
     return 0
 

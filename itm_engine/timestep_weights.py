@@ -33,6 +33,7 @@ import torch
 Knots = tuple[tuple[float, float], ...]
 FORMAT = "itm-engine timestep weights"
 NAMED_KNOTS = 101  # knots of a named curve: u = 0, 0.01, ..., 1
+UNIFORM: Knots = ((0.0, 1.0), (1.0, 1.0))  # the plain mean, as knots
 
 
 def logit_normal(u: float, mean: float = 0.0, scale: float = 1.0) -> float:
