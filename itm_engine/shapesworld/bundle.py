@@ -95,6 +95,8 @@ def model_card(training: dict, clip_training: dict, unet_config: dict, counts: d
           + (f", {st.one_object_share:.0%} of each batch from one-object scenes" if st.one_object_share else "")
           + f", caption odds {st.form_weights}"
           + (f", ranking term on up to {st.hard_negatives} items per batch" if st.hard_negatives else "")
+          + (f" ({st.nearest_shape_share:.0%} of the shape-swapped negatives name the shape nearest the true one in "
+             "pixels, `world.NEAREST_SHAPE`)" if st.hard_negatives and st.nearest_shape_share else "")
           + (f", token grounding weight {st.grounding_weight}" if grounded else "") + "."
           for st in stages[1:]],
         f"   All diffusion stages: {diffusion['steps']:,} steps, {diffusion['seconds'] / 60:.1f} min.",

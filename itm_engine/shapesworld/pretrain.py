@@ -74,7 +74,7 @@ class PretrainConfig:
     varied_share: float = option(0.75, help=(
         "share of the training scenes drawn by the varied renderer (world.varied_style: background grey, colour "
         "shades, object sizes, anti-aliased edges; one style per scene), the rest exactly"))
-    vae_steps: int = option(1_000, help="VAE training steps")
+    vae_steps: int = option(2_000, help="VAE training steps")
     vae_batch: int = option(32, help="VAE batch size")
     vae_lr: float = option(2e-3, help="VAE learning rate (AdamW, cosine schedule)")
     kl_weight: float = option(1e-6, help="weight of the VAE's KL term")
@@ -120,10 +120,10 @@ class PretrainConfig:
     coordinates: bool = option(True, help="feed the UNet x/y coordinate channels (CoordUNet2DConditionModel)")
     stages: tuple = option(
         ({"name": "ranking", "steps": 1000, "lr": 5e-4, "warmup": 50, "hard_negatives": 32, "batch_size": 32,
-          "one_object_share": 0.3, "grounding_weight": 0.05,
+          "one_object_share": 0.3, "nearest_shape_share": 0.5, "grounding_weight": 0.05,
           "form_weights": {"recognition": 0.4, "binding": 0.25, "pair": 0.3, "spatial": 0.6, "position": 0.6}},
          {"name": "polish", "steps": 4500, "lr": 5e-4, "warmup": 50, "hard_negatives": 32, "batch_size": 32,
-          "one_object_share": 0.6, "grounding_weight": 0.0,
+          "one_object_share": 0.6, "nearest_shape_share": 0.5, "grounding_weight": 0.0,
           "form_weights": {"recognition": 0.8, "binding": 0.25, "pair": 0.3, "spatial": 0.6, "position": 0.6}}),
         help=("the later diffusion stages in order, a JSON list of objects with the fields of Stage (name and steps "
               "required; the others default to the first stage's); each starts from the previous stage's "
@@ -164,9 +164,9 @@ class PretrainConfig:
             out.append(replace(first, **{"objects": 0, **spec}))
         for stage in out:
             if (stage.steps < 1 or stage.batch_size < 1 or stage.objects not in (0, 1, 2)
-                    or not 0 <= stage.one_object_share <= 1):
+                    or not 0 <= stage.one_object_share <= 1 or not 0 <= stage.nearest_shape_share <= 1):
                 raise ValueError(f"stage {stage.name!r}: steps and batch_size must be >= 1, objects 0, 1 or 2 "
-                                 "and one_object_share in [0, 1]")
+                                 "and one_object_share and nearest_shape_share in [0, 1]")
         return out
 
     @property
@@ -182,7 +182,9 @@ class Stage:
     `hard_negatives` items per batch weighted `rank_weight`, captions drawn with `form_weights`,
     batches of `batch_size` scenes (a later stage: the first stage's unless set) from scenes with
     `objects` objects (0: all scenes), except a share `one_object_share` of each batch drawn from
-    the one-object scenes (0: none set apart), the text encoder's layout objective weighted
+    the one-object scenes (0: none set apart), a share `nearest_shape_share` of the shape-swapped
+    negatives naming the true shape's `world.NEAREST_SHAPE` (the rest any other shape), the text
+    encoder's layout objective weighted
     `layout_weight` and the token grounding term weighted `grounding_weight` (see `PretrainConfig`)."""
 
     name: str
@@ -195,6 +197,7 @@ class Stage:
     batch_size: int
     objects: int = 0
     one_object_share: float = 0.0
+    nearest_shape_share: float = 0.0
     layout_weight: float = 0.0
     grounding_weight: float = 0.0
 
@@ -521,7 +524,8 @@ class Pretrainer:
         caption has one, those with place words first, then in batch order; [] when the stage does not rank."""
         if not stage.hard_negatives:
             return []
-        negatives = [(i, world.hard_negative_caption(text, rng)) for i, text in enumerate(texts)]
+        negatives = [(i, world.hard_negative_caption(text, rng, stage.nearest_shape_share))
+                     for i, text in enumerate(texts)]
         pairs = [(i, negative) for i, negative in negatives if negative is not None]
         pairs.sort(key=lambda pair: not world.has_place_words(texts[pair[0]]))  # stable: batch order within
         return pairs[:stage.hard_negatives]

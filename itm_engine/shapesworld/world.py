@@ -61,6 +61,11 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 SIZES = {"small": 0.2, "large": 0.36}  # diameter as a fraction of the image side
+# each shape's nearest other shape in a small object's pixels as a 32 px model sees them (the varied
+# renderer's anti-aliased edges blur what tells them apart most); tests/shapesworld/test_world.py
+# measures it
+NEAREST_SHAPE = {"circle": "square", "square": "circle", "triangle": "diamond", "diamond": "cross",
+                 "cross": "diamond"}
 RELATIONS = ("left of", "right of", "above", "below")
 BACKGROUND = (128, 128, 128)
 SUBTASKS = ("recognition_color", "recognition_shape", "binding_color_shape", "binding_shape_color",
@@ -337,13 +342,14 @@ def has_place_words(caption: str) -> bool:
     return any(w in _OPPOSITE_PLACES for w in caption.split())
 
 
-def hard_negative_caption(caption: str, rng: random.Random) -> str | None:
+def hard_negative_caption(caption: str, rng: random.Random, nearest_share: float = 0.0) -> str | None:
     """A false caption that differs from the true training caption `caption` only in structure, for
     pretraining with hard negatives: when it says where things are, every position word flipped
     (left/right, above/below, top/bottom: "a red circle left of a blue square" -> "... right of
     ..."); otherwise, in a two-object caption, its two colours or its two sizes swapped (one of
-    those that apply, drawn with `rng`); in a one-object caption, its shape replaced by another
-    (drawn with `rng`). None when none applies (the null prompt).
+    those that apply, drawn with `rng`); in a one-object caption, its shape replaced by another:
+    with odds `nearest_share` by the shape's `NEAREST_SHAPE`, else by one drawn with `rng` from
+    all the others. None when none applies (the null prompt).
 
     Each is the caption of a different scene: the swapped-position, swapped-colour or
     swapped-size scene of the spatial and pair subtasks' negatives, or the other-shape scene of
@@ -355,6 +361,9 @@ def hard_negative_caption(caption: str, rng: random.Random) -> str | None:
     if len(named_shapes) == 1:
         at = named_shapes[0]
         edits = [words[:at] + [other] + words[at + 1:] for other in SHAPES if other != words[at]]
+        nearest = words[:at] + [NEAREST_SHAPE[words[at]]] + words[at + 1:]
+        if nearest_share and rng.random() < nearest_share and not _names_held_out_combo(nearest):
+            return " ".join(nearest)
     else:
         edits = []
         for vocabulary in (COLORS, SIZES):

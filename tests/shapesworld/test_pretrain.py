@@ -143,8 +143,10 @@ def test_a_stage_draws_its_batch_size_and_one_object_share_from_one_object_scene
     one_object = [["recognition" in forms for forms in batch] for batch in scenes]
     assert all(all(batch[:3]) for batch in one_object[4:])  # the mixed stage: 3 of 6 first
     assert not all(all(batch[3:]) for batch in one_object[4:]) and not all(all(batch[:3]) for batch in one_object[:4])
-    with pytest.raises(ValueError, match=r"one_object_share in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"one_object_share and nearest_shape_share in \[0, 1\]"):
         PretrainConfig(stages=({"name": "x", "steps": 3, "one_object_share": 1.5},)).stage_list()
+    with pytest.raises(ValueError, match=r"nearest_shape_share in \[0, 1\]"):
+        PretrainConfig(stages=({"name": "x", "steps": 3, "nearest_shape_share": -0.1},)).stage_list()
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         PretrainConfig(stages=({"name": "x", "steps": 3, "batch_size": 0},)).stage_list()
 
@@ -266,6 +268,9 @@ def test_ranking_term_takes_the_first_eligible_items_and_compares_their_errors_u
     assert negatives == [(1, "a red circle right of a blue square"), (3, "a small red circle on the right")]
     assert trainer._hard_negatives(stage, ["", ""], random.Random(0)) == []
     assert trainer._hard_negatives(replace(stage, hard_negatives=0), texts, random.Random(0)) == []
+    nearest = replace(stage, hard_negatives=8, nearest_shape_share=1.0)  # the stage's share reaches the draw
+    assert trainer._hard_negatives(nearest, ["a small red cross", "a large blue circle"], random.Random(0)) \
+        == [(0, "a small red diamond"), (1, "a large blue square")]
     gen = torch.Generator().manual_seed(0)
     zt, t = torch.randn(5, 8, 8, 8, generator=gen), torch.tensor([900, 500, 100, 700, 300])
     target = torch.randn(5, 8, 8, 8, generator=gen)

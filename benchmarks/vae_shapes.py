@@ -1,0 +1,135 @@
+"""How much of a small shape the ShapesWorld VAE keeps, under the exact and the varied renderer:
+VAE training settings compared without training a UNet on each.
+
+    python benchmarks/vae_shapes.py --out benchmarks/results/vae-shapes \
+        --variants '{"1,000 steps": {"vae_steps": 1000}, "2,000 steps": {"vae_steps": 2000}}'
+
+Each variant is a set of `PretrainConfig` fields over the recipe's defaults. Its VAE is trained by
+the VAE stage of `itm-shapes pretrain` alone (`Pretrainer.train_vae`) on the recipe's training
+scenes, rendered once for all variants (variants must not change the scenes). `--model DIR` adds
+the VAE of a trained model folder (e.g. the bundled one) as a row.
+
+Measured per shape pair (`PAIRS`: the two pairs of shapes nearest each other in a small object's
+pixels at 32 px), on `--pairs` small one-object scenes under each renderer (one colour, place and
+style per scene, drawn once as each shape of the pair), as the scorer sees them
+(`cache.preprocess_images`, `cache.encode_pixels`):
+
+- "latent distance": median L2 distance between the two shapes' latents, [C, h, w] scaled to unit
+  variance (the scale the UNet's denoising errors are measured in);
+- "kept": the share of reconstructions (decoded posterior means) nearer, in pixels, to their own
+  shape's image than to the other shape's, the first shape of the pair; 50% is a coin toss.
+
+Writes OUT.json (every figure, with command, date, machine and versions) and OUT.md (the table).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import random
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from itm_engine.cache import encode_pixels, preprocess_images
+from itm_engine.evaluate import versions
+from itm_engine.models.loading import SDComponents, load_components
+from itm_engine.shapesworld import world
+from itm_engine.shapesworld.pretrain import PretrainConfig, Pretrainer, training_scenes
+
+PAIRS = (("cross", "diamond"), ("square", "circle"))
+STYLES = ("exact", "varied")
+
+
+def shape_pairs(n: int, style: str, pair: tuple[str, str], seed: int = 0) -> dict[str, list]:
+    """`n` small one-object scenes drawn as each shape of `pair` by renderer `style`: {shape: [image]},
+    the k-th images of both shapes sharing colour, place and style."""
+    rng = random.Random(f"vae-shapes:{seed}:{style}:{pair}")
+    images: dict[str, list] = {shape: [] for shape in pair}
+    for k in range(n):
+        color, x, y = rng.choice(list(world.COLORS)), rng.randint(12, 52), rng.randint(12, 52)
+        drawn = world.style_for(style, f"vae-shapes:{seed}:{pair}:{k}")
+        for shape in pair:
+            images[shape].append(world.render((world.Obj(color, shape, "small", x, y),), 64, drawn))
+    return images
+
+
+@torch.inference_mode()
+def keeps_shapes(components: SDComponents, n: int) -> dict[str, dict[str, float]]:
+    """{"STYLE A/B": {"latent_distance", "kept"}} of `components`' VAE (see the module docstring)."""
+    out = {}
+    for style in STYLES:
+        for pair in PAIRS:
+            images = shape_pairs(n, style, pair)
+            pixels = {shape: preprocess_images(components, images[shape]) for shape in pair}
+            latents = {shape: encode_pixels(components, pixels[shape]) for shape in pair}
+            a, b = pair
+            recon = components.vae.decode(latents[a] / components.scaling_factor).sample
+            own = (recon - pixels[a]).flatten(1).norm(dim=1)
+            other = (recon - pixels[b]).flatten(1).norm(dim=1)
+            out[f"{style} {a}/{b}"] = {
+                "latent_distance": float((latents[a] - latents[b]).flatten(1).norm(dim=1).median()),
+                "kept": float((own < other).float().mean())}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", default="{}", help="JSON {name: {PretrainConfig field: value}}")
+    parser.add_argument("--model", action="append", default=[], help="a trained model folder to measure too")
+    parser.add_argument("--pairs", type=int, default=150, help="scenes per shape pair and renderer")
+    parser.add_argument("--out", required=True, help="output path without suffix (.json, .md)")
+    args = parser.parse_args(argv)
+    variants = json.loads(args.variants)
+
+    started = time.perf_counter()
+    report: dict = {"command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
+                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
+                    "versions": versions(), "pairs": args.pairs, "rows": {}}
+    for folder in args.model:
+        components = load_components(folder)
+        report["rows"][folder] = {"measures": keeps_shapes(components, args.pairs)}
+        print(folder, report["rows"][folder], flush=True)
+    data = None
+    for name, fields in variants.items():
+        config = dataclasses.replace(PretrainConfig(), **fields)
+        with tempfile.TemporaryDirectory() as scratch:
+            trainer = Pretrainer(config, scratch, progress=False)
+            if data is None:
+                data = training_scenes(config, trainer.components)
+            trainer.train_vae(data)
+        vae = trainer.report["vae"]
+        report["rows"][name] = {"fields": fields, "seconds": vae["seconds"], "final_mse": vae["final_mse"],
+                                "measures": keeps_shapes(trainer.components, args.pairs)}
+        print(name, report["rows"][name], flush=True)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    keys = [f"{style} {a}/{b}" for style in STYLES for a, b in PAIRS]
+    lines = ["# How much of a small shape the ShapesWorld VAE keeps\n",
+             f"`{report['command']}` on {report['date']}, {report['machine']['platform']}, "
+             f"{report['seconds']} s. {args.pairs} small one-object scenes per shape pair and renderer; "
+             "latent distance: median L2 between the two shapes' unit-variance latents; kept: share of "
+             "reconstructions nearer their own shape's image than the other's.\n",
+             "| VAE | time | final MSE | " + " | ".join(f"{k} distance / kept" for k in keys) + " |",
+             "|---" * (3 + len(keys)) + "|"]
+    for name, row in report["rows"].items():
+        cells = [f"{row['measures'][k]['latent_distance']:.2f} / {100 * row['measures'][k]['kept']:.0f}%"
+                 for k in keys]
+        seconds = f"{row['seconds']:.0f} s" if "seconds" in row else ""
+        mse = f"{row['final_mse']:.4f}" if "final_mse" in row else ""
+        lines.append(f"| {name} | {seconds} | {mse} | " + " | ".join(cells) + " |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
