@@ -184,8 +184,8 @@ class Stage:
     `objects` objects (0: all scenes), except a share `one_object_share` of each batch drawn from
     the one-object scenes (0: none set apart), a share `nearest_shape_share` of the shape-swapped
     negatives naming the true shape's `world.NEAREST_SHAPE` (the rest any other shape), the text
-    encoder's layout objective weighted
-    `layout_weight` and the token grounding term weighted `grounding_weight` (see `PretrainConfig`)."""
+    encoder's layout objective weighted `layout_weight` and the token grounding term weighted
+    `grounding_weight` (see `PretrainConfig`)."""
 
     name: str
     steps: int
