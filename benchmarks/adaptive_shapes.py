@@ -24,6 +24,7 @@ import torch
 
 from itm_engine.scoring import DiffusionITM
 from itm_engine.shapesworld import world
+from itm_engine.storage import output_file
 
 POLICIES = ("2:3,10:1", "2:2,10:1", "1:4,4:2,10:1", "auto:z=3", "auto:z=2")
 
@@ -95,18 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    output_file(out, ".json").write_text(json.dumps(report, indent=1) + "\n")
     subtasks = list(work)
     lines = ["| policy | mean accuracy | UNet items | fewer than full | " + " | ".join(subtasks) + " |",
              "|---" * (4 + len(subtasks)) + "|"]
     for policy, run in runs.items():
         lines.append(f"| `{policy}` | {100 * run['accuracy']:.1f}% | {run['unet_items']} | {run['savings']:.2f}x | "
                      + " | ".join(f"{100 * run['subtasks'][s]['accuracy']:.0f}%" for s in subtasks) + " |")
-    out.with_suffix(".md").write_text(
+    output_file(out, ".md").write_text(
         f"# Adaptive elimination on ShapesWorld (image->text, 10 candidates)\n\n`{report['command']}` on "
         f"{report['date']}, {report['machine']['platform']}. {args.n} held-out examples per subtask, full budget "
         f"{args.samples} stratified draws per candidate, seed {args.seed}.\n\n" + "\n".join(lines) + "\n")
-    _plot(out.with_suffix(".png"), runs)
+    _plot(output_file(out, ".png"), runs)
     return 0
 
 

@@ -41,6 +41,7 @@ from weighting_shapes import accuracy_of, examples
 from itm_engine.noise import NoiseBank
 from itm_engine.protocols import Protocol
 from itm_engine.scoring import DiffusionITM
+from itm_engine.storage import output_file
 from itm_engine.timestep_weights import weights_at
 
 ROWS = ("stratified", "uniform", "stratified + logit-normal", "jeong2025", "stratified, SD3's shift 3")
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    output_file(out, ".json").write_text(json.dumps(report, indent=1) + "\n")
     shift = report["scheduler"].get("shift")
     lines = ["# Timestep distributions for a flow-matching model on ShapesWorld (image->text, 10 candidates)\n",
              f"`{report['command']}` on {report['date']}, {report['machine']['platform']}, "
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = [report["accuracy"][str(S)][row] for S in draw_counts]
         lines.append(f"| {row} | " + " | ".join(f"{100 * c['mean']:.1f}% ± {100 * c['std']:.1f}" for c in cells)
                      + " |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    output_file(out, ".md").write_text("\n".join(lines) + "\n")
     return 0
 
 

@@ -25,6 +25,7 @@ import torch
 from itm_engine import protocols
 from itm_engine.scoring import DiffusionITM
 from itm_engine.shapesworld import report, world
+from itm_engine.storage import output_file
 
 # name -> (preset, field overrides)
 PROTOCOLS = {
@@ -80,13 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    output_file(out, ".json").write_text(json.dumps(record, indent=1) + "\n")
     lines = ["| protocol | I2T mean (7 subtasks) | I2T std over seeds | T2I norm mean (8 subtasks) "
              "| T2I std over seeds |", "|---|---|---|---|---|"]
     for name, r in results.items():
         lines.append(f"| {name} | {100 * r['i2t_mean']:.1f}% | {100 * r['i2t_std']:.2f} | {100 * r['t2i_mean']:.1f}% "
                      f"| {100 * r['t2i_std']:.2f} |")
-    out.with_suffix(".md").write_text(
+    output_file(out, ".md").write_text(
         f"# ShapesWorld accuracy per scoring protocol\n\n`{record['command']}` on {record['date']}, "
         f"{record['machine']['platform']}, {record['seconds']} s. Bundled model, test split, {args.n} examples per "
         f"subtask, {args.samples} draws per pair, protocol seeds {args.seeds}; std in points over the seeds.\n\n"

@@ -41,6 +41,7 @@ from itm_engine.evaluate import versions
 from itm_engine.models.loading import SDComponents, load_components
 from itm_engine.shapesworld import world
 from itm_engine.shapesworld.pretrain import PretrainConfig, Pretrainer, training_scenes
+from itm_engine.storage import output_file
 
 PAIRS = (("cross", "diamond"), ("square", "circle"))
 STYLES = ("exact", "varied")
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    output_file(out, ".json").write_text(json.dumps(report, indent=1) + "\n")
     keys = [f"{style} {a}/{b}" for style in STYLES for a, b in PAIRS]
     lines = ["# How much of a small shape the ShapesWorld VAE keeps\n",
              f"`{report['command']}` on {report['date']}, {report['machine']['platform']}, "
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds = f"{row['seconds']:.0f} s" if "seconds" in row else ""
         mse = f"{row['final_mse']:.4f}" if "final_mse" in row else ""
         lines.append(f"| {name} | {seconds} | {mse} | " + " | ".join(cells) + " |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    output_file(out, ".md").write_text("\n".join(lines) + "\n")
     return 0
 
 

@@ -37,6 +37,7 @@ from itm_engine.evaluate import example_pairs
 from itm_engine.fit_timestep_weights import FitConfig, fit_weights, labelled_draws
 from itm_engine.protocols import Protocol
 from itm_engine.scoring import DiffusionITM
+from itm_engine.storage import output_file
 from itm_engine.tasks.base import Example
 from itm_engine.timestep_weights import UNIFORM, named_knots, weights_at
 
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    output_file(out, ".json").write_text(json.dumps(report, indent=1) + "\n")
     lines = ["# Timestep weightings on ShapesWorld (image->text, 10 candidates)\n",
              f"`{report['command']}` on {report['date']}, {report['machine']['platform']}, {report['seconds']} s. "
              f"Test split, {args.n} examples per subtask (7 subtasks); weights learnt on the val split "
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         lines += [f"| `{policy}` | {100 * v['accuracy']:.1f}% | {v['draws_per_candidate']:.1f} |"
                   for policy, v in result["adaptive"].items()]
         lines.append("")
-    out.with_suffix(".md").write_text("\n".join(lines))
+    output_file(out, ".md").write_text("\n".join(lines))
     return 0
 
 

@@ -1,5 +1,7 @@
 """Crash-safe bookkeeping of output folders, shared by `itm-eval` and `itm-train`.
 
+- `output_file`: the files of an output given as a path without suffix (`--out runs/sb-7.5` ->
+  `runs/sb-7.5.json`, `.md`, ...).
 - `atomic_write_text`: a metadata file is replaced whole or not at all (a temporary file in the
   same folder, flushed and fsynced, then renamed over the target), so a crash or a full disk
   never leaves it empty or torn.
@@ -37,6 +39,20 @@ class CorruptFile(ValueError):
 
 class FolderLocked(RuntimeError):
     """Another process holds the output folder's lock; the message names the folder."""
+
+
+OUTPUT_SUFFIXES = (".json", ".md", ".png")
+
+
+def output_file(stem: str | os.PathLike, suffix: str) -> Path:
+    """The file of suffix `suffix` (".json") of an output given as a path without suffix: `suffix`
+    appended to the name, which may hold dots (`runs/sb-7.5` -> `runs/sb-7.5.json`, where
+    `Path.with_suffix` would cut the name at its last dot). A name already ending in one of
+    `OUTPUT_SUFFIXES` (`runs/report.json`) has that suffix replaced, so it names the same outputs."""
+    stem = Path(stem)
+    if stem.suffix in OUTPUT_SUFFIXES:
+        stem = stem.with_suffix("")
+    return stem.with_name(stem.name + suffix)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -8,10 +8,18 @@ import os
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 
 from itm_engine import storage
+
+
+@pytest.mark.parametrize("stem, expected", [
+    ("runs/sb-7.5", "runs/sb-7.5.json"), ("runs/report", "runs/report.json"), ("runs/v1.2.3", "runs/v1.2.3.json"),
+    ("runs/report.json", "runs/report.json"), ("runs/report.md", "runs/report.json")])
+def test_output_file_appends_the_suffix_to_a_name_with_dots(stem, expected):
+    assert storage.output_file(stem, ".json") == Path(expected)
 
 
 def test_atomic_write_replaces_the_whole_file_or_leaves_the_old_one(tmp_path, monkeypatch):

@@ -35,6 +35,7 @@ from itm_engine.pairs import PairScorer
 from itm_engine.protocols import Protocol
 from itm_engine.shapesworld.tasks import ShapesI2T, ShapesT2I
 from itm_engine.shapesworld.world import ALL_SUBTASKS, SUBTASKS, Draw, draw_scenes
+from itm_engine.storage import output_file
 
 Direction = Literal["i2t", "t2i", "t2i-raw"]
 # direction -> (the task, the score mode): raw T2I scores the T2I examples by their plain errors
@@ -157,13 +158,13 @@ def write_report(config: ReportConfig, command: str) -> dict:
     }
     out = Path(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    output_file(out, ".json").write_text(json.dumps(report, indent=1) + "\n")
     body = "\n\n".join(f"```\n{t}\n```" for t in text)
-    out.with_suffix(".md").write_text(
+    output_file(out, ".md").write_text(
         f"# ShapesWorld accuracy\n\n`{report['command']}` on {report['date']}, {report['machine']['platform']}, "
         f"{report['seconds']} s. {config.samples} stratified noise draws per pair, seed {config.seed}; the true "
         f"candidate must score strictly highest.\n\n{body}\n")
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}", file=sys.stderr)
+    print(f"wrote {output_file(out, '.json')} and {output_file(out, '.md')}", file=sys.stderr)
     return report
 
 

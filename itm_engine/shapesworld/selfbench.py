@@ -58,6 +58,7 @@ from itm_engine.models.families import family_of
 from itm_engine.options import option
 from itm_engine.scoring import NULL_PROMPT, DiffusionITM
 from itm_engine.shapesworld import MODEL, report, world
+from itm_engine.storage import output_file
 from itm_engine.tasks.selfbench import SelfBench
 
 GENERATED, RENDERED = "generated", "rendered"  # the generator folders of the data root
@@ -383,8 +384,8 @@ def write_table(result: dict, config: SelfBenchConfig) -> None:
                 f"test example's hard negatives.\n\n{table}\n")
     for path in [out / "selfbench", *([Path(config.table)] if config.table else [])]:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-        path.with_suffix(".md").write_text(markdown)
+        output_file(path, ".json").write_text(json.dumps(result, indent=1) + "\n")
+        output_file(path, ".md").write_text(markdown)
     drawings = sum(r["generated"] for r in result["subtasks"].values())
     print(f"wrote {out} ({drawings} drawings of {sum(r['prompts'] for r in result['subtasks'].values())} prompts); "
           f"table: {out / 'selfbench.md'}", file=sys.stderr)

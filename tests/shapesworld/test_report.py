@@ -74,9 +74,10 @@ def test_an_unknown_direction_is_refused():
 
 @pytest.mark.slow
 def test_itm_shapes_report_writes_every_column_of_both_splits(tmp_path, capsys):
-    out = tmp_path / "deep" / "accuracy"
+    out = tmp_path / "deep" / "accuracy-n2.5"  # a dot in the name is kept, not taken for a suffix
     assert shapes_cli.main(["report", "--n", "2", "--samples", "2", "--out", str(out)]) == 0
-    saved = json.loads(out.with_suffix(".json").read_text())
+    assert sorted(p.name for p in out.parent.iterdir()) == ["accuracy-n2.5.json", "accuracy-n2.5.md"]
+    saved = json.loads((out.parent / "accuracy-n2.5.json").read_text())
     assert saved["command"] == f"itm-shapes report --n 2 --samples 2 --out {out}"
     assert (saved["n"], saved["samples"], saved["seed"], saved["model"], saved["lora"]) == (2, 2, 0, "shapes", None)
     for split, subtasks in (("test", ALL_SUBTASKS), ("compositional", SUBTASKS)):
@@ -84,7 +85,7 @@ def test_itm_shapes_report_writes_every_column_of_both_splits(tmp_path, capsys):
         assert list(table) == ["I2T", "T2I raw", "T2I norm", "CLIP I2T", "CLIP T2I", "chance"]
         for column in table.values():
             assert list(column) == list(subtasks) and all(v in (0.0, 0.5, 1.0) or v < 0.5 for v in column.values())
-    markdown = out.with_suffix(".md").read_text()
+    markdown = (out.parent / "accuracy-n2.5.md").read_text()
     assert "test split, 2 examples per subtask" in markdown and "compositional split" in markdown
     assert "test split, 2 examples per subtask" in capsys.readouterr().out
 

@@ -88,9 +88,10 @@ def test_written_prompts_are_what_the_selfbench_task_reads(tmp_path):
 def test_selfbench_command_end_to_end_is_what_itm_eval_scores(tmp_path, capsys):
     out = tmp_path / "run"
     assert shapes_cli.main(["selfbench", "--out", str(out), "--n", "1", "--images", "2", "--steps", "3",
-                            "--samples", "2", "--table", str(tmp_path / "table")]) == 0
+                            "--samples", "2", "--table", str(tmp_path / "table-7.5")]) == 0
     result = json.loads((out / "selfbench.json").read_text())
-    assert result == json.loads((tmp_path / "table.json").read_text())
+    assert result == json.loads((tmp_path / "table-7.5.json").read_text())  # the name's dot is kept
+    assert (tmp_path / "table-7.5.md").read_text() == (out / "selfbench.md").read_text()
     assert list(result["subtasks"]) == list(world.SUBTASKS)
     for row in result["subtasks"].values():
         assert row["prompts"] == 1 and row["generated"] == 2 and row["judge_rendered"] == 1
