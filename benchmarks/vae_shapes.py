@@ -7,7 +7,8 @@ VAE training settings compared without training a UNet on each.
 Each variant is a set of `PretrainConfig` fields over the recipe's defaults. Its VAE is trained by
 the VAE stage of `itm-shapes pretrain` alone (`Pretrainer.train_vae`) on the recipe's training
 scenes, rendered once for all variants (variants must not change the scenes). `--model DIR` adds
-the VAE of a trained model folder (e.g. the bundled one) as a row.
+the VAE of a trained model folder (e.g. the bundled one) as a row, and how well the whole model
+tells the two shapes apart on the same images ("told apart", below).
 
 Measured per shape pair (`PAIRS`: the two pairs of shapes nearest each other in a small object's
 pixels at 32 px), on `--pairs` small one-object scenes under each renderer (one colour, place and
@@ -17,7 +18,10 @@ style per scene, drawn once as each shape of the pair), as the scorer sees them
 - "latent distance": median L2 distance between the two shapes' latents, [C, h, w] scaled to unit
   variance (the scale the UNet's denoising errors are measured in);
 - "kept": the share of reconstructions (decoded posterior means) nearer, in pixels, to their own
-  shape's image than to the other shape's, the first shape of the pair; 50% is a coin toss.
+  shape's image than to the other shape's, the first shape of the pair; 50% is a coin toss;
+- "told apart" (`--model` rows): the share of the images of both shapes whose own recognition
+  caption ("a small red cross") the model scores strictly above the other shape's, image->text
+  under the report's protocol (`report.lab_protocol`); 50% is a coin toss.
 
 Writes OUT.json (every figure, with command, date, machine and versions) and OUT.md (the table).
 """
@@ -38,9 +42,11 @@ import torch
 
 from itm_engine.cache import encode_pixels, preprocess_images
 from itm_engine.evaluate import versions
-from itm_engine.models.loading import SDComponents, load_components
+from itm_engine.models.loading import SDComponents
+from itm_engine.scoring import DiffusionITM
 from itm_engine.shapesworld import world
 from itm_engine.shapesworld.pretrain import PretrainConfig, Pretrainer, training_scenes
+from itm_engine.shapesworld.report import lab_protocol
 from itm_engine.storage import output_file
 
 PAIRS = (("cross", "diamond"), ("square", "circle"))
@@ -48,16 +54,17 @@ STYLES = ("exact", "varied")
 
 
 def shape_pairs(n: int, style: str, pair: tuple[str, str], seed: int = 0) -> dict[str, list]:
-    """`n` small one-object scenes drawn as each shape of `pair` by renderer `style`: {shape: [image]},
-    the k-th images of both shapes sharing colour, place and style."""
+    """`n` small one-object scenes drawn as each shape of `pair` by renderer `style`: {shape: [(scene,
+    image)]}, the k-th scenes of both shapes sharing colour, place and style."""
     rng = random.Random(f"vae-shapes:{seed}:{style}:{pair}")
-    images: dict[str, list] = {shape: [] for shape in pair}
+    drawn: dict[str, list] = {shape: [] for shape in pair}
     for k in range(n):
         color, x, y = rng.choice(list(world.COLORS)), rng.randint(12, 52), rng.randint(12, 52)
-        drawn = world.style_for(style, f"vae-shapes:{seed}:{pair}:{k}")
+        look = world.style_for(style, f"vae-shapes:{seed}:{pair}:{k}")
         for shape in pair:
-            images[shape].append(world.render((world.Obj(color, shape, "small", x, y),), 64, drawn))
-    return images
+            scene = (world.Obj(color, shape, "small", x, y),)
+            drawn[shape].append((scene, world.render(scene, 64, look)))
+    return drawn
 
 
 @torch.inference_mode()
@@ -66,8 +73,8 @@ def keeps_shapes(components: SDComponents, n: int) -> dict[str, dict[str, float]
     out = {}
     for style in STYLES:
         for pair in PAIRS:
-            images = shape_pairs(n, style, pair)
-            pixels = {shape: preprocess_images(components, images[shape]) for shape in pair}
+            drawn = shape_pairs(n, style, pair)
+            pixels = {shape: preprocess_images(components, [image for _, image in drawn[shape]]) for shape in pair}
             latents = {shape: encode_pixels(components, pixels[shape]) for shape in pair}
             a, b = pair
             recon = components.vae.decode(latents[a] / components.scaling_factor).sample
@@ -76,6 +83,25 @@ def keeps_shapes(components: SDComponents, n: int) -> dict[str, dict[str, float]
             out[f"{style} {a}/{b}"] = {
                 "latent_distance": float((latents[a] - latents[b]).flatten(1).norm(dim=1).median()),
                 "kept": float((own < other).float().mean())}
+    return out
+
+
+@torch.inference_mode()
+def tells_apart(scorer: DiffusionITM, n: int) -> dict[str, float]:
+    """{"STYLE A/B": accuracy}: the share of the pairs' images (both shapes) whose own recognition
+    caption ("a small red cross") the whole model scores strictly above the other shape's, image->text."""
+    out = {}
+    for style in STYLES:
+        for pair in PAIRS:
+            drawn = shape_pairs(n, style, pair)
+            items = [item for k in range(n) for item in (drawn[pair[0]][k], drawn[pair[1]][k])]
+            texts = [world.caption(scene, "recognition_shape") for scene, _ in items]
+            # image 2k is shape a, 2k + 1 shape b; each against both captions of its scene
+            pairs = torch.tensor([(i, j) for i in range(len(items)) for j in (i - i % 2, i - i % 2 + 1)])
+            scores = scorer.score_pairs([image for _, image in items], texts, pairs).view(-1, 2)
+            own = torch.arange(len(items)) % 2
+            out[f"{style} {pair[0]}/{pair[1]}"] = float(
+                (scores.gather(1, own[:, None]) > scores.gather(1, 1 - own[:, None])).float().mean())
     return out
 
 
@@ -94,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                     "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
                     "versions": versions(), "pairs": args.pairs, "rows": {}}
     for folder in args.model:
-        components = load_components(folder)
-        report["rows"][folder] = {"measures": keeps_shapes(components, args.pairs)}
+        scorer = DiffusionITM.from_pretrained(folder, progress=False, protocol=lab_protocol())
+        report["rows"][folder] = {"measures": keeps_shapes(scorer.components, args.pairs),
+                                  "told_apart": tells_apart(scorer, args.pairs)}
         print(folder, report["rows"][folder], flush=True)
     data = None
     for name, fields in variants.items():
@@ -128,6 +155,14 @@ def main(argv: list[str] | None = None) -> int:
         seconds = f"{row['seconds']:.0f} s" if "seconds" in row else ""
         mse = f"{row['final_mse']:.4f}" if "final_mse" in row else ""
         lines.append(f"| {name} | {seconds} | {mse} | " + " | ".join(cells) + " |")
+    models = {name: row["told_apart"] for name, row in report["rows"].items() if "told_apart" in row}
+    if models:
+        lines += ["\nThe whole model on the same images, image->text between the two shapes' recognition captions "
+                  f"(`lab_protocol`: {lab_protocol().samples} stratified draws, seed 0): the share of images whose "
+                  "own caption scores strictly higher.\n",
+                  "| model | " + " | ".join(f"{k} told apart" for k in keys) + " |", "|---" * (1 + len(keys)) + "|"]
+        lines += [f"| {name} | " + " | ".join(f"{100 * told[k]:.0f}%" for k in keys) + " |"
+                  for name, told in models.items()]
     output_file(out, ".md").write_text("\n".join(lines) + "\n")
     return 0
 

@@ -46,7 +46,8 @@ def attention_text(unet_config: dict) -> str:
 def model_card(training: dict, clip_training: dict, unet_config: dict, counts: dict[str, int], size_mb: float,
                accuracy: dict | None) -> str:
     c = training["config"]
-    stages = PretrainConfig(**c).stage_list()
+    recipe = PretrainConfig(**c)
+    stages = recipe.stage_list()
     grounded = any(st.grounding_weight for st in stages)
     val = training["validation"][-1] if training["validation"] else {}
     side, latent, diffusion = c["image_size"], c["image_size"] // 4, training["diffusion"]
@@ -63,7 +64,8 @@ def model_card(training: dict, clip_training: dict, unet_config: dict, counts: d
         "## Architecture (diffusers / transformers classes, safetensors weights)",
         "",
         f"- VAE: `AutoencoderKL`, {side}x{side} RGB -> {c['latent_channels']}x{latent}x{latent}, "
-        f"{counts['vae']:,} parameters, scaling factor {training['vae']['scaling_factor']:.4f}",
+        f"channels {recipe.vae_channels}, {counts['vae']:,} parameters, "
+        f"scaling factor {training['vae']['scaling_factor']:.4f}",
         f"- text encoder: `CLIPTextModel`, {c['text_layers']} layers, width {c['text_width']}, "
         f"{counts['text_encoder']:,} parameters, over a word-level tokenizer (`tokenizer/`, 16 tokens, CLIP-style "
         "start/end tokens)",

@@ -81,6 +81,9 @@ class PretrainConfig:
     foreground_weight: float = option(10.0, help="VAE reconstruction weight of object pixels relative to the "
                                                  "background (objects are small)")
     latent_channels: int = option(8, help="VAE latent channels")
+    vae_channels: tuple[int, ...] = option((16, 32, 32), help=(
+        "VAE level widths, three levels (32 px -> 8x8 latent); the latents are encoded once, so a wider VAE "
+        "costs the VAE stage and each scored image's encoding, not the diffusion steps"))
     steps: int = option(4_500, help="steps of the first diffusion stage (later stages: --stages)")
     prediction_type: Literal["epsilon", "v_prediction", "flow"] = option(
         "epsilon", help=("what the UNet learns to predict (and the scorer's error measures): the noise or v under "
@@ -145,10 +148,13 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         # JSON and the command line give lists; the recipe keeps tuples
-        self.scene_kinds, self.unet_channels, self.stages = (
-            tuple(self.scene_kinds), tuple(self.unet_channels), tuple(self.stages))
+        self.scene_kinds, self.unet_channels, self.vae_channels, self.stages = (
+            tuple(self.scene_kinds), tuple(self.unet_channels), tuple(self.vae_channels), tuple(self.stages))
         if not 1 <= len(self.unet_channels) <= 3:
             raise ValueError(f"unet_channels takes one to three widths, got {self.unet_channels}")
+        if len(self.vae_channels) != 3 or any(w < 8 or w % 8 for w in self.vae_channels):
+            raise ValueError(f"vae_channels takes three widths, each a multiple of 8 (its norm's 8 groups), "
+                             f"got {self.vae_channels}")
 
     def stage_list(self) -> list[Stage]:
         """The diffusion stages: the first from the top-level fields, then `stages` over it."""
@@ -255,7 +261,7 @@ def build_components(config: PretrainConfig) -> SDComponents:
         torch.manual_seed(config.seed)
         vae = diffusers.AutoencoderKL(
             sample_size=config.image_size, in_channels=3, out_channels=3, latent_channels=config.latent_channels,
-            block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
+            block_out_channels=config.vae_channels, down_block_types=("DownEncoderBlock2D",) * 3,
             up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, norm_num_groups=8,
             scaling_factor=1.0)
         text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(

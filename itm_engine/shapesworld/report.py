@@ -49,9 +49,15 @@ SPLIT_TITLES = {"test": "test split", "compositional": "compositional split",
                 "varied": "test split, varied renderer"}
 
 
-def split_draw(name: str, n: int, seed: int = 0) -> Draw:
-    """The Draw of the report's split `name` (`SPLITS`): n examples per subtask from `seed`."""
+def split_draw(name: str, n: int, seed: int = 0, only: Sequence[str] | None = None) -> Draw | None:
+    """The Draw of the report's split `name` (`SPLITS`): n examples per subtask from `seed`, of the
+    split's subtasks in `only` when given (a Draw of its own: other examples than the whole split's
+    draw has); None when the split has none of them."""
     split, subtasks, style = SPLITS[name]
+    if only is not None:
+        subtasks = tuple(s for s in subtasks if s in only)
+        if not subtasks:
+            return None
     return Draw(split, n, seed, subtasks=subtasks, style=style)
 
 
@@ -129,6 +135,16 @@ class ReportConfig:
     n: int = option(100, help="examples per subtask and split")
     samples: int = option(10, help="stratified noise draws per pair")
     seed: int = option(0, help="seed of the examples and of the noise draws")
+    subtasks: tuple[str, ...] | None = option(None, help=(
+        "report these subtasks only, comma-separated (each split scores those it has; a draw of some subtasks "
+        "holds other examples than the draw of all); default: every subtask"))
+
+    def __post_init__(self) -> None:
+        if self.subtasks is not None:
+            self.subtasks = tuple(self.subtasks)
+            unknown = [s for s in self.subtasks if s not in ALL_SUBTASKS]
+            if unknown or not self.subtasks:
+                raise ValueError(f"--subtasks must name some of {', '.join(ALL_SUBTASKS)}, got {list(self.subtasks)}")
 
 
 def write_report(config: ReportConfig, command: str) -> dict:
@@ -146,7 +162,10 @@ def write_report(config: ReportConfig, command: str) -> dict:
     columns = standard_columns(base, clip, tuned)
     tables, text = {}, []
     for name in SPLITS:
-        tables[name] = accuracy_table(columns, split_draw(name, config.n, config.seed))
+        draw = split_draw(name, config.n, config.seed, config.subtasks)
+        if draw is None:
+            continue
+        tables[name] = accuracy_table(columns, draw)
         text.append(format_table(f"{SPLIT_TITLES[name]}, {config.n} examples per subtask", tables[name]))
         print(text[-1] + "\n", flush=True)
     report = {

@@ -178,6 +178,21 @@ def test_attention_levels_set_which_unet_levels_cross_attend_and_grounding_reads
         pretrain.build_components(PretrainConfig(**{**TOY, "attention_levels": -1}))
 
 
+
+def test_vae_channels_set_the_vae_level_widths_and_the_saved_model_keeps_them(tmp_path):
+    config = PretrainConfig(**{**TOY, "vae_channels": [8, 16, 24], "vae_steps": 2})  # a JSON list: kept a tuple
+    assert config.vae_channels == (8, 16, 24)
+    vae = pretrain.build_components(config).vae
+    assert [block.resnets[0].conv2.out_channels for block in vae.encoder.down_blocks] == [8, 16, 24]
+    trainer = Pretrainer(config, tmp_path, progress=False)
+    trainer.train_vae(pretrain.training_scenes(config, trainer.components))
+    pretrain.save_components(trainer.components, tmp_path / "model")
+    saved = json.loads((tmp_path / "model" / "vae" / "config.json").read_text())
+    assert saved["block_out_channels"] == [8, 16, 24]
+    for bad in ([16, 32], [16, 32, 30], [0, 8, 8]):
+        with pytest.raises(ValueError, match="vae_channels takes three widths, each a multiple of 8"):
+            PretrainConfig(**{**TOY, "vae_channels": bad})
+
 @pytest.mark.slow
 @pytest.mark.parametrize("crash_at", [2, 4, 6])  # in the first stage, at its end, in the second
 def test_resume_after_a_crash_ends_with_the_uninterrupted_weights(toy_run, tmp_path, monkeypatch, crash_at):

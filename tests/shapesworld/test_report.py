@@ -72,6 +72,26 @@ def test_an_unknown_direction_is_refused():
         report.accuracy(None, Draw("test", 1), "both")
 
 
+def test_split_draws_of_some_subtasks_keep_the_splits_that_have_them():
+    assert report.split_draw("test", 3, 1, only=("complexity", "spatial")) == Draw(
+        "test", 3, 1, subtasks=("spatial", "complexity"))  # in the split's order
+    assert report.split_draw("varied", 3, only=("spatial",)).style == "varied"
+    assert report.split_draw("compositional", 3, only=("complexity",)) is None  # a test-split subtask only
+    assert report.split_draw("compositional", 3).subtasks == SUBTASKS
+    with pytest.raises(ValueError, match="--subtasks must name some of recognition_color"):
+        report.ReportConfig(out="x", subtasks=("recognition_shape", "shapes"))
+
+
+@pytest.mark.slow
+def test_itm_shapes_report_of_some_subtasks_scores_only_those(tmp_path):
+    out = tmp_path / "shape"
+    assert shapes_cli.main(["report", "--n", "2", "--samples", "1", "--subtasks", "complexity",
+                            "--out", str(out)]) == 0
+    saved = json.loads((tmp_path / "shape.json").read_text())
+    assert list(saved["accuracy"]) == ["test", "varied"] and saved["subtasks"] == ["complexity"]
+    assert all(list(column) == ["complexity"] for split in saved["accuracy"].values() for column in split.values())
+
+
 @pytest.mark.slow
 def test_itm_shapes_report_writes_every_column_of_both_splits(tmp_path, capsys):
     out = tmp_path / "deep" / "accuracy-n2.5"  # a dot in the name is kept, not taken for a suffix
