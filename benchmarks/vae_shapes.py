@@ -67,41 +67,45 @@ def shape_pairs(n: int, style: str, pair: tuple[str, str], seed: int = 0) -> dic
     return drawn
 
 
+def shape_sets(n: int) -> dict[str, tuple[tuple[str, str], dict[str, list]]]:
+    """{"STYLE A/B": ((A, B), `shape_pairs(n, STYLE, (A, B))`)} for every renderer and pair: the
+    images every row is measured on, drawn once."""
+    return {f"{style} {a}/{b}": ((a, b), shape_pairs(n, style, (a, b))) for style in STYLES for a, b in PAIRS}
+
+
 @torch.inference_mode()
-def keeps_shapes(components: SDComponents, n: int) -> dict[str, dict[str, float]]:
-    """{"STYLE A/B": {"latent_distance", "kept"}} of `components`' VAE (see the module docstring)."""
+def keeps_shapes(components: SDComponents, sets: dict) -> dict[str, dict[str, float]]:
+    """{"STYLE A/B": {"latent_distance", "kept"}} of `components`' VAE on `sets` (`shape_sets`; see
+    the module docstring)."""
     out = {}
-    for style in STYLES:
-        for pair in PAIRS:
-            drawn = shape_pairs(n, style, pair)
-            pixels = {shape: preprocess_images(components, [image for _, image in drawn[shape]]) for shape in pair}
-            latents = {shape: encode_pixels(components, pixels[shape]) for shape in pair}
-            a, b = pair
-            recon = components.vae.decode(latents[a] / components.scaling_factor).sample
-            own = (recon - pixels[a]).flatten(1).norm(dim=1)
-            other = (recon - pixels[b]).flatten(1).norm(dim=1)
-            out[f"{style} {a}/{b}"] = {
-                "latent_distance": float((latents[a] - latents[b]).flatten(1).norm(dim=1).median()),
-                "kept": float((own < other).float().mean())}
+    for key, (pair, drawn) in sets.items():
+        pixels = {shape: preprocess_images(components, [image for _, image in drawn[shape]]) for shape in pair}
+        latents = {shape: encode_pixels(components, pixels[shape]) for shape in pair}
+        a, b = pair
+        recon = components.vae.decode(latents[a] / components.scaling_factor).sample
+        own = (recon - pixels[a]).flatten(1).norm(dim=1)
+        other = (recon - pixels[b]).flatten(1).norm(dim=1)
+        out[key] = {
+            "latent_distance": float((latents[a] - latents[b]).flatten(1).norm(dim=1).median()),
+            "kept": float((own < other).float().mean())}
     return out
 
 
 @torch.inference_mode()
-def tells_apart(scorer: DiffusionITM, n: int) -> dict[str, float]:
-    """{"STYLE A/B": accuracy}: the share of the pairs' images (both shapes) whose own recognition
-    caption ("a small red cross") the whole model scores strictly above the other shape's, image->text."""
+def tells_apart(scorer: DiffusionITM, sets: dict) -> dict[str, float]:
+    """{"STYLE A/B": accuracy} on `sets` (`shape_sets`): the share of the pairs' images (both shapes)
+    whose own recognition caption ("a small red cross") the whole model scores strictly above the
+    other shape's, image->text."""
     out = {}
-    for style in STYLES:
-        for pair in PAIRS:
-            drawn = shape_pairs(n, style, pair)
-            items = [item for k in range(n) for item in (drawn[pair[0]][k], drawn[pair[1]][k])]
-            texts = [world.caption(scene, "recognition_shape") for scene, _ in items]
-            # image 2k is shape a, 2k + 1 shape b; each against both captions of its scene
-            pairs = torch.tensor([(i, j) for i in range(len(items)) for j in (i - i % 2, i - i % 2 + 1)])
-            scores = scorer.score_pairs([image for _, image in items], texts, pairs).view(-1, 2)
-            own = torch.arange(len(items)) % 2
-            out[f"{style} {pair[0]}/{pair[1]}"] = float(
-                (scores.gather(1, own[:, None]) > scores.gather(1, 1 - own[:, None])).float().mean())
+    for key, (pair, drawn) in sets.items():
+        items = [item for first, second in zip(drawn[pair[0]], drawn[pair[1]]) for item in (first, second)]
+        texts = [world.caption(scene, "recognition_shape") for scene, _ in items]
+        # image 2k is shape a, 2k + 1 shape b; each against both captions of its scene
+        pairs = torch.tensor([(i, j) for i in range(len(items)) for j in (i - i % 2, i - i % 2 + 1)])
+        scores = scorer.score_pairs([image for _, image in items], texts, pairs).view(-1, 2)
+        own = torch.arange(len(items)) % 2
+        out[key] = float(
+            (scores.gather(1, own[:, None]) > scores.gather(1, 1 - own[:, None])).float().mean())
     return out
 
 
@@ -119,10 +123,11 @@ def main(argv: list[str] | None = None) -> int:
                     "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
                     "versions": versions(), "pairs": args.pairs, "rows": {}}
+    sets = shape_sets(args.pairs)
     for folder in args.model:
         scorer = DiffusionITM.from_pretrained(folder, progress=False, protocol=lab_protocol())
-        report["rows"][folder] = {"measures": keeps_shapes(scorer.components, args.pairs),
-                                  "told_apart": tells_apart(scorer, args.pairs)}
+        report["rows"][folder] = {"measures": keeps_shapes(scorer.components, sets),
+                                  "told_apart": tells_apart(scorer, sets)}
         print(folder, report["rows"][folder], flush=True)
     data = None
     for name, fields in variants.items():
@@ -134,14 +139,14 @@ def main(argv: list[str] | None = None) -> int:
             trainer.train_vae(data)
         vae = trainer.report["vae"]
         report["rows"][name] = {"fields": fields, "seconds": vae["seconds"], "final_mse": vae["final_mse"],
-                                "measures": keeps_shapes(trainer.components, args.pairs)}
+                                "measures": keeps_shapes(trainer.components, sets)}
         print(name, report["rows"][name], flush=True)
     report["seconds"] = round(time.perf_counter() - started, 1)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     output_file(out, ".json").write_text(json.dumps(report, indent=1) + "\n")
-    keys = [f"{style} {a}/{b}" for style in STYLES for a, b in PAIRS]
+    keys = list(sets)
     lines = ["# How much of a small shape the ShapesWorld VAE keeps\n",
              f"`{report['command']}` on {report['date']}, {report['machine']['platform']}, "
              f"{report['seconds']} s. {args.pairs} small one-object scenes per shape pair and renderer; "
